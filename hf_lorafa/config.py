@@ -1,0 +1,136 @@
+"""The one configuration shared by LoRA, LoRA-FA, LaMDA and LaMDA++."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+METHODS = ("lora", "lorafa", "lamda", "lamda++")
+Method = Literal["lora", "lorafa", "lamda", "lamda++"]
+
+
+@dataclass
+class LoRAFAConfig:
+    r"""
+    Configuration of the adapters that [`inject_adapters`] puts into a model.
+
+    Args:
+        method (`str`, *optional*, defaults to `"lorafa"`):
+            `"lora"` (A and B trained), `"lorafa"` (A frozen, only B trained, r values per token kept for
+            backward), `"lamda"` (frozen A, trained r×r core `lora_S`, B frozen early in training) or
+            `"lamda++"` (LaMDA with per-layer ranks from each weight's spectrum).
+        r (`int`, *optional*, defaults to `16`):
+            Adapter rank; for LaMDA++ the mean rank (the total budget is `r` × adapted layers by default).
+        alpha (`float`, *optional*, defaults to `32`):
+            Scaling numerator: the adapter's output is multiplied by `alpha / r`.
+        dropout (`float`, *optional*, defaults to `0.0`):
+            Dropout on the adapter's input. LoRA-FA and LaMDA regenerate the mask in backward instead of keeping it.
+        target_modules (`str` or `list[str]`, *optional*, defaults to `"all-linear"`):
+            `"all-linear"` (every linear layer but the output head), a list of module names (matched on the full
+            name or its last dotted parts, as PEFT does) or a regular expression matched on full module names.
+        modules_to_save (`list[str]`, *optional*):
+            Extra modules trained in full and saved with the adapter (e.g. a classification head), as in PEFT.
+        lorafa_gradient_correction (`bool`, *optional*, defaults to `True`):
+            LoRA-FA v2: precondition B's gradient by `(A Aᵀ)⁻¹ / s²` so the update matches full fine-tuning's
+            projected onto A's row space.
+        lorafa_lr_ratio (`float`, *optional*, defaults to `4.0`):
+            Learning-rate multiplier of `lora_B` for LoRA-FA (and of `lora_S` for LaMDA), applied by the trainer's
+            optimizer. A frozen A removes half of LoRA's update directions; a larger step on B recovers the pace.
+        lamda_freeze_fraction (`float`, *optional*, defaults to `0.1`):
+            Fraction of the total training steps over which LaMDA's B (PMB) is frozen, column by column.
+        lamda_freeze_order (`str`, *optional*, defaults to `"ascending"`):
+            Order in which B's columns freeze: `"ascending"` singular value first (the least important directions
+            stop moving first), or `"all"` (the whole of B at the end of the freezing window).
+        lamda_rank_budget (`int`, *optional*):
+            LaMDA++ total rank over all adapted layers; defaults to `r` × the number of adapted layers.
+        lamda_min_rank (`int`, *optional*, defaults to `2`):
+            Smallest rank LaMDA++ gives a layer.
+        init_seed (`int`, *optional*, defaults to `0`):
+            Seed of A's random orthonormal initialisation (LoRA / LoRA-FA), so the same config gives the same A.
+
+    Example:
+
+    ```python
+    >>> from hf_lorafa import LoRAFAConfig
+    >>> LoRAFAConfig(method="lorafa", r=8, target_modules=["q_proj", "v_proj"]).scaling
+    4.0
+    ```
+    """
+
+    method: Method = "lorafa"
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    modules_to_save: list[str] | None = None
+    lorafa_gradient_correction: bool = True
+    lorafa_lr_ratio: float = 4.0
+    lamda_freeze_fraction: float = 0.1
+    lamda_freeze_order: Literal["ascending", "all"] = "ascending"
+    lamda_rank_budget: int | None = None
+    lamda_min_rank: int = 2
+    init_seed: int = 0
+    # Filled in by injection: per-layer ranks (LaMDA++, or a loaded PEFT adapter with a rank_pattern).
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"`method` must be one of {', '.join(METHODS)}; got {self.method!r}.")
+        if isinstance(self.r, bool) or not isinstance(self.r, int):
+            raise TypeError(f"`r` must be an int (the adapter rank); got {type(self.r).__name__}.")
+        if self.r <= 0:
+            raise ValueError(f"`r` must be a positive rank such as 8 or 16; got {self.r}.")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ValueError(f"`alpha` must be a positive number (scaling = alpha / r); got {self.alpha!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1); got {self.dropout}.")
+        if isinstance(self.target_modules, str):
+            if self.target_modules != "all-linear":
+                try:
+                    re.compile(self.target_modules)
+                except re.error as err:
+                    raise ValueError(
+                        f"`target_modules` is neither 'all-linear' nor a valid regular expression: {err}; "
+                        "pass a list of module names such as ['q_proj', 'v_proj'] instead."
+                    ) from None
+        elif not (isinstance(self.target_modules, (list, tuple)) and self.target_modules):
+            raise TypeError(
+                "`target_modules` must be 'all-linear', a non-empty list of module names or a regex string; "
+                f"got {self.target_modules!r}."
+            )
+        else:
+            self.target_modules = list(self.target_modules)
+        if self.lorafa_lr_ratio <= 0:
+            raise ValueError(
+                f"`lorafa_lr_ratio` must be positive (1.0 = LoRA's learning rate); got {self.lorafa_lr_ratio}."
+            )
+        if not 0.0 <= self.lamda_freeze_fraction <= 1.0:
+            raise ValueError(
+                f"`lamda_freeze_fraction` must be a fraction of training in [0, 1]; got {self.lamda_freeze_fraction}."
+            )
+        if self.lamda_freeze_order not in ("ascending", "all"):
+            raise ValueError(f"`lamda_freeze_order` must be 'ascending' or 'all'; got {self.lamda_freeze_order!r}.")
+        if self.lamda_rank_budget is not None and self.lamda_rank_budget <= 0:
+            raise ValueError(
+                f"`lamda_rank_budget` must be a positive total rank or None; got {self.lamda_rank_budget}."
+            )
+        if self.lamda_min_rank <= 0:
+            raise ValueError(f"`lamda_min_rank` must be at least 1; got {self.lamda_min_rank}.")
+
+    @property
+    def scaling(self) -> float:
+        """`alpha / r`, the adapter output's multiplier at the config's rank."""
+        return self.alpha / self.r
+
+    def rank_for(self, name: str) -> int:
+        """The rank of the adapter on module `name` (LaMDA++ and loaded PEFT adapters may vary it)."""
+        return self.rank_pattern.get(name, self.r)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LoRAFAConfig:
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        return cls(**known)

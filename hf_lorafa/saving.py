@@ -1,0 +1,243 @@
+"""Save and load adapters in PEFT's LoRA format, plus hf-lorafa's own fields in `hf_lorafa.json`.
+
+The PEFT side goes through PEFT's public API (`LoraConfig.save_pretrained`, `PeftConfig.from_pretrained`) and its
+weight-key naming (`base_model.model.<module>.lora_A.weight`), so `peft.PeftModel.from_pretrained(base, dir)`
+loads our adapters and we load plain PEFT LoRA adapters. Weights are read and written with safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import LoRAFAConfig
+from .injection import adapter_layers, has_adapters, inject_adapters
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+HF_LORAFA_FILE = "hf_lorafa.json"
+PEFT_PREFIX = "base_model.model."
+HUB_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, HF_LORAFA_FILE, "README.md", "memory.json", "*.png"]
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS")):
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+def _peft_target_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """Leaf names when they select exactly our layers (PEFT's suffix match), otherwise the full module names."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    selected = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in leaves and n}
+    return leaves if selected == set(names) else sorted(names)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: a crash never leaves a half file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter (and `modules_to_save`) weights under PEFT's key names; LaMDA folded (`B' = B S`)."""
+    config: LoRAFAConfig = model.hf_lorafa_config
+    state = {}
+    for name, layer in adapter_layers(model).items():
+        for key, tensor in layer.peft_weights().items():
+            state[f"{PEFT_PREFIX}{name}.{key}"] = tensor.detach().contiguous().clone()
+    for name, module in model.named_modules():
+        if (
+            config.modules_to_save
+            and name
+            and any(name == m or name.endswith("." + m) for m in config.modules_to_save)
+        ):
+            for key, tensor in module.state_dict().items():
+                state[f"{PEFT_PREFIX}{name}.{key}"] = tensor.detach().contiguous().clone()
+    return state
+
+
+def save_adapter(model: nn.Module, save_directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Save the adapter of `model` in PEFT's LoRA format plus `hf_lorafa.json`.
+
+    Args:
+        model (`nn.Module`): a model with adapters from [`inject_adapters`] or [`load_adapter`].
+        save_directory (`str` or `os.PathLike`): folder to write (created if needed; files replaced atomically).
+        extra (`dict`, *optional*): more fields for `hf_lorafa.json` (the trainer adds memory figures).
+
+    Example:
+
+    ```python
+    >>> save_adapter(model, "outputs/my-adapter")  # doctest: +SKIP
+    ```
+    """
+    from peft import LoraConfig
+
+    if not has_adapters(model):
+        raise ValueError("`model` has no hf-lorafa adapters to save; call inject_adapters(model, config) first.")
+    config: LoRAFAConfig = model.hf_lorafa_config
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    layers = adapter_layers(model)
+    rank_pattern = {name: layer.r for name, layer in layers.items() if layer.r != config.r}
+    name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    peft_config = LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=_peft_target_modules(model, list(layers)),
+        rank_pattern=rank_pattern,
+        modules_to_save=config.modules_to_save,
+        base_model_name_or_path=name_or_path,
+        task_type=_task_type(model),
+        bias="none",
+    )
+    staging = Path(tempfile.mkdtemp(dir=directory, prefix=".adapter-config-"))
+    try:
+        peft_config.save_pretrained(staging)
+        os.replace(staging / ADAPTER_CONFIG, directory / ADAPTER_CONFIG)
+    finally:
+        for leftover in staging.iterdir():
+            leftover.unlink()
+        staging.rmdir()
+    state = adapter_state_dict(model)
+    _atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    fields = {"method": config.method, "config": config.to_dict(), **(extra or {})}
+    _atomic_write(directory / HF_LORAFA_FILE, lambda tmp: Path(tmp).write_text(json.dumps(fields, indent=2)))
+    return directory
+
+
+def resolve_adapter_dir(adapter: str | os.PathLike, revision: str | None = None, token: str | None = None) -> Path:
+    """A local adapter folder, or a Hub repo id downloaded with `huggingface_hub` (pinned to `revision`)."""
+    path = Path(adapter)
+    if path.is_dir():
+        return path
+    if path.exists() or str(adapter).count("/") != 1 or str(adapter).startswith((".", "/")):
+        raise ValueError(
+            f"`adapter`={str(adapter)!r} is neither an adapter folder nor a Hub repo id like 'user/my-adapter'; "
+            "check the path."
+        )
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(adapter), revision=revision, token=token, allow_patterns=HUB_FILES))
+
+
+def read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
+    weights = directory / ADAPTER_WEIGHTS
+    if not weights.exists():
+        pickled = directory / "adapter_model.bin"
+        hint = (
+            " It has adapter_model.bin, a pickle, which hf-lorafa does not load (it can run code); convert it with "
+            "PEFT: PeftModel.from_pretrained(base, dir).save_pretrained(new_dir, safe_serialization=True)."
+            if pickled.exists()
+            else ""
+        )
+        raise ValueError(f"`adapter` folder {str(directory)!r} has no {ADAPTER_WEIGHTS}.{hint}")
+    try:
+        return load_file(weights)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(
+            f"`adapter` weights {str(weights)!r} are corrupt or truncated ({err}); save or download them again."
+        ) from None
+
+
+def load_adapter(
+    model: nn.Module,
+    adapter: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    method: str | None = None,
+) -> nn.Module:
+    """Put a saved adapter (ours or a plain PEFT LoRA one) into `model`, ready to train or evaluate.
+
+    A plain PEFT LoRA adapter continues as LoRA-FA (A frozen) unless `method="lora"`; a LaMDA adapter (saved
+    folded) continues with S = I over B' = B S, training only S.
+
+    Args:
+        model (`nn.Module`): the base model the adapter was trained on (no adapters yet).
+        adapter (`str` or `os.PathLike`): a local folder or a Hub repo id.
+        revision (`str`, *optional*): Hub revision (branch, tag or commit) to pin.
+        token (`str`, *optional*): Hub token for private repos (never logged).
+        method (`str`, *optional*): override the method to continue training with.
+
+    Example:
+
+    ```python
+    >>> model = load_adapter(base_model, "outputs/my-adapter")  # doctest: +SKIP
+    ```
+    """
+    from peft import PeftConfig
+
+    if has_adapters(model):
+        raise ValueError("`model` already has hf-lorafa adapters; load the adapter into a fresh base model.")
+    directory = resolve_adapter_dir(adapter, revision, token)
+    if not (directory / ADAPTER_CONFIG).exists():
+        raise ValueError(f"`adapter` folder {str(directory)!r} has no {ADAPTER_CONFIG}; is it an adapter folder?")
+    peft_config = PeftConfig.from_pretrained(str(directory))
+    if (
+        str(peft_config.peft_type.value if hasattr(peft_config.peft_type, "value") else peft_config.peft_type)
+        != "LORA"
+    ):
+        raise ValueError(f"`adapter` is a {peft_config.peft_type} adapter; hf-lorafa loads LoRA adapters only.")
+    ours = json.loads((directory / HF_LORAFA_FILE).read_text()) if (directory / HF_LORAFA_FILE).exists() else {}
+    weights = read_adapter_weights(directory)
+    pairs = {}
+    for key, tensor in weights.items():
+        for part in ("lora_A", "lora_B"):
+            suffix = f".{part}.weight"
+            if key.startswith(PEFT_PREFIX) and key.endswith(suffix):
+                pairs.setdefault(key[len(PEFT_PREFIX) : -len(suffix)], {})[part] = tensor
+    modules = dict(model.named_modules())
+    missing = [name for name in pairs if name not in modules]
+    if missing:
+        raise ValueError(
+            f"`adapter` was trained for another base: this model has no module {missing[0]!r} "
+            f"(adapter base: {peft_config.base_model_name_or_path!r}). Load the matching base model."
+        )
+    saved = LoRAFAConfig.from_dict(ours.get("config", {})) if ours else None
+    ranks = {name: pair["lora_A"].shape[0] for name, pair in pairs.items()}
+    config = LoRAFAConfig(
+        method=method or (saved.method if saved else "lorafa"),
+        r=peft_config.r,
+        alpha=peft_config.lora_alpha,
+        dropout=peft_config.lora_dropout,
+        target_modules=sorted(pairs),
+        modules_to_save=peft_config.modules_to_save,
+        lorafa_gradient_correction=saved.lorafa_gradient_correction if saved else True,
+        lorafa_lr_ratio=saved.lorafa_lr_ratio if saved else LoRAFAConfig.lorafa_lr_ratio,
+        rank_pattern={n: r for n, r in ranks.items() if r != peft_config.r},
+    )
+    for name, pair in pairs.items():
+        module = modules[name]
+        if (pair["lora_A"].shape[1], pair["lora_B"].shape[0]) != (module.in_features, module.out_features):
+            raise ValueError(
+                f"`adapter` was trained for another base: layer {name!r} is {module.in_features}→"
+                f"{module.out_features} here but {pair['lora_A'].shape[1]}→{pair['lora_B'].shape[0]} in the adapter. "
+                "Load the matching base model."
+            )
+    inject_adapters(model, config, init_weights=False)
+    for name, layer in adapter_layers(model).items():
+        layer.load_peft_weights(pairs[name]["lora_A"], pairs[name]["lora_B"])
+    if config.modules_to_save:
+        extra = {
+            k[len(PEFT_PREFIX) :]: v for k, v in weights.items() if ".lora_" not in k and k.startswith(PEFT_PREFIX)
+        }
+        model.load_state_dict(extra, strict=False)
+    return model

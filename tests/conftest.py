@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny models built from configs (no downloads), and the methods × base kinds tables."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+METHODS = ["lora", "lorafa", "lamda", "lamda++"]
+FROZEN_A_METHODS = ["lorafa", "lamda", "lamda++"]
+
+
+def tiny_llama(hidden: int = 64, layers: int = 2, vocab: int = 256, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A randomly initialised Llama-architecture model, small enough for CPU tests."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def input_ids():
+    return torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def perturb_adapters(model, seed: int = 3, scale: float = 0.05) -> None:
+    """Give every trainable adapter tensor non-trivial values, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "lora_S" in name:
+                param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * scale)
