@@ -1,16 +1,20 @@
 """hf-lorafa: LoRA-FA, LaMDA and LaMDA++ fine-tuning for Hugging Face Trainer, with the least training memory."""
 
-from .config import LoRAFAConfig
-from .injection import count_parameters, inject_adapters
-from .lamda import lamda_plus_plus_ranks, lamda_schedule_step
-from .memory import saved_tensor_bytes
-from .merge import merge_adapters
-from .saving import load_adapter, save_adapter
-
 __version__ = "0.1.0"
+
+from .arguments import LoRAFATrainingArguments  # noqa: E402
+from .config import LoRAFAConfig  # noqa: E402
+from .injection import count_parameters, inject_adapters  # noqa: E402
+from .lamda import lamda_plus_plus_ranks, lamda_schedule_step  # noqa: E402
+from .memory import saved_tensor_bytes  # noqa: E402
+from .merge import merge_adapters  # noqa: E402
+from .saving import load_adapter, save_adapter  # noqa: E402
+from .trainer import LoRAFATrainer  # noqa: E402
 
 __all__ = [
     "LoRAFAConfig",
+    "LoRAFATrainer",
+    "LoRAFATrainingArguments",
     "count_parameters",
     "inject_adapters",
     "lamda_plus_plus_ranks",

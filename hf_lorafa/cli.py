@@ -1,0 +1,105 @@
+"""`hf-lorafa`: train | merge | push | estimate | bench | demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+USAGE = """usage: hf-lorafa COMMAND [ARGS]
+
+commands:
+  train      fine-tune with LoRA-FA / LaMDA (every LoRAFATrainingArguments field as --flag; no flags: the default)
+  merge      ADAPTER_DIR OUT_DIR: fold an adapter into its base and save a plain model
+  push       ADAPTER_DIR REPO_ID: upload an adapter folder with its model card to the Hub
+  estimate   predict training memory per method before training
+  bench      run the memory/speed benchmark
+  demo       serve base + adapters in a Gradio app
+"""
+
+
+def merge_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="hf-lorafa merge", description="Fold an adapter into its base model.")
+    parser.add_argument("adapter", help="adapter folder or Hub id")
+    parser.add_argument("output_dir", help="where to save the merged model")
+    parser.add_argument("--base-model", help="base model id/folder (default: the adapter's base_model_name_or_path)")
+    parser.add_argument("--revision", help="Hub revision of the adapter")
+    parser.add_argument("--load-in-4bit", action="store_true", help="load the base in 4-bit (merge dequantizes)")
+    parser.add_argument("--load-in-8bit", action="store_true", help="load the base in 8-bit (merge dequantizes)")
+    args = parser.parse_args(argv)
+    from peft import PeftConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import resolve_model
+    from .merge import merge_adapters
+    from .saving import load_adapter, resolve_adapter_dir
+
+    adapter_dir = resolve_adapter_dir(args.adapter, args.revision)
+    base = args.base_model or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    if not base:
+        raise ValueError("the adapter does not name its base model; pass `--base-model` with its id or folder.")
+    path = resolve_model(base)
+    if args.load_in_4bit or args.load_in_8bit:
+        from .loading import load_base_model
+
+        model = load_base_model(path, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+    merged = merge_adapters(load_adapter(model, adapter_dir))
+    merged.save_pretrained(args.output_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(path).save_pretrained(args.output_dir)
+    print(f"merged model saved to {os.path.abspath(args.output_dir)}")
+
+
+def push_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="hf-lorafa push", description="Upload an adapter folder to the Hub.")
+    parser.add_argument("adapter_dir")
+    parser.add_argument("repo_id")
+    parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--revision", help="branch to push to")
+    args = parser.parse_args(argv)
+    from .hub import push_adapter
+
+    url = push_adapter(args.adapter_dir, args.repo_id, token=args.token, private=args.private, revision=args.revision)
+    print(f"pushed {args.adapter_dir} to {url}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "train":
+            from .job import main as train_main
+
+            train_main(rest)
+        elif command == "merge":
+            merge_main(rest)
+        elif command == "push":
+            push_main(rest)
+        elif command == "demo":
+            from .demo import main as demo_main
+
+            return demo_main(rest) or 0
+        elif command == "estimate":
+            from .estimate import main as estimate_main
+
+            return estimate_main(rest) or 0
+        elif command == "bench":
+            from .bench import main as bench_main
+
+            return bench_main(rest) or 0
+        else:
+            print(f"hf-lorafa: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+            return 2
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+        print(f"hf-lorafa {command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Datasets for the training job: built-in offline names, local files, or Hub ids; tokenized for Trainer.
+
+Question/answer rows (`question`/`answer`, `prompt`/`completion` or `messages`) use the tokenizer's chat template
+and train on the answer only (prompt tokens get label -100, as TRL's completion-only loss); a `text_column` trains
+on the whole text; classification rows are `text` + integer `label`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict, load_dataset
+
+from .data import BUILTIN_DATASETS, chatterbot_pairs, drugreview_split
+
+FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_raw_dataset(name: str, eval_size: float | int = 0.1, seed: int = 42) -> DatasetDict:
+    """`train` and `test` splits from a built-in name, a local .json/.jsonl/.csv/.parquet file, or a Hub id."""
+    if name == "chatterbot":
+        data = DatasetDict({"train": Dataset.from_list(chatterbot_pairs())})
+    elif name == "drugreview":
+        return DatasetDict({s: Dataset.from_list(drugreview_split(s)) for s in ("train", "test")})
+    elif Path(name).suffix.lower() in FILE_FORMATS:
+        if not Path(name).is_file():
+            raise ValueError(f"`--dataset` file {name!r} does not exist; check the path.")
+        data = load_dataset(FILE_FORMATS[Path(name).suffix.lower()], data_files=name)
+    elif Path(name).exists():
+        raise ValueError(
+            f"`--dataset` {name!r} is a folder or a file of an unknown type; pass a .json, .jsonl, .csv or .parquet "
+            f"file, a Hub dataset id, or one of {', '.join(BUILTIN_DATASETS)}."
+        )
+    else:
+        data = load_dataset(name)
+    if len(data["train"]) == 0:
+        raise ValueError(f"`--dataset` {name!r} has no rows; give it some training examples.")
+    if "test" not in data:
+        split = data["train"].train_test_split(test_size=eval_size, seed=seed)
+        data = DatasetDict({"train": split["train"], "test": split["test"]})
+    return data
+
+
+def _messages(row: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    if "messages" in row:
+        return row["messages"][:-1], row["messages"][-1:]
+    question = row.get("question", row.get("prompt"))
+    answer = row.get("answer", row.get("completion"))
+    return [{"role": "user", "content": str(question)}], [{"role": "assistant", "content": str(answer)}]
+
+
+def tokenize_for_causal_lm(
+    data: DatasetDict, tokenizer, text_column: str | None = None, max_length: int = 256
+) -> DatasetDict:
+    """`input_ids`, `attention_mask` and `labels` (prompt masked for chat rows) for every split."""
+    columns = data["train"].column_names
+    chat = text_column is None and (
+        "messages" in columns or {"question", "answer"} <= set(columns) or {"prompt", "completion"} <= set(columns)
+    )
+    if not chat:
+        column = text_column or ("text" if "text" in columns else None)
+        if column is None or column not in columns:
+            raise ValueError(
+                f"`--text_column` {column!r} is not a column of the dataset (columns: {', '.join(columns)}); "
+                "pass --text_column with one of them, or use question/answer, prompt/completion or messages rows."
+            )
+
+    def encode(row: dict[str, Any]) -> dict[str, list[int]]:
+        if chat:
+            prompt, answer = _messages(row)
+            if tokenizer.chat_template:
+                prefix = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+                full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
+            else:
+                prefix = prompt[-1]["content"] + "\n"
+                full = prefix + answer[-1]["content"] + (tokenizer.eos_token or "")
+            n_prompt = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+            ids = tokenizer(full, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+            labels = [-100] * min(n_prompt, len(ids)) + ids[n_prompt:]
+        else:
+            ids = tokenizer(str(row[column]), truncation=True, max_length=max_length)["input_ids"]
+            labels = list(ids)
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+    tokenized = data.map(encode, remove_columns=columns)
+    return tokenized.filter(lambda row: any(label != -100 for label in row["labels"]))
+
+
+def tokenize_for_classification(
+    data: DatasetDict, tokenizer, text_column: str = "text", label_column: str = "label", max_length: int = 128
+) -> DatasetDict:
+    columns = data["train"].column_names
+    for flag, column in (("--text_column", text_column), ("--label_column", label_column)):
+        if column not in columns:
+            raise ValueError(
+                f"`{flag}` {column!r} is not a column of the dataset (columns: {', '.join(columns)}); pass one."
+            )
+
+    def encode(row: dict[str, Any]) -> dict[str, Any]:
+        out = tokenizer(str(row[text_column]), truncation=True, max_length=max_length)
+        out["labels"] = int(row[label_column])
+        return out
+
+    return data.map(encode, remove_columns=columns)
+
+
+def pad_collator(tokenizer):
+    """Right-pads `input_ids`/`attention_mask` with the pad token and `labels` with -100."""
+    import torch
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        length = max(len(r["input_ids"]) for r in rows)
+        batch = {
+            "input_ids": [r["input_ids"] + [pad_id] * (length - len(r["input_ids"])) for r in rows],
+            "attention_mask": [r["attention_mask"] + [0] * (length - len(r["attention_mask"])) for r in rows],
+            "labels": [r["labels"] + [-100] * (length - len(r["labels"])) for r in rows],
+        }
+        return {k: torch.tensor(v) for k, v in batch.items()}
+
+    return collate
+
+
+def classification_metrics(eval_pred) -> dict[str, float]:
+    """Accuracy and macro-F1 from logits, offline (no `evaluate` download)."""
+    import numpy as np
+
+    logits, labels = eval_pred
+    predictions = np.asarray(logits).argmax(-1)
+    labels = np.asarray(labels)
+    f1s = []
+    for c in np.unique(np.concatenate([labels, predictions])):
+        tp = np.sum((predictions == c) & (labels == c))
+        precision = tp / max(np.sum(predictions == c), 1)
+        recall = tp / max(np.sum(labels == c), 1)
+        f1s.append(0.0 if tp == 0 else 2 * precision * recall / (precision + recall))
+    return {"accuracy": float(np.mean(predictions == labels)), "macro_f1": float(np.mean(f1s))}

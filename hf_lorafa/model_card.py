@@ -1,0 +1,290 @@
+"""The model card (README.md) of an adapter folder, rendered from `model_cards/adapter_card.md`.
+
+Built like TRL's cards: `huggingface_hub.ModelCard.from_template(ModelCardData(...), template_path=...)`. The card
+reads what the folder holds (`hf_lorafa.json`, `adapter_config.json`, `memory.json`, `memory.png`) and tolerates
+missing pieces: a folder written by `save_adapter` alone has only the method and its config. Nothing that looks
+like a Hub token ever reaches the card (secret-named fields are dropped, token-shaped strings are masked).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .memory import format_bytes
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+TEMPLATE_NAME = "adapter_card.md"
+
+# method → (display name, Hub tag, arXiv id, paper title, two sentences)
+METHODS: dict[str, tuple[str, str, str, str, str]] = {
+    "lora": (
+        "LoRA",
+        "lora",
+        "2106.09685",
+        "LoRA: Low-Rank Adaptation of Large Language Models",
+        "LoRA freezes the pretrained weight W and learns a low-rank update s·B·A beside it, with B = 0 at the start. "
+        "Both A and B are trained, so only r·(d_in + d_out) values per adapted layer change.",
+    ),
+    "lorafa": (
+        "LoRA-FA",
+        "lora-fa",
+        "2308.03303",
+        "LoRA-FA: Memory-efficient Low-rank Adaptation for Large Language Models Fine-tuning",
+        "LoRA-FA keeps LoRA's update s·B·A but freezes the projection-down A after its random orthonormal "
+        "initialisation and trains only B. Backward then needs only the r-dimensional A·x per token instead of the "
+        "full input x, which cuts the activation memory of every adapted layer.",
+    ),
+    "lamda": (
+        "LaMDA",
+        "lamda",
+        "2406.12832",
+        "LaMDA: Large Model Fine-Tuning via Spectrally Decomposed Low-Dimensional Adaptation",
+        "LaMDA adapts each layer with s·B·S·A, where A and B come from the weight's singular vectors and A stays "
+        "frozen; B is frozen gradually early in training so that only the r×r core S keeps training. It trains far "
+        "fewer parameters than LoRA and keeps only r values per token for backward.",
+    ),
+    "lamda++": (
+        "LaMDA++",
+        "lamda-plus-plus",
+        "2406.12832",
+        "LaMDA: Large Model Fine-Tuning via Spectrally Decomposed Low-Dimensional Adaptation",
+        "LaMDA++ is LaMDA with per-layer ranks chosen from a normalized spectrum analysis of each pretrained weight: "
+        "layers whose top singular values hold less of the energy get more rank. The ranks sum to the same total "
+        "budget as a uniform rank would.",
+    ),
+}
+TASKS = {  # PEFT task type → (pipeline_tag, transformers auto class)
+    "CAUSAL_LM": ("text-generation", "AutoModelForCausalLM"),
+    "SEQ_CLS": ("text-classification", "AutoModelForSequenceClassification"),
+}
+# Real tokens are "hf_" + 34 characters; 16 keeps ordinary identifiers such as `hf_lorafa` untouched.
+TOKEN_PATTERN = re.compile(r"\b(?:hf|api_org)_[A-Za-z0-9]{16,}\b")
+SECRET_KEYS = re.compile(r"token|secret|password|api_key", re.IGNORECASE)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def scrub_secrets(text: str, *secrets: str | None) -> str:
+    """Mask every token-shaped string and every given secret in `text`.
+
+    Example:
+
+    ```python
+    >>> scrub_secrets("401 for token hf_abcdefghijklmnopqrstuvwxyz0123")
+    '401 for token hf_***'
+    ```
+    """
+    from huggingface_hub import get_token
+
+    for secret in {*secrets, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN"), get_token()}:
+        if secret and len(secret) >= 8:
+            text = text.replace(secret, "***")
+    return TOKEN_PATTERN.sub(lambda m: m.group(0).split("_", 1)[0] + "_***", text)
+
+
+def _drop_secrets(value: Any) -> Any:
+    """Fields named like a secret (e.g. `hub_token`) whose value is a string never reach the card."""
+    if isinstance(value, dict):
+        return {
+            k: _drop_secrets(v) for k, v in value.items() if not (SECRET_KEYS.search(str(k)) and isinstance(v, str))
+        }
+    if isinstance(value, list):
+        return [_drop_secrets(v) for v in value]
+    return value
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _ranks(adapter_config: dict[str, Any], method: str) -> str:
+    r = adapter_config.get("r", "n/a")
+    pattern = adapter_config.get("rank_pattern") or {}
+    if not pattern:
+        return f"{r} (every layer)"
+    ranks = list(pattern.values())
+    label = "per-layer ranks from the spectrum (LaMDA++)" if method == "lamda++" else "per-layer ranks"
+    return f"{label}: default {r}, {len(ranks)} layers differ (min {min(ranks)}, max {max(ranks)})"
+
+
+def _target_modules(adapter_config: dict[str, Any]) -> str:
+    modules = adapter_config.get("target_modules") or []
+    if isinstance(modules, str):
+        return f"`{modules}`"
+    shown = ", ".join(f"`{m}`" for m in sorted(modules)[:8])
+    return shown + (f", … ({len(modules)} in total)" if len(modules) > 8 else "")
+
+
+def _method_options(method: str, config: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = []
+    if method in ("lorafa", "lamda", "lamda++"):
+        rows.append(("A (projection-down)", "frozen"))
+    if method == "lorafa":
+        rows.append(("B gradient correction (LoRA-FA v2)", _fmt(config.get("lorafa_gradient_correction", "n/a"))))
+    if method.startswith("lamda"):
+        rows.append(("B frozen over the first", f"{_fmt(config.get('lamda_freeze_fraction', 'n/a'))} of training"))
+        rows.append(("B freeze order", _fmt(config.get("lamda_freeze_order", "n/a"))))
+    if method == "lamda++" and config.get("lamda_rank_budget"):
+        rows.append(("Total rank budget", _fmt(config["lamda_rank_budget"])))
+    if method != "lora" and "lorafa_lr_ratio" in config:
+        rows.append(("Learning-rate multiplier of the trained factor", _fmt(config["lorafa_lr_ratio"])))
+    return rows
+
+
+def _trainable(info: dict[str, Any], folder: Path) -> str:
+    trainable, total = info.get("trainable_parameters"), info.get("total_parameters")
+    if isinstance(trainable, int) and isinstance(total, int) and total:
+        return f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
+    if isinstance(trainable, int):
+        return f"{trainable:,}"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as weights:
+            saved = sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())  # noqa: SIM118
+    except Exception:  # a card is still worth writing without the count
+        return "n/a"
+    return f"{saved:,} values in the saved adapter"
+
+
+def _quantization(value: Any) -> str:
+    if not value:
+        return "none (full-precision base weights)"
+    if isinstance(value, dict):
+        if value.get("load_in_4bit"):
+            return f"bitsandbytes 4-bit ({value.get('bnb_4bit_quant_type', 'nf4')})"
+        if value.get("load_in_8bit"):
+            return "bitsandbytes 8-bit (LLM.int8())"
+    return str(value)
+
+
+def _memory(folder: Path, info: dict[str, Any]) -> dict[str, Any] | None:
+    figures = _read_json(folder / "memory.json") or info.get("memory") or {}
+    if not isinstance(figures, dict) or figures.get("peak_bytes") is None:
+        return None
+    kind = {"process_rss": "process RSS", "cuda_allocated": "CUDA allocator"}.get(figures.get("peak_kind"), "peak")
+    activations = figures.get("activation_bytes")
+    return {
+        "peak": format_bytes(figures["peak_bytes"]),
+        "peak_kind": kind,
+        "activations": format_bytes(activations) if activations is not None else "n/a",
+        "device": figures.get("device", "n/a"),
+        "plot": (folder / "memory.png").exists(),
+    }
+
+
+def _versions() -> list[tuple[str, str]]:
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return [("hf-lorafa", __version__), ("torch", torch.__version__), ("transformers", transformers.__version__),
+            ("peft", peft.__version__)]  # fmt: skip
+
+
+def template_path() -> Path:
+    """The Jinja template of the card; a clear error when the package was installed without `model_cards/`."""
+    path = TEMPLATE_DIR / TEMPLATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Model card template {str(path)!r} is missing; hf-lorafa expects the `model_cards/` folder beside the "
+            "`hf_lorafa` package (install from a source checkout with `pip install -e .`)."
+        )
+    return path
+
+
+def write_model_card(folder: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
+    """Render `README.md` (the model card) in an adapter folder and return its path.
+
+    Args:
+        folder (`str` or `os.PathLike`): an adapter folder from [`save_adapter`] or `trainer.save_model()`.
+        extra (`dict`, *optional*): fields that override `hf_lorafa.json`'s for the card only (`base_model`,
+            `dataset`, `training`, `results`, `memory`, `trainable_parameters`, ...), plus `repo_id` (used in the
+            usage snippets and title), `license` and `language`. Secret-named string fields are ignored.
+
+    Example:
+
+    ```python
+    >>> write_model_card("outputs/my-adapter", extra={"repo_id": "me/my-adapter"})  # doctest: +SKIP
+    PosixPath('outputs/my-adapter/README.md')
+    ```
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    directory = Path(folder)
+    adapter_config = _read_json(directory / "adapter_config.json")
+    if not adapter_config:
+        raise FileNotFoundError(
+            f"`folder`={str(directory)!r} has no readable adapter_config.json; save the adapter there first "
+            "(save_adapter(model, folder) or trainer.save_model())."
+        )
+    info = _drop_secrets({**_read_json(directory / "hf_lorafa.json"), **(extra or {})})
+    config = info.get("config") if isinstance(info.get("config"), dict) else {}
+    method = info.get("method") or config.get("method") or "lora"
+    name, tag, paper_id, paper_title, summary = METHODS.get(method, METHODS["lora"])
+    base_model = info.get("base_model") or adapter_config.get("base_model_name_or_path")
+    dataset = info.get("dataset")
+    pipeline_tag, auto_class = TASKS.get(adapter_config.get("task_type") or "", (None, "AutoModel"))
+    repo_id = info.get("repo_id")
+    card_data = ModelCardData(
+        # Only Hub ids go in the metadata: the Hub validates them, and a local path means nothing to readers.
+        base_model=base_model if isinstance(base_model, str) and HUB_ID.match(base_model) else None,
+        # The Hub recognises PEFT-format adapters (usage widget, "adapter of" link) by library_name "peft";
+        # hf-lorafa is named in the tags instead, so the adapter stays discoverable under both.
+        library_name="peft",
+        tags=[tag, "lora", "hf-lorafa", "peft"],
+        datasets=[dataset] if isinstance(dataset, str) and HUB_ID.match(dataset) else None,
+        license=info.get("license"),
+        language=info.get("language"),
+        pipeline_tag=pipeline_tag,
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template_path()),
+        title=repo_id.split("/")[-1] if repo_id else f"{name} adapter" + (f" for {base_model}" if base_model else ""),
+        method=method,
+        method_name=name,
+        method_summary=summary,
+        paper_id=paper_id,
+        paper_title=paper_title,
+        base_model=base_model,
+        base_model_url=f"https://huggingface.co/{base_model}" if card_data.base_model else base_model,
+        ranks=_ranks(adapter_config, method),
+        alpha=_fmt(adapter_config.get("lora_alpha", "n/a")),
+        dropout=_fmt(adapter_config.get("lora_dropout", "n/a")),
+        target_modules=_target_modules(adapter_config),
+        method_options=_method_options(method, config),
+        trainable=_trainable(info, directory),
+        quantization=_quantization(info.get("quantization")),
+        dataset=dataset,
+        training=[(f"`{k}`", _fmt(v)) for k, v in (info.get("training") or {}).items() if v is not None],
+        results=[(f"`{k}`", _fmt(v)) for k, v in (info.get("results") or {}).items() if v is not None],
+        memory=_memory(directory, info),
+        auto_class=auto_class,
+        base_ref=base_model or "BASE_MODEL",
+        adapter_ref=repo_id or "PATH_OR_REPO_ID",
+        versions=_versions(),
+    )
+    path = directory / "README.md"
+    path.write_text(scrub_secrets(str(card)) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,285 @@
+"""`LoRAFATrainer`: a `Trainer` that injects adapters, trains them with the least memory and saves only them.
+
+Overrides (each short): `__init__` (quantize if asked, inject, activation savers), `create_optimizer` (LoRA-FA's
+B learning-rate multiplier as a param group of whatever `args.optim` builds), `log` (memory figures, so every
+reporting integration sees them), `_save` (adapter only), `_load_from_checkpoint` / `_load_best_model` (adapter
+only), `create_model_card` and `push_to_hub` (our card, adapter upload). LaMDA's freezing schedule and the
+activation-byte sampling are callbacks on step boundaries.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback
+
+from . import __version__
+from .arguments import LoRAFATrainingArguments
+from .injection import adapter_layers, count_parameters, has_adapters, inject_adapters
+from .lamda import LaMDALayer, lamda_schedule_step
+from .memory_log import MemoryTracker
+from .saving import _atomic_write, save_adapter
+
+logger = logging.getLogger(__name__)
+TRAINING_STATE_FILE = "hf_lorafa_state.safetensors"
+
+
+def _is_quantized(model: torch.nn.Module) -> bool:
+    return bool(
+        getattr(model, "is_quantized", False)
+        or getattr(model, "is_loaded_in_4bit", False)
+        or getattr(model, "is_loaded_in_8bit", False)
+    )
+
+
+class _LaMDASchedule(TrainerCallback):
+    """Advances LaMDA's freezing of B after every optimizer step (and restores it on resume)."""
+
+    def _advance(self, state, model) -> None:
+        if model is not None and any(isinstance(m, LaMDALayer) for m in model.modules()):
+            lamda_schedule_step(model, min(1.0, state.global_step / max(state.max_steps, 1)))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._advance(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._advance(state, model)
+
+
+class _MemoryCallbacks(TrainerCallback):
+    """Asks the tracker to sample the step before each log, and writes the report at the end."""
+
+    def __init__(self, trainer: LoRAFATrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step % self.trainer.memory.sample_every == 0:
+            self.trainer.memory.sample_next_forward()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if args.should_save:
+            self.trainer.memory.write(args.output_dir)
+        if state.is_world_process_zero:
+            print(self.trainer.memory.table())
+
+
+class LoRAFATrainer(Trainer):
+    """
+    [`~transformers.Trainer`] for hf-lorafa adapters: pass [`LoRAFATrainingArguments`] instead of
+    `TrainingArguments` and everything else in your script stays the same.
+
+    The model may come with adapters already (from [`inject_adapters`] or [`load_adapter`]); otherwise they are
+    injected from the arguments (after quantizing the base if `load_in_4bit` / `load_in_8bit`).
+    `save_model()` writes only the adapter (PEFT format + `hf_lorafa.json`) and the model card.
+
+    Example:
+
+    ```python
+    >>> from hf_lorafa import LoRAFATrainer, LoRAFATrainingArguments
+    >>> args = LoRAFATrainingArguments(output_dir="out", adapter_method="lorafa", lora_r=16)
+    >>> trainer = LoRAFATrainer(model=model, args=args, train_dataset=train_ds)  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+    ```
+    """
+
+    def __init__(self, model: torch.nn.Module | None = None, args: LoRAFATrainingArguments | None = None, *a, **kw):
+        if model is None:
+            raise ValueError("`model` is required: LoRAFATrainer injects adapters into a model you pass in.")
+        if args is None:
+            args = LoRAFATrainingArguments(output_dir="trainer_output")
+        if not isinstance(args, LoRAFATrainingArguments):
+            raise TypeError(
+                f"`args` is a {type(args).__name__}; LoRAFATrainer needs LoRAFATrainingArguments. Replace "
+                "`TrainingArguments(...)` by `LoRAFATrainingArguments(...)` (same fields, plus the adapter ones)."
+            )
+        if (args.load_in_4bit or args.load_in_8bit) and not _is_quantized(model):
+            from .loading import quantize_model
+
+            model = quantize_model(
+                model,
+                load_in_4bit=args.load_in_4bit,
+                load_in_8bit=args.load_in_8bit,
+                bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+            )
+        if not has_adapters(model):
+            inject_adapters(model, args.to_lorafa_config())
+        if _is_quantized(model):
+            from .bnb import prepare_kbit_model
+
+            prepare_kbit_model(model)
+            # transformers refuses to train "purely quantized" models; ours carries trainable adapters.
+            model._hf_peft_config_loaded = True
+        if args.activation_savers:
+            from .savers import apply_activation_savers
+
+            apply_activation_savers(model)
+        if args.gradient_checkpointing and not args.gradient_checkpointing_kwargs:
+            args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        super().__init__(model, args, *a, **kw)
+        self.results: dict[str, float] = {}
+        self.memory = MemoryTracker(model, sample_every=args.logging_steps) if args.log_memory else None
+        if self.memory is not None:
+            self.add_callback(_MemoryCallbacks(self))
+        self.add_callback(_LaMDASchedule())
+        savers = getattr(model, "hf_lorafa_savers", None)
+        if savers:
+            logger.info("hf-lorafa activation savers active: %s", ", ".join(savers))
+
+    @property
+    def lorafa_config(self):
+        return self.accelerator.unwrap_model(self.model).hf_lorafa_config
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """`args.optim`'s optimizer over trainable parameters; LoRA-FA's B gets `lorafa_lr_ratio` × the lr."""
+        config = self.lorafa_config
+        ratio = config.lorafa_lr_ratio if config.method == "lorafa" else 1.0
+        opt_model = self.model if model is None else model
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        special = {"params", "model", "optimizer_dict"} & set(optimizer_kwargs)
+        if self.optimizer is not None or ratio == 1.0 or special or not isinstance(optimizer_cls, type):
+            return super().create_optimizer(model)
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups = []
+        for boosted in (False, True):
+            for decayed in (True, False):
+                params = [
+                    p
+                    for n, p in opt_model.named_parameters()
+                    if p.requires_grad and (n in decay) == decayed and ("lora_B" in n) == boosted
+                ]
+                if params:
+                    group = {"params": params, "weight_decay": self.args.weight_decay if decayed else 0.0}
+                    if boosted:
+                        group["lr"] = self.args.learning_rate * ratio
+                    groups.append(group)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.memory is not None and not any(k.startswith(("eval_", "test_")) for k in logs):
+            logs.update(self.memory.metrics(self.state.global_step, count_parameters(self.model)[0]))
+        super().log(logs, start_time)
+
+    def adapter_facts(self) -> dict[str, Any]:
+        """What `hf_lorafa.json` and the model card say about this run."""
+        model = self.accelerator.unwrap_model(self.model)
+        trainable, total = count_parameters(model)
+        quantization = None
+        if self.args.load_in_4bit or self.args.load_in_8bit or _is_quantized(model):
+            quantization = {
+                "load_in_4bit": bool(getattr(model, "is_loaded_in_4bit", self.args.load_in_4bit)),
+                "load_in_8bit": bool(getattr(model, "is_loaded_in_8bit", self.args.load_in_8bit)),
+                "bnb_4bit_quant_type": self.args.bnb_4bit_quant_type,
+            }
+        train_loss = [h["train_loss"] for h in self.state.log_history if "train_loss" in h]
+        eval_loss = [h["eval_loss"] for h in self.state.log_history if "eval_loss" in h]
+        results = dict(self.results)
+        if train_loss:
+            results.setdefault("train_loss", train_loss[-1])
+        if eval_loss:
+            results.setdefault("eval_loss", eval_loss[-1])
+        memory = None
+        if self.memory is not None:
+            memory = {k: v for k, v in self.memory.summary().items() if k != "history"}
+        args = self.args
+        return {
+            "hf_lorafa_version": __version__,
+            "base_model": getattr(getattr(model, "config", None), "name_or_path", None),
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "adapted_layers": len(adapter_layers(model)),
+            "quantization": quantization,
+            "activation_savers": getattr(model, "hf_lorafa_savers", None),
+            "training": {
+                "learning_rate": args.learning_rate,
+                "num_train_epochs": args.num_train_epochs,
+                "max_steps": args.max_steps,
+                "per_device_train_batch_size": args.per_device_train_batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "seed": args.seed,
+                "optim": str(args.optim),
+                "global_step": self.state.global_step,
+            },
+            "results": results,
+            "memory": memory,
+        }
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the adapter (PEFT format + `hf_lorafa.json`), its exact training state, tokenizer and card."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        save_adapter(model, output_dir, extra=self.adapter_facts())
+        # Unfolded adapter tensors (LaMDA's B and S separately): what resuming needs to continue exactly. LaMDA's
+        # frozen columns follow from the global step, restored by the schedule callback at train begin.
+        trainable = {
+            n: p.detach().contiguous().clone() for n, p in model.named_parameters() if "lora_" in n or p.requires_grad
+        }
+        _atomic_write(Path(output_dir) / TRAINING_STATE_FILE, lambda tmp: save_file(trainable, tmp))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
+        self.create_model_card(output_dir=output_dir)
+
+    def _load_adapter_state(self, checkpoint: str) -> None:
+        path = Path(checkpoint) / TRAINING_STATE_FILE
+        if not path.exists():
+            raise ValueError(
+                f"`resume_from_checkpoint`={checkpoint!r} has no {TRAINING_STATE_FILE}; it was not written by "
+                "LoRAFATrainer. Point it at a checkpoint-N folder of this output_dir."
+            )
+        model = self.accelerator.unwrap_model(self.model)
+        state = load_file(path)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any("lora_" in k for k in missing):
+            raise ValueError(
+                f"`resume_from_checkpoint`={checkpoint!r} holds an adapter for another model or configuration "
+                f"({(unexpected or missing)[0]!r} does not match); resume with the same model and adapter arguments."
+            )
+        for layer in adapter_layers(model).values():
+            refresh = getattr(layer, "refresh_preconditioner", None)
+            if refresh is not None:
+                refresh()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self._load_adapter_state(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        self._load_adapter_state(self.state.best_model_checkpoint)
+
+    def create_model_card(self, output_dir: str | None = None, **kwargs) -> None:
+        """Write README.md (the adapter's model card) beside the adapter."""
+        from .model_card import write_model_card
+
+        directory = output_dir or self.args.output_dir
+        if self.args.should_save and (Path(directory) / "hf_lorafa.json").exists():
+            write_model_card(directory, extra=kwargs or None)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        **kwargs,
+    ) -> str:
+        """Save locally first, then upload the adapter, card and memory plot to `args.hub_model_id`."""
+        from .hub import push_adapter
+
+        self.save_model()
+        if not self.args.should_save:
+            return ""
+        repo_id = self.args.hub_model_id or Path(self.args.output_dir).resolve().name
+        return push_adapter(
+            self.args.output_dir,
+            repo_id,
+            token=token or self.args.hub_token,
+            private=bool(self.args.hub_private_repo),
+            revision=revision,
+            commit_message=commit_message,
+        )

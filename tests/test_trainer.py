@@ -1,0 +1,243 @@
+"""Trainer spec: the two-name swap, per-method training (TRL's snapshot pattern), memory logs, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import METHODS, tiny_llama
+from datasets import Dataset
+from transformers import HfArgumentParser
+
+from hf_lorafa import LoRAFATrainer, LoRAFATrainingArguments
+from hf_lorafa.lamda import LaMDALayer
+from hf_lorafa.trainer import TRAINING_STATE_FILE
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def token_dataset(n: int = 32, length: int = 16, vocab: int = 256) -> Dataset:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (n, length), generator=generator).tolist()
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * length] * n, "labels": ids})
+
+
+def make_args(tmp_path, **overrides) -> LoRAFATrainingArguments:
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        lora_r=4,
+        seed=0,
+        disable_tqdm=True,
+        activation_savers=False,
+        use_cpu=True,
+    )
+    values.update(overrides)
+    return LoRAFATrainingArguments(**values)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_training_moves_adapter_not_base(method, tmp_path):
+    model = tiny_llama()
+    # B's first gradient is zero while LaMDA's S is 0, so keep B unfrozen here; the schedule has its own test.
+    args = make_args(tmp_path, adapter_method=method, lora_dropout=0.05, lamda_freeze_fraction=1.0)
+    trainer = LoRAFATrainer(model=model, args=args, train_dataset=token_dataset())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    for name, param in model.named_parameters():
+        changed = not torch.equal(before[name], param)
+        if "lora_A" in name:
+            assert changed == (method == "lora"), name
+        elif "lora_B" in name or "lora_S" in name:
+            assert changed, name
+        else:
+            assert not changed, f"base parameter {name} changed"
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all({"memory/peak_mib", "trainable_params"} <= h.keys() for h in logged)
+    assert any("memory/activation_mib" in h and h["memory/activation_mib"] > 0 for h in logged)
+
+
+def test_lorafa_b_gets_its_learning_rate_multiplier(tmp_path):
+    trainer = LoRAFATrainer(
+        model=tiny_llama(), args=make_args(tmp_path, lorafa_lr_ratio=3.0), train_dataset=token_dataset()
+    )
+    optimizer = trainer.create_optimizer()
+    by_lr = {group["lr"]: sum(p.numel() for p in group["params"]) for group in optimizer.param_groups}
+    assert set(by_lr) == {1e-2 * 3.0}  # LoRA-FA trains B only, all at the boosted rate
+    assert type(optimizer).__name__ == "AdamW"
+
+
+def test_ordinary_script_with_two_names_changed_trains_and_saves(tmp_path):
+    script = tmp_path / "user_script.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(REPO / "tests")!r})
+from conftest import tiny_llama
+from test_trainer import token_dataset
+from hf_lorafa import LoRAFATrainer as Trainer, LoRAFATrainingArguments as TrainingArguments
+
+args = TrainingArguments(output_dir={str(tmp_path / "run")!r}, max_steps=2, per_device_train_batch_size=4,
+                         report_to="none", lora_r=4, use_cpu=True, save_strategy="no")
+trainer = Trainer(model=tiny_llama(), args=args, train_dataset=token_dataset())
+trainer.train()
+trainer.save_model()
+""")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "hf_lorafa.json", "memory.json", "memory.png"} <= files
+    assert "model.safetensors" not in files and "training_args.bin" not in files
+    assert "Memory summary" in result.stdout
+
+
+def test_tensorboard_sees_memory_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = make_args(tmp_path, report_to="tensorboard")
+    LoRAFATrainer(model=tiny_llama(), args=args, train_dataset=token_dataset()).train()
+    events = list(Path(args.output_dir).rglob("events.out.tfevents.*"))
+    assert events
+    tags = set()
+    for event in events:
+        accumulator = EventAccumulator(str(event))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"train/memory/peak_mib", "train/memory/activation_mib", "train/trainable_params"} <= tags
+
+
+def final_adapter(tmp_path, name: str, resume: bool) -> dict[str, torch.Tensor]:
+    args = make_args(
+        tmp_path / name,
+        max_steps=6,
+        save_strategy="steps",
+        save_steps=3,
+        lora_dropout=0.1,
+        adapter_method="lamda",
+        lamda_freeze_fraction=0.5,
+    )
+    trainer = LoRAFATrainer(model=tiny_llama(), args=args, train_dataset=token_dataset())
+    if resume:
+        trainer.train()  # produces checkpoint-3 and checkpoint-6; resume from 3 with a brand-new trainer
+        trainer = LoRAFATrainer(model=tiny_llama(), args=args, train_dataset=token_dataset())
+        trainer.train(resume_from_checkpoint=str(Path(args.output_dir) / "checkpoint-3"))
+    else:
+        trainer.train()
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+
+
+def test_resume_from_checkpoint_gives_the_same_adapter(tmp_path):
+    straight = final_adapter(tmp_path, "straight", resume=False)
+    resumed = final_adapter(tmp_path, "resumed", resume=True)
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+
+
+def test_checkpoints_hold_no_full_size_weights(tmp_path):
+    from safetensors import safe_open
+
+    args = make_args(tmp_path, save_strategy="steps", save_steps=2)
+    model = tiny_llama()
+    base_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    LoRAFATrainer(model=model, args=args, train_dataset=token_dataset()).train()
+    checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"))
+    assert len(checkpoints) == 2
+    for checkpoint in checkpoints:
+        assert not list(checkpoint.glob("model*.safetensors")) and not list(checkpoint.glob("*.bin"))
+        for weights in checkpoint.glob("*.safetensors"):
+            with safe_open(weights, "pt") as f:
+                for key in f.keys():
+                    assert "lora_" in key, f"{weights.name} holds base weight {key}"
+                    assert f.get_slice(key).get_shape() not in base_shapes.values()
+
+
+def test_lamda_schedule_drops_trainable_params_to_r_squared(tmp_path):
+    model = tiny_llama()
+    args = make_args(tmp_path, adapter_method="lamda", max_steps=6, lamda_freeze_fraction=0.5)
+    trainer = LoRAFATrainer(model=model, args=args, train_dataset=token_dataset())
+    trainer.train()
+    counts = [h["trainable_params"] for h in trainer.state.log_history if "trainable_params" in h]
+    layers = [m for m in model.modules() if isinstance(m, LaMDALayer)]
+    assert counts[0] > counts[-1] == len(layers) * 4 * 4
+
+
+def test_arguments_round_trip_through_hfargumentparser(tmp_path):
+    parser = HfArgumentParser(LoRAFATrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        args=[
+            "--output_dir",
+            str(tmp_path),
+            "--adapter_method",
+            "lamda++",
+            "--lora_r",
+            "8",
+            "--load_in_4bit",
+            "--lora_target_modules",
+            "q_proj,v_proj",
+            "--lamda_rank_budget",
+            "64",
+            "--log_memory",
+            "false",
+        ]
+    )
+    assert (args.adapter_method, args.lora_r, args.load_in_4bit, args.log_memory) == ("lamda++", 8, True, False)
+    assert args.to_lorafa_config().target_modules == ["q_proj", "v_proj"]
+    fields = {k: v for k, v in args.to_dict().items() if k.startswith(("lora_", "lamda_", "adapter_", "load_in"))}
+    (tmp_path / "args.json").write_text(json.dumps({"output_dir": str(tmp_path), **fields}))
+    (from_json,) = parser.parse_json_file(str(tmp_path / "args.json"))
+    import yaml
+
+    (tmp_path / "args.yaml").write_text(yaml.safe_dump({"output_dir": str(tmp_path), **fields}))
+    (from_yaml,) = parser.parse_yaml_file(str(tmp_path / "args.yaml"))
+    for parsed in (from_json, from_yaml):
+        assert {k: getattr(parsed, k) for k in fields} == fields
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"adapter_method": "qlora"}, "`adapter_method`"),
+        ({"lora_r": 0}, "`lora_r`"),
+        ({"load_in_4bit": True, "load_in_8bit": True}, "`load_in_4bit` and `load_in_8bit`"),
+        ({"bnb_4bit_quant_type": "int4"}, "`bnb_4bit_quant_type`"),
+    ],
+)
+def test_invalid_arguments_rejected_at_construction(tmp_path, overrides, needle):
+    with pytest.raises(ValueError, match=needle):
+        make_args(tmp_path, **overrides)
+
+
+def test_plain_training_arguments_get_a_clear_error(tmp_path):
+    from transformers import TrainingArguments
+
+    with pytest.raises(TypeError, match="LoRAFATrainingArguments"):
+        LoRAFATrainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hf_lorafa.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps({"body": f"row {i}"}) for i in range(8)))
+    missing = run_cli("train", "--dataset", str(data), "--text_column", "text", "--output_dir", str(tmp_path / "o"))
+    assert missing.returncode != 0
+    last = missing.stderr.strip().splitlines()[-1]
+    assert "error" in last and "`--text_column` 'text' is not a column" in last and "body" in last
+    assert not (tmp_path / "o").exists()
+    unknown = run_cli("train", "--adapter_method", "qlora", "--output_dir", str(tmp_path / "o"))
+    assert unknown.returncode != 0
+    assert "`adapter_method` must be one of lora, lorafa, lamda, lamda++" in unknown.stderr.strip().splitlines()[-1]
