@@ -10,6 +10,7 @@ activation-byte sampling are callbacks on step boundaries.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,20 @@ from .saving import _atomic_write, save_adapter
 
 logger = logging.getLogger(__name__)
 TRAINING_STATE_FILE = "hf_lorafa_state.safetensors"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
+
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """`checkpoint-N` folders whose save finished (trainer state written last), oldest first."""
+    found = []
+    for folder in Path(output_dir).glob("checkpoint-*"):
+        step = folder.name.rsplit("-", 1)[-1]
+        if step.isdigit() and (folder / "trainer_state.json").exists() and (folder / TRAINING_STATE_FILE).exists():
+            found.append((int(step), folder))
+    return [folder for _, folder in sorted(found)]
 
 
 def _is_quantized(model: torch.nn.Module) -> bool:
@@ -132,6 +147,39 @@ class LoRAFATrainer(Trainer):
     @property
     def lorafa_config(self):
         return self.accelerator.unwrap_model(self.model).hf_lorafa_config
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`, resuming only from checkpoints whose save completed (a kill mid-save leaves a partial
+        `checkpoint-N` behind; the previous complete one is used instead)."""
+        if resume_from_checkpoint is True:
+            complete = complete_checkpoints(self.args.output_dir)
+            if not complete:
+                raise ValueError(
+                    f"`resume_from_checkpoint`=True but {self.args.output_dir!r} has no complete checkpoint-N folder; "
+                    "train from scratch (drop the flag) or point it at a checkpoint folder."
+                )
+            resume_from_checkpoint = str(complete[-1])
+        elif resume_from_checkpoint and Path(resume_from_checkpoint) not in complete_checkpoints(
+            Path(resume_from_checkpoint).parent
+        ):
+            good = complete_checkpoints(Path(resume_from_checkpoint).parent)
+            raise ValueError(
+                f"`resume_from_checkpoint`={str(resume_from_checkpoint)!r} is not a complete checkpoint (missing, or "
+                f"its save was interrupted); resume from {str(good[-1]) if good else 'a complete checkpoint-N'}."
+            )
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """`Trainer.training_step`, stopping at the first non-finite loss instead of training on garbage."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            good = complete_checkpoints(self.args.output_dir)
+            raise TrainingDivergedError(
+                f"the training loss became {loss.item()} at step {self.state.global_step + 1}; training stopped. "
+                f"Last good checkpoint: {str(good[-1]) if good else 'none saved yet'}. Lower `learning_rate`, set "
+                "`max_grad_norm`, or check the data for empty or corrupt rows."
+            )
+        return loss
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """`args.optim`'s optimizer over trainable parameters; LoRA-FA's B gets `lorafa_lr_ratio` × the lr."""
