@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         processing_class=tokenizer,
         compute_metrics=classification_metrics if script.task == "classification" else None,
     )
+    trainer.run_info["dataset"] = script.dataset
     before = trainer.evaluate()["eval_loss"]
     sample_before = answer(model, tokenizer, script.sample_prompt) if script.task == "causal-lm" else None
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)

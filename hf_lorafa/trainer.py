@@ -10,37 +10,23 @@ activation-byte sampling are callbacks on step boundaries.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from . import __version__
 from .arguments import LoRAFATrainingArguments
+from .callbacks import TRAINING_STATE_FILE, LaMDAScheduleCallback, MemoryCallback, complete_checkpoints
 from .injection import adapter_layers, count_parameters, has_adapters, inject_adapters
-from .lamda import LaMDALayer, lamda_schedule_step
 from .memory_log import MemoryTracker
 from .saving import _atomic_write, save_adapter
 
 logger = logging.getLogger(__name__)
-TRAINING_STATE_FILE = "hf_lorafa_state.safetensors"
-
-
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
-
-
-def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """`checkpoint-N` folders whose save finished (trainer state written last), oldest first."""
-    found = []
-    for folder in Path(output_dir).glob("checkpoint-*"):
-        step = folder.name.rsplit("-", 1)[-1]
-        if step.isdigit() and (folder / "trainer_state.json").exists() and (folder / TRAINING_STATE_FILE).exists():
-            found.append((int(step), folder))
-    return [folder for _, folder in sorted(found)]
 
 
 def _is_quantized(model: torch.nn.Module) -> bool:
@@ -49,37 +35,6 @@ def _is_quantized(model: torch.nn.Module) -> bool:
         or getattr(model, "is_loaded_in_4bit", False)
         or getattr(model, "is_loaded_in_8bit", False)
     )
-
-
-class _LaMDASchedule(TrainerCallback):
-    """Advances LaMDA's freezing of B after every optimizer step (and restores it on resume)."""
-
-    def _advance(self, state, model) -> None:
-        if model is not None and any(isinstance(m, LaMDALayer) for m in model.modules()):
-            lamda_schedule_step(model, min(1.0, state.global_step / max(state.max_steps, 1)))
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._advance(state, model)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self._advance(state, model)
-
-
-class _MemoryCallbacks(TrainerCallback):
-    """Asks the tracker to sample the step before each log, and writes the report at the end."""
-
-    def __init__(self, trainer: LoRAFATrainer) -> None:
-        self.trainer = trainer
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step % self.trainer.memory.sample_every == 0:
-            self.trainer.memory.sample_next_forward()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if args.should_save:
-            self.trainer.memory.write(args.output_dir)
-        if state.is_world_process_zero:
-            print(self.trainer.memory.table())
 
 
 class LoRAFATrainer(Trainer):
@@ -136,10 +91,12 @@ class LoRAFATrainer(Trainer):
             args.gradient_checkpointing_kwargs = {"use_reentrant": False}
         super().__init__(model, args, *a, **kw)
         self.results: dict[str, float] = {}
+        # Extra facts for hf_lorafa.json and the card that only the caller knows (e.g. {"dataset": "chatterbot"}).
+        self.run_info: dict[str, Any] = {}
         self.memory = MemoryTracker(model, sample_every=args.logging_steps) if args.log_memory else None
         if self.memory is not None:
-            self.add_callback(_MemoryCallbacks(self))
-        self.add_callback(_LaMDASchedule())
+            self.add_callback(MemoryCallback(self.memory))
+        self.add_callback(LaMDAScheduleCallback())
         savers = getattr(model, "hf_lorafa_savers", None)
         if savers:
             logger.info("hf-lorafa activation savers active: %s", ", ".join(savers))
@@ -254,6 +211,7 @@ class LoRAFATrainer(Trainer):
             },
             "results": results,
             "memory": memory,
+            **self.run_info,
         }
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
