@@ -7,6 +7,7 @@ from .config import LoRAFAConfig  # noqa: E402
 from .hub import HubUploadError, push_adapter  # noqa: E402
 from .injection import count_parameters, inject_adapters  # noqa: E402
 from .lamda import lamda_plus_plus_ranks, lamda_schedule_step  # noqa: E402
+from .loading import load_base_model  # noqa: E402
 from .memory import saved_tensor_bytes  # noqa: E402
 from .merge import merge_adapters  # noqa: E402
 from .model_card import write_model_card  # noqa: E402
@@ -23,6 +24,7 @@ __all__ = [
     "lamda_plus_plus_ranks",
     "lamda_schedule_step",
     "load_adapter",
+    "load_base_model",
     "merge_adapters",
     "push_adapter",
     "save_adapter",

@@ -32,13 +32,17 @@ def merge_main(argv: list[str]) -> None:
 
     from .data import resolve_model
     from .merge import merge_adapters
-    from .saving import load_adapter, resolve_adapter_dir
+    from .saving import load_adapter, read_adapter_facts, resolve_adapter_dir
 
     adapter_dir = resolve_adapter_dir(args.adapter, args.revision)
     base = args.base_model or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     if not base:
         raise ValueError("the adapter does not name its base model; pass `--base-model` with its id or folder.")
     path = resolve_model(base)
+    # Merge into the weights the adapter was trained on: a 4-bit-trained adapter folds into the dequantized base.
+    trained = (read_adapter_facts(adapter_dir).get("quantization") or {}) if not args.base_model else {}
+    args.load_in_4bit = args.load_in_4bit or bool(trained.get("load_in_4bit"))
+    args.load_in_8bit = args.load_in_8bit or bool(trained.get("load_in_8bit"))
     if args.load_in_4bit or args.load_in_8bit:
         from .loading import load_base_model
 

@@ -8,6 +8,7 @@ import re
 
 from torch import nn
 
+from .bnb import check_base_layer, check_quantization
 from .config import LoRAFAConfig
 from .lamda import LaMDALayer, lamda_plus_plus_ranks
 from .layers import AdapterLayer, LoRAFALayer, LoRALayer, base_weight
@@ -105,7 +106,10 @@ def inject_adapters(model: nn.Module, config: LoRAFAConfig, *, init_weights: boo
             "them in, or train the model as it is."
         )
     config = dataclasses.replace(config, rank_pattern=dict(config.rank_pattern))
+    check_quantization(model)  # GPTQ / AWQ / torch.ao layers are not nn.Linear: say so, not "matched nothing"
     targets = find_target_modules(model, config)
+    for name, base in targets.items():
+        check_base_layer(name, base)
     if config.method == "lamda++" and init_weights and not config.rank_pattern:
         weights = {name: base_weight(m) for name, m in targets.items()}
         config.rank_pattern = lamda_plus_plus_ranks(

@@ -116,12 +116,15 @@ def load_model(script: ScriptArguments, args: LoRAFATrainingArguments, tokenizer
     if args.load_in_4bit or args.load_in_8bit:
         from .loading import load_base_model
 
+        extra = {"num_labels": num_labels} if script.task == "classification" else {}
         model = load_base_model(
             path,
             load_in_4bit=args.load_in_4bit,
             load_in_8bit=args.load_in_8bit,
             bnb_4bit_quant_type=args.bnb_4bit_quant_type,
             task="classification" if script.task == "classification" else "causal-lm",
+            trust_remote_code=script.trust_remote_code,
+            **extra,
         )
     elif script.task == "classification":
         model = AutoModelForSequenceClassification.from_pretrained(

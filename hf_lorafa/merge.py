@@ -5,30 +5,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .bnb import dequantize_model
 from .injection import adapter_layers
-from .layers import base_weight, is_bnb_layer
+from .layers import base_weight
 
 
 def merged_linear(layer: nn.Module) -> nn.Linear:
-    """A plain `nn.Linear` equal to `layer` (an adapter over any base kind) with the adapter folded in."""
+    """The adapter's base with the adapter folded in (`merge_adapters` dequantizes bnb bases first)."""
     base = layer.base_layer
     weight = base_weight(base).detach()
     delta = layer.delta_weight().detach().to(torch.float32 if weight.dtype != torch.float64 else weight.dtype)
-    merged = weight.to(delta.dtype) + delta
-    if is_bnb_layer(base):
-        # A quantized base merges into full precision: the adapter's dtype (fp32), re-quantize on load if wanted.
-        dtype = delta.dtype
-        linear = nn.Linear(
-            layer.in_features, layer.out_features, bias=base.bias is not None, device=weight.device, dtype=dtype
-        )
-    else:
-        linear, dtype = base, base.weight.dtype
     with torch.no_grad():
-        linear.weight.data = merged.to(dtype)
-        if base.bias is not None and linear is not base:
-            linear.bias.copy_(base.bias.to(dtype))
-    linear.weight.requires_grad_(False)
-    return linear
+        base.weight.data = (weight.to(delta.dtype) + delta).to(base.weight.dtype)
+    base.weight.requires_grad_(False)
+    return base
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
@@ -47,6 +37,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("`model` has no hf-lorafa adapters to merge; load or inject an adapter first.")
+    # A quantized base merges into a dense model: every bitsandbytes layer, adapted or not, first becomes an
+    # nn.Linear in the model's dtype and the quantization config goes, so save_pretrained writes a normal model.
+    dequantize_model(model)
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, merged_linear(layer))

@@ -138,6 +138,12 @@ def resolve_adapter_dir(adapter: str | os.PathLike, revision: str | None = None,
     return Path(snapshot_download(str(adapter), revision=revision, token=token, allow_patterns=HUB_FILES))
 
 
+def read_adapter_facts(directory: str | os.PathLike) -> dict[str, Any]:
+    """The `hf_lorafa.json` of an adapter folder (empty when absent, e.g. a plain PEFT adapter)."""
+    path = Path(directory) / HF_LORAFA_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
     weights = directory / ADAPTER_WEIGHTS
     if not weights.exists():
@@ -196,7 +202,7 @@ def load_adapter(
         != "LORA"
     ):
         raise ValueError(f"`adapter` is a {peft_config.peft_type} adapter; hf-lorafa loads LoRA adapters only.")
-    ours = json.loads((directory / HF_LORAFA_FILE).read_text()) if (directory / HF_LORAFA_FILE).exists() else {}
+    ours = read_adapter_facts(directory)
     weights = read_adapter_weights(directory)
     pairs = {}
     for key, tensor in weights.items():
