@@ -153,6 +153,19 @@ def bnb_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if is_bnb_layer(m)}
 
 
+def keep_canonical_layout(model: nn.Module) -> nn.Module:
+    """Stop bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU kernel.
+
+    That repacking happens the first time a layer runs without gradients (which includes the inside of our
+    autograd function's forward), rounds the scales to bf16 and so changes the layer's output: training, evaluation
+    and the merged model would then disagree. `load_base_model`, `quantize_model` and `prepare_kbit_model` call it.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def prepare_kbit_model(model: nn.Module, use_gradient_checkpointing: bool = False) -> nn.Module:
     """Make a bitsandbytes-quantized model ready for adapter training, in place.
 
@@ -181,9 +194,7 @@ def prepare_kbit_model(model: nn.Module, use_gradient_checkpointing: bool = Fals
     ```
     """
     check_quantization(model)
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    keep_canonical_layout(model)
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     if use_gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):

@@ -133,9 +133,14 @@ def load_base_model(
         kwargs["quantization_config"] = quantization_config
     if dtype is not None:
         kwargs["dtype"] = dtype
-    return model_class.from_pretrained(
+    model = model_class.from_pretrained(
         name_or_path, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
     )
+    if quantization_config is not None:
+        from .bnb import keep_canonical_layout
+
+        keep_canonical_layout(model)
+    return model
 
 
 def quantize_model(
@@ -198,4 +203,6 @@ def quantize_model(
     )
     if getattr(model, "generation_config", None) is not None:
         quantized.generation_config = copy.deepcopy(model.generation_config)
-    return quantized
+    from .bnb import keep_canonical_layout
+
+    return keep_canonical_layout(quantized)

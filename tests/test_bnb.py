@@ -116,9 +116,15 @@ def test_forward_backward_match_dequantized_reference(method, kind, saved_llama,
 
 
 def test_dequantize_after_bitsandbytes_cpu_repacking(saved_llama, input_ids):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = load_base_model(saved_llama, load_in_4bit=True)  # not prepared: bitsandbytes may repack
+        # A model loaded by transformers directly (not load_base_model): bitsandbytes may repack it.
+        model = AutoModelForCausalLM.from_pretrained(
+            saved_llama,
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+        )
     layer = model.model.layers[0].self_attn.q_proj
     if not layer.support_avx512bf16_for_cpu:
         pytest.skip("bitsandbytes repacks 4-bit weights only on CPUs with AVX512-BF16")
@@ -129,6 +135,15 @@ def test_dequantize_after_bitsandbytes_cpu_repacking(saved_llama, input_ids):
     packed = layer.weight.data.clone()
     torch.testing.assert_close(dequantize_weight(layer), before, rtol=8e-3, atol=0)  # bf16 scales: 2⁻⁸ relative
     assert torch.equal(layer.weight.data, packed) and layer.weight.quant_state.packing_format_for_cpu  # untouched
+
+
+def test_load_base_model_never_repacks(saved_llama, input_ids):
+    model = load_base_model(saved_llama, load_in_4bit=True)
+    with_grad = model(input_ids).logits.detach()
+    with torch.no_grad():
+        without_grad = model.eval()(input_ids).logits  # the path our autograd function's forward takes
+    assert not getattr(model.model.layers[0].self_attn.q_proj.weight.quant_state, "packing_format_for_cpu", False)
+    torch.testing.assert_close(without_grad, with_grad, rtol=0, atol=0)
 
 
 def bnb_state(model: nn.Module) -> dict[str, torch.Tensor]:
