@@ -1,0 +1,335 @@
+"""The Gradio demo (`hf-lorafa demo`, `spaces_demo/app.py`): try fine-tuned adapters before sharing them.
+
+The base model is loaded once (safetensors only, no remote code); each adapter is loaded into its own deep copy of
+the base and merged (`merge_adapters`), so every choice on the page is a plain model served at base-model speed and
+requests for different adapters run side by side without swapping weights under a lock. For small models (SmolLM2-
+135M: ~0.5 GB per fp32 copy) that memory is the cheap side of the trade.
+
+The page offers streaming generation (chat template when the tokenizer has one, plain completion otherwise), a
+selector for the base vs each adapter, a side-by-side comparison and each adapter's card facts from `hf_lorafa.json`.
+`/generate` is the API endpoint for `gradio_client` users: `Client(url).predict("Hello", api_name="/generate")`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from threading import Thread
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+try:
+    import gradio as gr  # noqa: E402
+except ImportError as err:  # the demo is an optional extra
+    raise ImportError("The demo needs gradio: pip install 'hf-lorafa[demo]'") from err
+
+from .memory import format_bytes  # noqa: E402
+from .saving import HF_LORAFA_FILE, load_adapter, resolve_adapter_dir  # noqa: E402
+
+DEFAULT_ADAPTER_DIR = "outputs/smollm2-lorafa"  # where `hf-lorafa train` writes by default (relative to cwd)
+BASE = "base"
+MAX_PROMPT_CHARS = 2000
+MAX_NEW_TOKENS = 256
+CONCURRENCY_LIMIT = 2  # generations at once; more only slows each one down on a few CPU cores
+QUEUE_SIZE = 64  # waiting requests beyond this are refused with "queue is full" instead of piling up
+STREAM_TIMEOUT_S = 120.0  # a generation that produces nothing for this long is reported, not waited on forever
+
+
+@dataclass
+class Served:
+    """One servable choice of the page: the base model or the base with one adapter merged in."""
+
+    name: str
+    model: nn.Module
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def adapter_facts(directory: str | os.PathLike) -> dict[str, Any]:
+    """Card facts of a saved adapter (method, rank, parameters, memory) from `hf_lorafa.json`; missing keys skipped.
+
+    Example:
+
+    ```python
+    >>> adapter_facts("outputs/smollm2-lorafa")["Method"]  # doctest: +SKIP
+    'lorafa'
+    ```
+    """
+    directory = Path(directory)
+    ours, peft_file = directory / HF_LORAFA_FILE, directory / "adapter_config.json"
+    info = json.loads(ours.read_text()) if ours.exists() else {}
+    if not info and peft_file.exists():  # a plain PEFT LoRA adapter: only its config is known
+        peft = json.loads(peft_file.read_text())
+        info = {"method": "lora (PEFT)", "config": peft, "base_model": peft.get("base_model_name_or_path")}
+    memory, results = info.get("memory") or {}, info.get("results") or {}
+    trainable, total = info.get("trainable_parameters"), info.get("total_parameters")
+    share = f" ({100 * trainable / total:.2f}% of {total:,})" if _number(trainable) and _number(total) else ""
+    facts = {
+        "Method": info.get("method"),
+        "Rank": (info.get("config") or {}).get("r"),
+        "Trainable params": f"{trainable:,}{share}" if _number(trainable) else None,
+        "Peak memory": f"{format_bytes(memory['peak_bytes'])} ({memory.get('peak_kind', 'peak')})"
+        if _number(memory.get("peak_bytes"))
+        else None,
+        "Activation memory": format_bytes(memory["activation_bytes"])
+        if _number(memory.get("activation_bytes"))
+        else None,
+        "Eval loss": f"{results['eval_loss']:.4f}" if _number(results.get("eval_loss")) else None,
+        "Base model": info.get("base_model"),
+        "Dataset": info.get("dataset"),
+    }
+    return {key: value for key, value in facts.items() if value not in (None, "")}
+
+
+def facts_markdown(served: Served) -> str:
+    if served.name == BASE:
+        return "**Base model**, no adapter."
+    rows = "\n".join(f"| {key} | {value} |" for key, value in served.facts.items()) or "| (none recorded) | |"
+    return f"**Adapter `{served.name}`**\n\n| Card fact | Value |\n|---|---|\n{rows}"
+
+
+def _unique_name(adapter: str, taken: set[str]) -> str:
+    path = Path(adapter)
+    name = path.resolve().name if path.is_dir() else str(adapter)
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    return candidate
+
+
+def load_models(
+    base_model: str, adapters: Sequence[str] = (), device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[Any, dict[str, Served]]:
+    """Load the tokenizer and base once, then one merged model per adapter (local folder or Hub id).
+
+    Example:
+
+    ```python
+    >>> tokenizer, models = load_models("smollm2", ["outputs/smollm2-lorafa"])  # doctest: +SKIP
+    >>> list(models)  # doctest: +SKIP
+    ['base', 'smollm2-lorafa']
+    ```
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import resolve_model
+    from .merge import merge_adapters
+
+    path = resolve_model(base_model)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+    base = base.to(device).eval()
+    models = {BASE: Served(BASE, base)}
+    for adapter in adapters:
+        directory = resolve_adapter_dir(adapter)
+        merged = merge_adapters(load_adapter(copy.deepcopy(base), directory)).eval()
+        name = _unique_name(str(adapter), set(models))
+        models[name] = Served(name, merged, adapter_facts(directory))
+    return tokenizer, models
+
+
+def encode(tokenizer: Any, prompt: str) -> dict[str, torch.Tensor]:
+    """Chat template (one user turn, generation prompt added) when the tokenizer has one, plain text otherwise."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    return tokenizer(prompt, return_tensors="pt")
+
+
+def stream_generate(
+    model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int, temperature: float
+) -> Iterator[str]:
+    """Yield the growing completion of `prompt` as `model.generate` produces it (in a worker thread)."""
+    from transformers import TextIteratorStreamer
+
+    inputs = {k: v.to(model.device) for k, v in encode(tokenizer, prompt).items()}
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and inputs["input_ids"].shape[1] + max_new_tokens > context:
+        raise gr.Error(
+            f"The prompt is {inputs['input_ids'].shape[1]} tokens; with max_new_tokens={max_new_tokens} that exceeds "
+            f"the model's context of {context} tokens. Shorten the prompt or lower max_new_tokens."
+        )
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=STREAM_TIMEOUT_S)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.inference_mode():
+                model.generate(
+                    **inputs, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=pad, **sampling
+                )
+        except Exception as err:  # reported to the page below; the thread must still end the stream
+            failures.append(err)
+            streamer.end()
+
+    Thread(target=run, daemon=True).start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        yield text
+    if failures:
+        raise gr.Error(f"Generation failed: {type(failures[0]).__name__}: {failures[0]}")
+    if not text:  # the model ended at once: still answer, with an empty text
+        yield text
+
+
+def check_request(prompt: str, max_new_tokens: float, temperature: float, limits: tuple[int, int]) -> None:
+    """Refuse, with a message that says the limit, what the server will not run."""
+    max_chars, max_tokens = limits
+    if not prompt or not prompt.strip():
+        raise gr.Error("The prompt is empty; type something to continue.")
+    if len(prompt) > max_chars:
+        raise gr.Error(f"The prompt is {len(prompt)} characters; the limit is {max_chars}. Shorten it.")
+    if not 1 <= max_new_tokens <= max_tokens:
+        raise gr.Error(f"max_new_tokens must be between 1 and {max_tokens}; got {max_new_tokens}.")
+    if not 0 <= temperature <= 2:
+        raise gr.Error(f"temperature must be between 0 and 2; got {temperature}.")
+
+
+def build_demo(
+    tokenizer: Any,
+    models: dict[str, Served],
+    *,
+    title: str = "hf-lorafa demo",
+    max_prompt_chars: int = MAX_PROMPT_CHARS,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    concurrency_limit: int = CONCURRENCY_LIMIT,
+) -> gr.Blocks:
+    """The page and its API (`/generate`, `/compare`) over models from [`load_models`]; call `.launch()` on it.
+
+    Example:
+
+    ```python
+    >>> demo = build_demo(*load_models("smollm2", ["outputs/smollm2-lorafa"]))  # doctest: +SKIP
+    >>> demo.launch(server_name="127.0.0.1", server_port=7860)  # doctest: +SKIP
+    ```
+    """
+    names, adapters = list(models), [n for n in models if n != BASE]
+    limits, default_tokens = (max_prompt_chars, max_new_tokens), min(64, max_new_tokens)
+
+    def served(choice: str) -> Served:
+        if choice not in models:  # the page only sends names; never a path
+            raise gr.Error(f"Unknown model {choice!r}; choose one of {names}.")
+        return models[choice]
+
+    def generate(prompt: str, model: str = names[-1], new_tokens: float = default_tokens, temperature: float = 0.7):
+        check_request(prompt, new_tokens, temperature, limits)
+        yield from stream_generate(served(model).model, tokenizer, prompt, int(new_tokens), float(temperature))
+
+    def compare(prompt: str, adapter: str | None = None, new_tokens: float = default_tokens, temperature: float = 0.7):
+        check_request(prompt, new_tokens, temperature, limits)
+        chosen = served(adapter or names[-1])
+        base_text = ""
+        for base_text in stream_generate(models[BASE].model, tokenizer, prompt, int(new_tokens), float(temperature)):
+            yield base_text, ""
+        for text in stream_generate(chosen.model, tokenizer, prompt, int(new_tokens), float(temperature)):
+            yield base_text, text
+
+    def controls(tab: str, choices: list[str], label: str) -> tuple[list[gr.components.Component], list]:
+        """Model picker, prompt, limits and button, with the chosen model's card facts beside them."""
+        with gr.Row():
+            with gr.Column(scale=3):
+                choice = gr.Dropdown(choices, value=choices[-1], label=label, elem_id=f"{tab}-model")
+                info = f"At most {max_prompt_chars} characters."
+                prompt = gr.Textbox(label="Prompt", lines=3, info=info, elem_id=f"{tab}-prompt")
+                with gr.Row():
+                    tokens = gr.Slider(1, max_new_tokens, value=default_tokens, step=1, label="Max new tokens")
+                    temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+                button = gr.Button(tab.title(), variant="primary", elem_id=f"{tab}-btn")
+            with gr.Column(scale=2):
+                facts = gr.Markdown(facts_markdown(models[choices[-1]]), elem_id=f"{tab}-facts")
+        choice.change(lambda c: facts_markdown(served(c)), choice, facts, api_visibility="private")
+        return [prompt, choice, tokens, temperature], [button.click, prompt.submit]
+
+    queued = {"concurrency_limit": concurrency_limit, "concurrency_id": "generation"}
+    mode = "chat template" if getattr(tokenizer, "chat_template", None) else "plain completion"
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(f"# {title}\nBase model plus {len(adapters)} merged adapter(s); prompts use the {mode}.")
+        with gr.Tab("Generate"):
+            inputs, triggers = controls("generate", names, "Model")
+            output = gr.Textbox(label="Output", lines=8, interactive=False, elem_id="output")
+            gr.on(triggers, generate, inputs, output, api_name="generate", **queued)
+        if adapters:
+            with gr.Tab("Compare"):
+                inputs, triggers = controls("compare", adapters, "Adapter")
+                with gr.Row():
+                    base_out = gr.Textbox(label="Base model", lines=8, interactive=False, elem_id="compare-base")
+                    adapter_out = gr.Textbox(label="Adapter", lines=8, interactive=False, elem_id="compare-adapter")
+                gr.on(triggers, compare, inputs, [base_out, adapter_out], api_name="compare", **queued)
+    return demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=concurrency_limit)
+
+
+def _split(value: str | None) -> list[str]:
+    return [part for part in re.split(r"[,\s]+", value or "") if part]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="hf-lorafa demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--base-model",
+        default=os.environ.get("HF_LORAFA_BASE_MODEL", "smollm2"),
+        help="Base model folder or Hub id (env HF_LORAFA_BASE_MODEL; default: the embedded SmolLM2-135M-Instruct).",
+    )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        dest="adapters",
+        help=f"Adapter folder or Hub id; repeat for several (env HF_LORAFA_ADAPTERS, comma/space separated; "
+        f"default: {DEFAULT_ADAPTER_DIR} if it exists).",
+    )
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--device", default="cpu", help="Torch device, e.g. cpu or cuda.")
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="Largest max_new_tokens allowed.")
+    parser.add_argument("--max-prompt-chars", type=int, default=MAX_PROMPT_CHARS, help="Longest prompt allowed.")
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY_LIMIT, help="Generations run at once.")
+    args = parser.parse_args(argv)
+    if args.adapters is None:
+        args.adapters = _split(os.environ.get("HF_LORAFA_ADAPTERS"))
+        if not args.adapters and "HF_LORAFA_ADAPTERS" not in os.environ and Path(DEFAULT_ADAPTER_DIR).is_dir():
+            args.adapters = [DEFAULT_ADAPTER_DIR]
+    for name in ("max_new_tokens", "max_prompt_chars", "concurrency"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1.")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve the demo (`hf-lorafa demo ...` / `python spaces_demo/app.py ...`) until interrupted.
+
+    Example:
+
+    ```python
+    >>> main(["--base-model", "smollm2", "--adapter", "outputs/smollm2-lorafa", "--port", "7860"])  # doctest: +SKIP
+    ```
+    """
+    args = parse_args(argv)
+    try:
+        tokenizer, models = load_models(args.base_model, args.adapters, device=args.device)
+    except (ValueError, OSError) as err:  # a wrong path or id: say so, without a traceback
+        raise SystemExit(f"hf-lorafa demo: error: {err}") from None
+    demo = build_demo(
+        tokenizer,
+        models,
+        max_prompt_chars=args.max_prompt_chars,
+        max_new_tokens=args.max_new_tokens,
+        concurrency_limit=args.concurrency,
+    )
+    print(f"Serving {', '.join(models)} on http://{args.host}:{args.port}", flush=True)
+    demo.launch(server_name=args.host, server_port=args.port, share=False, show_error=False, ssr_mode=False)
