@@ -1,19 +1,30 @@
 """hf-lorafa: LoRA-FA, LaMDA and LaMDA++ fine-tuning for Hugging Face Trainer, with the least training memory."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from .arguments import LoRAFATrainingArguments  # noqa: E402
-from .config import LoRAFAConfig  # noqa: E402
-from .hub import HubUploadError, push_adapter  # noqa: E402
-from .injection import count_parameters, inject_adapters  # noqa: E402
-from .lamda import lamda_plus_plus_ranks, lamda_schedule_step  # noqa: E402
-from .loading import load_base_model  # noqa: E402
-from .memory import saved_tensor_bytes  # noqa: E402
-from .merge import merge_adapters  # noqa: E402
-from .model_card import write_model_card  # noqa: E402
-from .saving import load_adapter, save_adapter  # noqa: E402
-from .trainer import LoRAFATrainer  # noqa: E402
-
+# Exports are imported on first use: `import hf_lorafa` stays cheap for the demo and the CLI, which need only parts.
+_EXPORTS = {
+    "HubUploadError": "hub",
+    "LoRAFAConfig": "config",
+    "LoRAFATrainer": "trainer",
+    "LoRAFATrainingArguments": "arguments",
+    "count_parameters": "injection",
+    "inject_adapters": "injection",
+    "lamda_plus_plus_ranks": "lamda",
+    "lamda_schedule_step": "lamda",
+    "load_adapter": "saving",
+    "load_base_model": "loading",
+    "merge_adapters": "merge",
+    "push_adapter": "hub",
+    "save_adapter": "saving",
+    "saved_tensor_bytes": "memory",
+    "write_model_card": "model_card",
+}
 __all__ = [
     "HubUploadError",
     "LoRAFAConfig",
@@ -31,3 +42,28 @@ __all__ = [
     "saved_tensor_bytes",
     "write_model_card",
 ]
+
+if TYPE_CHECKING:
+    from .arguments import LoRAFATrainingArguments
+    from .config import LoRAFAConfig
+    from .hub import HubUploadError, push_adapter
+    from .injection import count_parameters, inject_adapters
+    from .lamda import lamda_plus_plus_ranks, lamda_schedule_step
+    from .loading import load_base_model
+    from .memory import saved_tensor_bytes
+    from .merge import merge_adapters
+    from .model_card import write_model_card
+    from .saving import load_adapter, save_adapter
+    from .trainer import LoRAFATrainer
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hf_lorafa' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
