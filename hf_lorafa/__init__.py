@@ -13,6 +13,7 @@ _EXPORTS = {
     "LoRAFAConfig": "config",
     "LoRAFATrainer": "trainer",
     "LoRAFATrainingArguments": "arguments",
+    "apply_activation_savers": "savers",
     "count_parameters": "injection",
     "inject_adapters": "injection",
     "lamda_plus_plus_ranks": "lamda",
@@ -30,6 +31,7 @@ __all__ = [
     "LoRAFAConfig",
     "LoRAFATrainer",
     "LoRAFATrainingArguments",
+    "apply_activation_savers",
     "count_parameters",
     "inject_adapters",
     "lamda_plus_plus_ranks",
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     from .memory import saved_tensor_bytes
     from .merge import merge_adapters
     from .model_card import write_model_card
+    from .savers import apply_activation_savers
     from .saving import load_adapter, save_adapter
     from .trainer import LoRAFATrainer
 

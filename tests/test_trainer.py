@@ -15,7 +15,6 @@ from transformers import HfArgumentParser
 
 from hf_lorafa import LoRAFATrainer, LoRAFATrainingArguments
 from hf_lorafa.lamda import LaMDALayer
-from hf_lorafa.trainer import TRAINING_STATE_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -241,3 +240,21 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     unknown = run_cli("train", "--adapter_method", "qlora", "--output_dir", str(tmp_path / "o"))
     assert unknown.returncode != 0
     assert "`adapter_method` must be one of lora, lorafa, lamda, lamda++" in unknown.stderr.strip().splitlines()[-1]
+
+
+def test_trainer_applies_activation_savers_and_records_them(tmp_path, caplog):
+    import logging
+
+    model = tiny_llama()
+    with caplog.at_level(logging.INFO, logger="hf_lorafa.trainer"):
+        trainer = LoRAFATrainer(
+            model=model, args=make_args(tmp_path, activation_savers=True), train_dataset=token_dataset()
+        )
+    assert set(model.hf_lorafa_savers) == {"chunked_loss", "swiglu_recompute", "rmsnorm_recompute"}
+    assert "activation savers active: chunked_loss" in caplog.text
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    trainer.save_model()
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if "lora_B" in n)
+    facts = json.loads((Path(trainer.args.output_dir) / "hf_lorafa.json").read_text())
+    assert facts["activation_savers"] == model.hf_lorafa_savers

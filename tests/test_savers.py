@@ -1,0 +1,176 @@
+"""Activation savers spec: exact loss and adapter gradients against the stock model, stock inference, less memory."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+
+import pytest
+import torch
+from conftest import METHODS, perturb_adapters, tiny_llama
+from transformers import GemmaConfig, GemmaForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from hf_lorafa import LoRAFAConfig, inject_adapters, saved_tensor_bytes
+from hf_lorafa.savers import apply_activation_savers
+
+SAVERS = {"chunked_loss": {"recompute": False}, "recompute": {"chunked_loss": False}, "both": {}}
+ALL = ["chunked_loss", "swiglu_recompute", "rmsnorm_recompute"]
+
+
+def adapted(base, method: str = "lorafa", dropout: float = 0.05):
+    model = inject_adapters(copy.deepcopy(base), LoRAFAConfig(method=method, r=4, alpha=8, dropout=dropout))
+    perturb_adapters(model)
+    return model.train()
+
+
+@functools.cache
+def float64_adapted(method: str):
+    """One adapted float64 model per method, shared by the saver cases (each test works on deep copies)."""
+    return adapted(tiny_llama(dtype=torch.float64), method)
+
+
+def batch(vocab: int = 256, seq: int = 12):
+    ids = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :5] = -100  # a masked prompt, as SFT collators produce
+    return ids, labels
+
+
+def loss_and_grads(model, ids, labels, **kwargs):
+    model.zero_grad()
+    torch.manual_seed(7)  # the same dropout masks in both models
+    out = model(input_ids=ids, labels=labels, **kwargs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_training(stock, saved, ids, labels, **kwargs):
+    for extra in ({}, {"num_items_in_batch": torch.tensor(9)}):  # Trainer's gradient-accumulation denominator
+        expected, expected_grads = loss_and_grads(stock, ids, labels, **kwargs, **extra)
+        got, grads = loss_and_grads(saved, ids, labels, **kwargs, **extra)
+        torch.testing.assert_close(got.loss, expected.loss, rtol=1e-6, atol=0)
+        assert grads.keys() == expected_grads.keys() and grads
+        for name, grad in grads.items():
+            # The stock float64 model still computes its loss in fp32: allow fp32 rounding of the largest entry.
+            reference = expected_grads[name]
+            torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-6 * reference.abs().max().item())
+
+
+@pytest.mark.parametrize("savers", SAVERS)
+@pytest.mark.parametrize("method", METHODS)
+def test_loss_and_adapter_gradients_exact(method, savers):
+    stock = copy.deepcopy(float64_adapted(method))
+    saved = apply_activation_savers(copy.deepcopy(stock), loss_chunk_tokens=5, **SAVERS[savers])
+    expected = {"chunked_loss": ALL[:1], "recompute": ALL[1:], "both": ALL}[savers]
+    assert saved.hf_lorafa_savers == expected
+    ids, labels = batch()
+    out, _ = loss_and_grads(saved, ids, labels)
+    assert (out.logits is None) == ("chunked_loss" in expected)  # full logits are never built
+    assert_same_training(stock, saved, ids, labels)
+
+
+def test_tied_trainable_head_and_gradient_checkpointing():
+    stock = copy.deepcopy(float64_adapted("lorafa"))
+    stock.lm_head.weight = stock.model.embed_tokens.weight
+    stock.lm_head.weight.requires_grad_(True)  # the head's gradient (summed with the embedding's) must be exact too
+    stock.gradient_checkpointing_enable({"use_reentrant": False})
+    saved = apply_activation_savers(copy.deepcopy(stock), loss_chunk_tokens=7)
+    assert saved.lm_head.weight is saved.model.embed_tokens.weight and saved.hf_lorafa_savers == ALL
+    assert_same_training(stock, saved, *batch())
+
+
+def test_gemma_unit_offset_norm_and_gelu_are_exact():
+    config = GemmaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = GemmaForCausalLM(config).double()
+    with torch.no_grad():
+        for module in base.modules():  # trained-looking (1 + weight) norms; Gemma initialises weight to 0
+            if type(module).__name__ == "GemmaRMSNorm":
+                module.weight.normal_(0, 0.3)
+    stock = adapted(base)
+    saved = apply_activation_savers(copy.deepcopy(stock), loss_chunk_tokens=5)
+    assert saved.hf_lorafa_savers == ALL
+    assert all(m.hf_lorafa_unit_offset for m in saved.modules() if hasattr(m, "hf_lorafa_unit_offset"))
+    assert_same_training(stock, saved, *batch())
+
+
+def test_inference_generation_and_evaluation_unchanged():
+    stock = adapted(tiny_llama(), dropout=0.0).eval()
+    saved = apply_activation_savers(copy.deepcopy(stock))
+    ids, labels = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(saved(input_ids=ids).logits, stock(input_ids=ids).logits, rtol=0, atol=0)
+        evaluated, expected = saved(input_ids=ids, labels=labels), stock(input_ids=ids, labels=labels)
+        torch.testing.assert_close(evaluated.logits, expected.logits, rtol=0, atol=0)  # eval: logits for metrics
+        torch.testing.assert_close(evaluated.loss, expected.loss, rtol=0, atol=0)
+    greedy = {"max_new_tokens": 6, "do_sample": False}
+    assert torch.equal(saved.generate(ids, **greedy), stock.generate(ids, **greedy))
+    assert saved.forward.__wrapped__ is type(stock).forward  # Trainer/generate introspect the stock signature
+    forward = saved.forward
+    assert apply_activation_savers(saved).hf_lorafa_savers == ALL and saved.forward is forward  # idempotent
+
+
+def test_unsupported_architecture_left_unchanged_with_notice(caplog):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=2, n_positions=32))
+    forward = model.forward
+    with caplog.at_level(logging.WARNING, logger="hf_lorafa.savers"):
+        apply_activation_savers(model)
+    assert model.hf_lorafa_savers == [] and model.forward == forward
+    assert "chunked loss not applied" in caplog.text and "no SwiGLU MLP or RMSNorm" in caplog.text
+
+
+def floor_model(base):
+    model = copy.deepcopy(base).train()
+    model.requires_grad_(False)
+    model.enable_input_require_grads()
+    return model
+
+
+def retained(model, ids) -> int:
+    nbytes, _ = saved_tensor_bytes(model, lambda: model(input_ids=ids, labels=ids).loss)
+    return nbytes
+
+
+def test_saved_bytes_below_the_floor_with_32k_vocabulary():
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama(hidden=64, layers=2, vocab=32000)
+    ids = torch.randint(0, 32000, (2, 128), generator=torch.Generator().manual_seed(0))
+    floor = retained(floor_model(base), ids)
+    ours = adapted(base, dropout=0.05)
+    ours.enable_input_require_grads()
+    saved = retained(apply_activation_savers(ours), ids)
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05,
+                                                          target_modules="all-linear")).train()  # fmt: skip
+    peft.enable_input_require_grads()
+    peft_bytes = retained(peft, ids)
+    print(f"32k vocab fp32: LoRA-FA+savers / floor = {saved / floor:.4f}; / PEFT LoRA = {saved / peft_bytes:.4f}")
+    assert saved <= 0.6 * floor and saved <= 0.6 * peft_bytes
+
+
+def test_recomputation_alone_saves_per_layer_memory_in_bf16():
+    base = tiny_llama(hidden=64, layers=2, vocab=256, dtype=torch.bfloat16)
+    ids, _ = batch(seq=64)
+    floor = retained(floor_model(base), ids)
+    recomputed = retained(apply_activation_savers(floor_model(base), chunked_loss=False), ids)
+    print(f"bf16, vocab 256: floor + recompute / floor = {recomputed / floor:.4f}")
+    assert recomputed < 0.8 * floor
+
+
+def test_exact_over_a_4bit_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama().save_pretrained(tmp_path)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, dtype=torch.float32)
+    stock = adapted(base)
+    saved = apply_activation_savers(copy.deepcopy(stock), loss_chunk_tokens=5)
+    assert saved.hf_lorafa_savers == ALL
+    assert type(saved.model.layers[0].mlp.gate_proj.base_layer).__name__ == "Linear4bit"
+    assert_same_training(stock, saved, *batch())
