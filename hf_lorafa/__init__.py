@@ -15,6 +15,7 @@ _EXPORTS = {
     "LoRAFATrainingArguments": "arguments",
     "apply_activation_savers": "savers",
     "count_parameters": "injection",
+    "estimate_memory": "estimate",
     "inject_adapters": "injection",
     "lamda_plus_plus_ranks": "lamda",
     "lamda_schedule_step": "lamda",
@@ -33,6 +34,7 @@ __all__ = [
     "LoRAFATrainingArguments",
     "apply_activation_savers",
     "count_parameters",
+    "estimate_memory",
     "inject_adapters",
     "lamda_plus_plus_ranks",
     "lamda_schedule_step",
@@ -48,6 +50,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .arguments import LoRAFATrainingArguments
     from .config import LoRAFAConfig
+    from .estimate import estimate_memory
     from .hub import HubUploadError, push_adapter
     from .injection import count_parameters, inject_adapters
     from .lamda import lamda_plus_plus_ranks, lamda_schedule_step

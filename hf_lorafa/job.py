@@ -8,6 +8,7 @@ and after, the memory table, and where the adapter and its card went.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,8 +144,10 @@ def load_model(script: ScriptArguments, args: LoRAFATrainingArguments, tokenizer
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     script, args = parse(argv)
+    # Under torchrun/accelerate only the main process reports.
+    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
     started = time.time()
-    print(f"hf-lorafa train: {script.model_name_or_path} on {script.dataset}, {args.adapter_method} r={args.lora_r}")
+    say(f"hf-lorafa train: {script.model_name_or_path} on {script.dataset}, {args.adapter_method} r={args.lora_r}")
     # Data first: a wrong path or column fails in a second, before the model loads.
     raw = load_raw_dataset(script.dataset, seed=args.seed)
     tokenizer = load_tokenizer(script)
@@ -178,14 +181,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer.results.update({"eval_loss_before": before, **{k: v for k, v in final.items() if k.startswith("eval_")}})
     trainer.save_model()
     output = Path(args.output_dir).resolve()
-    print(f"\nheld-out loss: {before:.4f} → {after:.4f} (perplexity {math.exp(before):.1f} → {math.exp(after):.1f})")
+    say(f"\nheld-out loss: {before:.4f} → {after:.4f} (perplexity {math.exp(before):.1f} → {math.exp(after):.1f})")
     if sample_before is not None:
-        print(
+        say(
             f"sample  Q: {script.sample_prompt}\n  before: {sample_before}\n  after:  "
             f"{answer(model, tokenizer, script.sample_prompt)}"
         )
-    print(f"adapter: {output} (adapter_config.json, adapter_model.safetensors, hf_lorafa.json)")
-    print(f"card:    {output / 'README.md'}   memory: {output / 'memory.json'}, {output / 'memory.png'}")
-    print(f"demo:    hf-lorafa demo --base-model {script.model_name_or_path} --adapter {args.output_dir}")
-    print(f"done in {time.time() - started:.0f} s")
+    say(f"adapter: {output} (adapter_config.json, adapter_model.safetensors, hf_lorafa.json)")
+    say(f"card:    {output / 'README.md'}   memory: {output / 'memory.json'}, {output / 'memory.png'}")
+    say(f"demo:    hf-lorafa demo --base-model {script.model_name_or_path} --adapter {args.output_dir}")
+    say(f"done in {time.time() - started:.0f} s")
     return {"eval_loss_before": before, "eval_loss": after}

@@ -124,6 +124,12 @@ class LoRAFATrainer(Trainer):
                 f"`resume_from_checkpoint`={str(resume_from_checkpoint)!r} is not a complete checkpoint (missing, or "
                 f"its save was interrupted); resume from {str(good[-1]) if good else 'a complete checkpoint-N'}."
             )
+        from transformers.training_args import ParallelMode
+
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        if self.args.parallel_mode == ParallelMode.DISTRIBUTED and self.model_wrapped is self.model and not sharded:
+            # evaluate() before train() marks the bare model "prepared" (no DDP wrapper); let train() wrap it.
+            self.model.__dict__.pop("_is_accelerate_prepared", None)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -258,6 +264,11 @@ class LoRAFATrainer(Trainer):
     def _load_best_model(self) -> None:
         self._load_adapter_state(self.state.best_model_checkpoint)
 
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Push the adapter (never transformers' `training_args.bin`, a pickle that holds `hub_token`)."""
+        if self.is_world_process_zero() and self.args.hub_strategy != "end":
+            self.push_to_hub(commit_message=f"Training in progress, step {self.state.global_step}")
+
     def create_model_card(self, output_dir: str | None = None, **kwargs) -> None:
         """Write README.md (the adapter's model card) beside the adapter."""
         from .model_card import write_model_card
@@ -277,7 +288,7 @@ class LoRAFATrainer(Trainer):
         """Save locally first, then upload the adapter, card and memory plot to `args.hub_model_id`."""
         from .hub import push_adapter
 
-        self.save_model()
+        self.save_model(_internal_call=True)
         if not self.args.should_save:
             return ""
         repo_id = self.args.hub_model_id or Path(self.args.output_dir).resolve().name

@@ -1,0 +1,219 @@
+"""Faults and safety: kill -9 then resume, an interrupted save, a diverging loss, tokens that must never leak.
+
+- A real `scripts/finetune.py` process is killed with SIGKILL mid-training (right after checkpoint-2, known through
+  tests/fixtures/pause_probe.py, no polling); a half-written checkpoint-4 is left beside it; resuming picks
+  checkpoint-2 and ends with exactly the adapter of an uninterrupted run (dropout on: the RNG state is restored).
+- A loss that turns NaN/inf (a forward hook makes the model really produce it) stops training with
+  `TrainingDivergedError`, and the last good checkpoint is left byte for byte as it was.
+- Safe loading: `trust_remote_code` is off by default; a token in the environment and in `--hub_token` never
+  reaches an output file, a card, a log or an error message.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama
+from datasets import Dataset
+from fixtures.tiny_folder import adapter_tensors, build_tiny_llama_folder, job_trainer, write_qa_jsonl
+from hub_server import HubServer
+from transformers import TrainerCallback
+
+from hf_lorafa import LoRAFATrainer, LoRAFATrainingArguments
+from hf_lorafa.trainer import TRAINING_STATE_FILE, TrainingDivergedError, complete_checkpoints
+
+REPO = Path(__file__).resolve().parent.parent
+ENV_TOKEN = "hf_SECRETenvQ9wE2rT5yU8iO1pA4sD7fG0hJ"
+FLAG_TOKEN = "hf_SECRETflagZ7xVbN4wRy6TfPj3sLmK2"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return build_tiny_llama_folder(root / "model"), write_qa_jsonl(root / "qa.jsonl")
+
+
+def flags(tiny, output_dir: Path, *extra: str) -> list[str]:
+    model, data = tiny
+    return [
+        "--model_name_or_path", str(model), "--dataset", str(data), "--output_dir", str(output_dir), "--use_cpu",
+        "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "5", "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--logging_steps", "1",
+        "--lora_r", "4", "--lora_dropout", "0.1", "--report_to", "none", "--seed", "0", "--disable_tqdm", "true",
+        *extra,
+    ]  # fmt: skip
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_kill_9_mid_training_then_resume_gives_the_uninterrupted_adapter(tiny, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_LORAFA_PAUSE_AFTER_SAVE": "2", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "tests/fixtures/pause_probe.py", "scripts/finetune.py", *flags(tiny, out)],
+            cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+        )  # fmt: skip
+        try:
+            for line in process.stdout:
+                if line.startswith("PAUSED checkpoint-2"):
+                    break
+            process.send_signal(signal.SIGKILL)
+        finally:
+            process.kill()
+            process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()[-2000:]
+    assert [c.name for c in complete_checkpoints(out)] == ["checkpoint-2"]
+    # Nothing at the top level a user could take for a finished result.
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "hf_lorafa.json").exists()
+
+    # A save killed half-way: checkpoint-4 has a truncated adapter and no trainer state.
+    partial = out / "checkpoint-4"
+    partial.mkdir()
+    weights = (out / "checkpoint-2" / "adapter_model.safetensors").read_bytes()
+    (partial / "adapter_model.safetensors").write_bytes(weights[: len(weights) // 2])
+    good = snapshot(out / "checkpoint-2")
+    with pytest.raises(ValueError, match=r"checkpoint-4.*not a complete checkpoint.*resume from .*checkpoint-2"):
+        job_trainer(flags(tiny, out)).train(resume_from_checkpoint=str(partial))
+
+    resumed = job_trainer(flags(tiny, out))
+    resumed.train(resume_from_checkpoint=True)  # the last COMPLETE checkpoint: 2, not the partial 4
+    straight = job_trainer(flags(tiny, tmp_path / "straight"))
+    straight.train()
+    expected, got = adapter_tensors(straight.model), adapter_tensors(resumed.model)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+    assert snapshot(out / "checkpoint-2") == good
+    assert [c.name for c in complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert resumed.state.global_step == 6
+
+
+class SnapshotSaves(TrainerCallback):
+    """Records each checkpoint's bytes when its save completes."""
+
+    def __init__(self) -> None:
+        self.saved: dict[str, dict[str, bytes]] = {}
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.saved[folder.name] = snapshot(folder)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(bad, tmp_path):
+    model = tiny_llama()
+    forwards = []
+
+    def poison(module, args, output):
+        if torch.is_grad_enabled():
+            forwards.append(1)
+            if len(forwards) == 3:  # the third training step: after checkpoint-2 was written
+                return output * bad
+        return output
+
+    model.model.norm.register_forward_hook(poison)
+    ids = torch.randint(0, 256, (24, 12), generator=torch.Generator().manual_seed(0)).tolist()
+    args = LoRAFATrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=6, save_steps=2, per_device_train_batch_size=4, logging_steps=1,
+        report_to="none", lora_r=4, use_cpu=True, disable_tqdm=True, activation_savers=False,
+    )  # fmt: skip
+    saves = SnapshotSaves()
+    trainer = LoRAFATrainer(
+        model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}), callbacks=[saves]
+    )
+    with pytest.raises(TrainingDivergedError) as info:
+        trainer.train()
+    message = str(info.value)
+    assert re.search(r"loss became (nan|inf) at step 3; training stopped", message), message
+    assert f"Last good checkpoint: {tmp_path / 'out' / 'checkpoint-2'}" in message
+    assert "Lower `learning_rate`" in message and "max_grad_norm" in message
+    out = Path(args.output_dir)
+    assert [c.name for c in complete_checkpoints(out)] == ["checkpoint-2"] == sorted(saves.saved)
+    assert snapshot(out / "checkpoint-2") == saves.saved["checkpoint-2"]
+    assert not (out / "adapter_model.safetensors").exists()  # no final adapter that looks like a result
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-2" / TRAINING_STATE_FILE).values())
+
+
+def test_trust_remote_code_is_never_on_by_default():
+    from hf_lorafa.job import ScriptArguments
+    from hf_lorafa.loading import load_base_model
+
+    assert ScriptArguments().trust_remote_code is False
+    assert inspect.signature(load_base_model).parameters["trust_remote_code"].default is False
+    sources = [
+        *(REPO / "hf_lorafa").glob("*.py"),
+        *(REPO / "scripts").glob("*.py"),
+        *(REPO / "spaces_demo").glob("*.py"),
+    ]
+    offenders = [p.name for p in sources if re.search(r"trust_remote_code\s*=\s*True", p.read_text())]
+    assert offenders == []
+
+
+def test_tokens_never_reach_outputs_cards_logs_or_errors(tiny, tmp_path):
+    """A training run and a failed push with a token in the environment AND in `--hub_token`."""
+    out = tmp_path / "run"
+    with HubServer() as hub:
+        env = {
+            **os.environ, "HF_TOKEN": ENV_TOKEN, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
+            "HF_HOME": str(tmp_path / "hf-home"), "TOKENIZERS_PARALLELISM": "false",
+        }  # fmt: skip
+        argv = flags(tiny, out, "--hub_token", FLAG_TOKEN, "--hub_model_id", "user/leak")
+        argv[argv.index("--max_steps") + 1] = "2"
+        script = (
+            "import sys; from hf_lorafa.cli import main; code = main(['train', *sys.argv[1:]]);"
+            f"code = code or main(['push', {str(out)!r}, 'user/leak']); sys.exit(code)"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+    assert result.returncode == 1, result.stderr[-2000:]  # trained, then the push was refused (401)
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("hf-lorafa push: error:") and "HTTP 401" in last, last
+    assert (out / "adapter_model.safetensors").exists() and (out / "README.md").exists()
+    texts = {"stdout": result.stdout, "stderr": result.stderr}
+    texts.update({str(p): p.read_bytes().decode("latin-1") for p in out.rglob("*") if p.is_file()})
+    for where, text in texts.items():
+        assert "SECRET" not in text, f"a token leaked into {where}"
+    assert json.loads((out / "training_args.json").read_text())["hub_token"] != FLAG_TOKEN
+
+
+def test_push_to_hub_flag_trains_pushes_the_adapter_and_no_token(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    with HubServer() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        token = "hf_testSECRETd8Kq2LmZ7xVbN4wRy6TfPj3s"  # accepted by the test server
+        ids = torch.randint(0, 256, (8, 12), generator=torch.Generator().manual_seed(0)).tolist()
+        args = LoRAFATrainingArguments(
+            output_dir=str(tmp_path / "out"), max_steps=2, save_steps=1, per_device_train_batch_size=4,
+            report_to="none", lora_r=4, use_cpu=True, disable_tqdm=True, activation_savers=False,
+            push_to_hub=True, hub_model_id="user/flag", hub_token=token,
+        )  # fmt: skip
+        trainer = LoRAFATrainer(
+            model=tiny_llama(), args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids})
+        )
+        trainer.train()
+        trainer.push_to_hub()
+        repo = hub.state.repos["user/flag"]
+        served = repo["commits"][repo["branches"]["main"]]
+    assert {"adapter_model.safetensors", "README.md", "hf_lorafa.json"} <= set(served)
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in served)
+    for folder in (Path(args.output_dir), *Path(args.output_dir).glob("checkpoint-*")):
+        assert not (folder / "training_args.bin").exists()
+    assert all(b"SECRET" not in content for content in served.values())
