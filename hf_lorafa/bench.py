@@ -1,0 +1,373 @@
+"""`hf-lorafa bench`: memory and speed of hf-lorafa's methods against PEFT LoRA, PEFT's LoRA-FA and full FT.
+
+Follows DESIGN.md's "Measuring memory" protocol. Each configuration runs in a fresh subprocess (env
+`MALLOC_MMAP_THRESHOLD_=65536`, so freed tensors go back to the OS) that builds a randomly initialised
+Llama-architecture model, takes one warm step (optimizer states now exist), then measures one step:
+saved-for-backward bytes (`saved_tensor_bytes`), retained resident memory over the forward (VmRSS after − before),
+the step's peak (VmHWM, reset through `/proc/self/clear_refs` just before the step; `ru_maxrss` if that fails), or
+`torch.cuda.max_memory_allocated` on GPU; then the median time of a few more steps. The floor is the same model
+with no adapters, every weight frozen and gradient flowing to the input embeddings.
+
+    hf-lorafa bench --preset cpu --output benchmarks/cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+PRESETS = {
+    # Seconds: the test's preset. A tiny Llama, the methods that matter for the invariants.
+    "cpu-small": {
+        "model": {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2},
+        "batch": 2, "seq": 32, "r": 4, "steps": 2, "dtype": "bfloat16", "device": "cpu",
+        "methods": ["floor", "peft-lora", "lorafa"], "dropouts": [0.05], "quant": [False],
+        "seq_sweep": [], "jobs": 3,
+    },
+    # Minutes on 2 cores: a 32k-vocabulary Llama (33M parameters), batch 4 × 256 tokens.
+    "cpu": {
+        "model": {"vocab_size": 32000, "hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 6,
+                  "num_attention_heads": 6, "num_key_value_heads": 2},
+        "batch": 4, "seq": 256, "r": 16, "steps": 3, "dtype": "bfloat16", "device": "cpu",
+        "methods": ["floor", "full", "peft-lora", "peft-lorafa", "lora", "lorafa", "lamda", "lamda++",
+                    "lorafa+savers"],
+        "dropouts": [0.0, 0.05], "quant": [False, True], "seq_sweep": [64, 128, 256, 512], "jobs": 1,
+        # 2 cores: dropout 0 and 4-bit only for the configurations the goals compare.
+        "dropout0_methods": ["peft-lora", "peft-lorafa", "lora", "lorafa"],
+        "quant_methods": ["floor", "peft-lora", "lora", "lorafa"],
+    },
+    # A lent H100/H200: TinyLlama-1.1B's architecture, random init, bf16, 2 × 2048 tokens, plus 4-bit.
+    "gpu": {
+        "model": {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                  "num_attention_heads": 32, "num_key_value_heads": 4},
+        "batch": 2, "seq": 2048, "r": 16, "steps": 5, "dtype": "bfloat16", "device": "cuda",
+        "methods": ["floor", "full", "peft-lora", "peft-lorafa", "lora", "lorafa", "lamda", "lamda++",
+                    "lorafa+savers"],
+        "dropouts": [0.0, 0.05], "quant": [False, True], "seq_sweep": [512, 1024, 2048, 4096], "jobs": 1,
+    },
+}
+NO_DROPOUT = ("floor", "full")  # configurations without adapters measure once, at "dropout 0"
+
+
+def configurations(preset: dict) -> list[dict]:
+    """Every (method, dropout, quantization) the preset measures; full fine-tuning cannot train 4-bit weights."""
+    out = []
+    for quant in preset["quant"]:
+        for method in preset["methods"]:
+            if quant and (method == "full" or method not in preset.get("quant_methods", [method])):
+                continue
+            for dropout in [0.0] if method in NO_DROPOUT else preset["dropouts"]:
+                if dropout == 0 and method not in NO_DROPOUT + tuple(preset.get("dropout0_methods", [method])):
+                    continue
+                if not quant or dropout > 0 or method in NO_DROPOUT:
+                    out.append({"method": method, "dropout": dropout, "load_in_4bit": quant})
+    return out
+
+
+def device_info() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        info["cpu"] = platform.processor()
+    try:
+        with open("/proc/loadavg") as f:
+            info["load_average"] = f.read().split()[:3]
+    except OSError:
+        pass
+    import torch
+
+    info["torch"] = torch.__version__
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_configuration(spec: dict, timeout: float = 1800) -> dict:
+    """Measure one configuration in a fresh interpreter; returns its result, or `{"error": ...}`."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    started = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "hf_lorafa.bench", "--worker", json.dumps(spec)],
+        capture_output=True, text=True, env=env, timeout=timeout,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {**spec, "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+    return {**json.loads(lines[-1]), "wall_seconds": round(time.time() - started, 1)}
+
+
+def _peak_reset() -> bool:
+    """Reset this process's resident high-water mark (Linux ≥ 4.0), so VmHWM covers only what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
+
+
+def _build(spec: dict):
+    """The model with the configuration's adapters, and its optimizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from . import LoRAFAConfig, inject_adapters
+
+    dtype, device = getattr(torch, spec["dtype"]), spec["device"]
+    torch.manual_seed(0)
+    config = LlamaConfig(**spec["model"], max_position_embeddings=8192, tie_word_embeddings=False)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    if spec["load_in_4bit"]:
+        from .loading import quantize_model
+
+        model = quantize_model(model, load_in_4bit=True, bnb_4bit_compute_dtype=dtype).to(device)
+    method, r = spec["method"], spec["r"]
+    if method == "full":
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-5)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if method == "floor":
+        model.enable_input_require_grads()
+        return model, None
+    if method.startswith("peft-"):
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=spec["dropout"],
+                                                 target_modules="all-linear"))
+        if method == "peft-lorafa":
+            from peft.optimizers import create_lorafa_optimizer
+
+            return model, create_lorafa_optimizer(model, r=r, lora_alpha=2 * r, lr=1e-4)
+    else:
+        inject_adapters(model, LoRAFAConfig(method=method.split("+")[0], r=r, alpha=2 * r, dropout=spec["dropout"]))
+        if method.endswith("+savers"):
+            from .savers import apply_activation_savers
+
+            apply_activation_savers(model)
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def measure(spec: dict) -> dict:
+    """One configuration, in this (fresh) process: the measurements the module docstring describes."""
+    import gc
+    import statistics
+
+    import torch
+
+    from .estimate import estimate_memory, process_overhead
+    from .injection import count_parameters
+    from .memory import current_rss_bytes, saved_tensor_bytes
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1)) if spec["device"] == "cpu" else None
+    cuda = spec["device"] == "cuda"
+    # Libraries a configuration imports are process overhead, not the model's: load them before measuring it.
+    if spec["method"].startswith("peft-"):
+        import peft.optimizers  # noqa: F401
+    if spec["method"].endswith("+savers"):
+        from . import savers  # noqa: F401
+    if spec["load_in_4bit"]:
+        from .bnb import require_bitsandbytes
+
+        require_bitsandbytes()
+    overhead = process_overhead() if not cuda else 0  # measured here, before the model exists
+    model, optimizer = _build(spec)
+    model.train()
+    ids = torch.randint(0, spec["model"]["vocab_size"], (spec["batch"], spec["seq"]),
+                        generator=torch.Generator().manual_seed(1)).to(spec["device"])
+
+    def step(forward_out=None):
+        out = forward_out if forward_out is not None else model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+
+    step()  # warm: optimizer states exist from here on, as in any step after the first
+    gc.collect()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    reset = _peak_reset()
+    before = current_rss_bytes()
+    saved, out = saved_tensor_bytes(model, lambda: model(input_ids=ids, labels=ids))
+    retained = current_rss_bytes() - before
+    step(out)
+    del out
+    result = {**spec, "saved_bytes": saved, "retained_rss_bytes": retained, "overhead_bytes": overhead,
+              "peak_rss_bytes": _hwm() if reset else None, "peak_source": "VmHWM" if reset else "ru_maxrss"}
+    if not reset:
+        from .memory import process_peak_bytes
+
+        result["peak_rss_bytes"] = process_peak_bytes()
+    if cuda:
+        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+    times = []
+    for _ in range(spec["steps"]):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    result["step_seconds"] = statistics.median(times)
+    result["tokens_per_second"] = spec["batch"] * spec["seq"] / result["step_seconds"]
+    result["trainable_parameters"], result["total_parameters"] = count_parameters(model)
+    sweep = {}
+    for seq in spec["seq_sweep"]:
+        longer = torch.randint(0, spec["model"]["vocab_size"], (spec["batch"], seq)).to(spec["device"])
+        sweep[str(seq)], _ = saved_tensor_bytes(model, lambda x=longer: model(input_ids=x, labels=x).loss)
+    result["saved_bytes_by_seq"] = sweep
+    if spec["method"].startswith("lamda"):
+        from .lamda import lamda_schedule_step
+
+        result["trainable_parameters_after_freeze"] = lamda_schedule_step(model, 1.0)
+    name = {"floor": "none", "peft-lora": "lora", "peft-lorafa": "lora"}.get(spec["method"], spec["method"])
+    if "+" not in name:
+        from transformers import LlamaConfig
+
+        est = estimate_memory(LlamaConfig(**spec["model"]), name, spec["batch"], spec["seq"], r=spec["r"],
+                              dtype=getattr(torch, spec["dtype"]), load_in_4bit=spec["load_in_4bit"],
+                              dropout=spec["dropout"], device=spec["device"], overhead=0 if cuda else overhead)
+        result["estimate"] = est.to_dict()
+    return result
+
+
+def _find(results: list[dict], method: str, dropout: float, quant: bool) -> dict | None:
+    dropout = 0.0 if method in NO_DROPOUT else dropout
+    for r in results:
+        if r["method"] == method and r["dropout"] == dropout and r["load_in_4bit"] == quant and "error" not in r:
+            return r
+    return None
+
+
+def ratios(results: list[dict], preset: dict) -> dict:
+    """Headline ratios per (precision, dropout): LoRA-FA against the floor, PEFT LoRA, PEFT's LoRA-FA, full FT."""
+    out = {}
+    peak = "peak_cuda_bytes" if preset["device"] == "cuda" else "peak_rss_bytes"
+    for quant in preset["quant"]:
+        for dropout in preset["dropouts"]:
+            ours, floor = _find(results, "lorafa", dropout, quant), _find(results, "floor", dropout, quant)
+            peft, peft_fa = _find(results, "peft-lora", dropout, quant), _find(results, "peft-lorafa", dropout, quant)
+            lora, lamda = _find(results, "lora", dropout, quant), _find(results, "lamda", dropout, quant)
+            if ours is None:
+                continue
+            key = f"{'4bit' if quant else preset['dtype']}-dropout{dropout:g}"
+            r = {}
+            if floor:
+                r["lorafa_saved_over_floor"] = ours["saved_bytes"] / floor["saved_bytes"]
+            if peft:
+                r["lorafa_saved_over_peft_lora"] = ours["saved_bytes"] / peft["saved_bytes"]
+                r["peft_lora_peak_over_lorafa"] = (peft[peak] - peft.get("overhead_bytes", 0)) / max(
+                    ours[peak] - ours.get("overhead_bytes", 0), 1)
+                r["peft_lora_step_time_over_lorafa"] = peft["step_seconds"] / ours["step_seconds"]
+            if peft_fa:
+                r["peft_lorafa_step_time_over_lorafa"] = peft_fa["step_seconds"] / ours["step_seconds"]
+            if lora:
+                r["lora_saved_over_lorafa"] = lora["saved_bytes"] / ours["saved_bytes"]
+            if lamda and lora:
+                r["lora_over_lamda_updated_parameters"] = lora["trainable_parameters"] / max(
+                    lamda.get("trainable_parameters_after_freeze", lamda["trainable_parameters"]), 1)
+            full = _find(results, "full", 0.0, False)
+            if full:
+                r["full_peak_over_lorafa"] = (full[peak] - full.get("overhead_bytes", 0)) / max(
+                    ours[peak] - ours.get("overhead_bytes", 0), 1)
+            out[key] = {k: round(v, 4) for k, v in r.items()}
+    return out
+
+
+def _table(results: list[dict], device: str) -> str:
+    from .memory import format_bytes
+
+    peak = "peak_cuda_bytes" if device == "cuda" else "peak_rss_bytes"
+    head = f"{'method':<14}{'drop':>5}{'quant':>6}{'saved':>12}{'retained':>12}{'peak':>12}{'est. peak':>12}" \
+           f"{'step s':>9}{'tok/s':>9}{'trainable':>12}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['method']:<14}{r['dropout']:>5g}{'4bit' if r['load_in_4bit'] else '-':>6}  {r['error']}")
+            continue
+        lines.append(
+            f"{r['method']:<14}{r['dropout']:>5g}{'4bit' if r['load_in_4bit'] else '-':>6}"
+            f"{format_bytes(r['saved_bytes']):>12}{format_bytes(r.get('retained_rss_bytes', 0)):>12}"
+            f"{format_bytes(r[peak]):>12}{format_bytes(r['estimate']['peak']) if r.get('estimate') else '-':>12}"
+            f"{r['step_seconds']:>9.3f}{r['tokens_per_second']:>9.0f}{r['trainable_parameters']:>12,}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`hf-lorafa bench --preset cpu-small|cpu|gpu [--output FILE] [--methods a,b] [--no-4bit]`."""
+    parser = argparse.ArgumentParser(prog="hf-lorafa bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    parser.add_argument("--output", default=None, help="Write the JSON results here (e.g. benchmarks/cpu.json).")
+    parser.add_argument("--methods", default=None, help="Comma-separated subset of the preset's methods.")
+    parser.add_argument("--no-4bit", action="store_true", help="Skip the 4-bit configurations.")
+    parser.add_argument("--seq", type=int, default=None, help="Override the preset's sequence length.")
+    parser.add_argument("--batch", type=int, default=None, help="Override the preset's batch size.")
+    parser.add_argument("--jobs", type=int, default=None, help="Configurations measured at once (timings skew).")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one configuration, in this process
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(json.loads(args.worker))))
+        return 0
+    preset = dict(PRESETS[args.preset])
+    if args.methods:
+        unknown = set(args.methods.split(",")) - set(preset["methods"])
+        if unknown:
+            parser.error(f"--methods {', '.join(sorted(unknown))} not in this preset: {', '.join(preset['methods'])}")
+        preset["methods"] = [m for m in preset["methods"] if m in args.methods.split(",")]
+    if args.no_4bit:
+        preset["quant"] = [False]
+    preset.update({k: v for k, v in (("seq", args.seq), ("batch", args.batch)) if v})
+    notes = []
+    if True in preset["quant"]:
+        try:
+            from . import loading  # noqa: F401  (4-bit needs the bitsandbytes loader)
+        except ImportError as err:
+            preset["quant"] = [False]
+            notes.append(f"4-bit skipped: hf_lorafa.loading is not importable ({err})")
+    specs = []
+    for config in configurations(preset):
+        sweep = not config["load_in_4bit"] and (config["dropout"] > 0 or config["method"] in NO_DROPOUT)
+        specs.append({**{k: preset[k] for k in ("model", "batch", "seq", "r", "steps", "dtype", "device")}, **config,
+                      "seq_sweep": preset["seq_sweep"] if sweep else []})
+    started = time.time()
+    # Parallel workers only where timings are not the point (the test's preset): memory is per process anyway.
+    with ThreadPoolExecutor(max_workers=args.jobs or preset["jobs"]) as pool:
+        results = list(pool.map(run_configuration, specs))
+    for r in results:
+        print(f"[bench] {r['method']} dropout={r['dropout']:g} 4bit={r['load_in_4bit']}: "
+              f"{r.get('error') or 'ok'} ({r.get('wall_seconds', 0)} s)", flush=True)
+    report = {
+        "preset": args.preset, "settings": preset, "device": device_info(), "notes": notes,
+        "command": "hf-lorafa bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seconds": round(time.time() - started, 1), "jobs": args.jobs or preset["jobs"], "results": results,
+        "ratios": ratios(results, preset),
+    }
+    print(_table(results, preset["device"]))
+    print(json.dumps(report["ratios"], indent=1))
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.output}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The benchmark's `cpu-small` preset end to end, its invariants, and the memory estimator against measurements."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import LlamaConfig
+
+from hf_lorafa.bench import PRESETS, configurations, main
+from hf_lorafa.estimate import estimate_memory
+from hf_lorafa.estimate import main as estimate_main
+
+RESULT_KEYS = {
+    "method", "dropout", "load_in_4bit", "saved_bytes", "retained_rss_bytes", "peak_rss_bytes", "overhead_bytes",
+    "step_seconds", "tokens_per_second", "trainable_parameters", "total_parameters", "estimate",
+}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "cpu-small.json"
+    assert main(["--preset", "cpu-small", "--output", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def by_method(report, method):
+    return next(r for r in report["results"] if r["method"] == method)
+
+
+def test_report_structure(report):
+    assert report["preset"] == "cpu-small" and report["device"]["cores"] >= 1
+    assert [r["method"] for r in report["results"]] == [c["method"] for c in configurations(PRESETS["cpu-small"])]
+    for result in report["results"]:
+        assert "error" not in result, result.get("error")
+        assert RESULT_KEYS <= set(result)
+        assert result["saved_bytes"] > 0 and result["peak_rss_bytes"] > result["overhead_bytes"] > 0
+        assert result["step_seconds"] > 0
+    assert set(report["ratios"]["bfloat16-dropout0.05"]) >= {"lorafa_saved_over_floor", "lorafa_saved_over_peft_lora"}
+
+
+def test_lorafa_keeps_no_more_than_the_floor_and_less_than_peft_lora(report):
+    floor, peft, ours = (by_method(report, m) for m in ("floor", "peft-lora", "lorafa"))
+    assert ours["saved_bytes"] <= 1.03 * floor["saved_bytes"]
+    assert ours["saved_bytes"] < peft["saved_bytes"]
+    # r=4 on 64/128-wide layers: B is the only trained matrix, half of LoRA's adapter parameters.
+    assert ours["trainable_parameters"] * 2 == peft["trainable_parameters"]
+
+
+@pytest.mark.parametrize("method", ["floor", "peft-lora", "lorafa"])
+def test_estimate_predicts_the_measurements(report, method):
+    result = by_method(report, method)
+    est = result["estimate"]
+    # The activation term predicts the saved-for-backward bytes (exact for the frozen paths).
+    assert est["activations"] == pytest.approx(result["saved_bytes"], rel=0.10)
+    # The peak (with the process overhead measured in the same worker) predicts the step's resident high-water mark.
+    assert est["peak"] == pytest.approx(result["peak_rss_bytes"], rel=0.10)
+
+
+def test_estimate_orders_methods_and_prints_a_table(capsys):
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256)
+    methods = ("none", "lora", "lorafa", "full")
+    est = {m: estimate_memory(config, m, batch=2, seq=64, r=4, dropout=0.05) for m in methods}
+    assert est["none"].activations < est["lorafa"].activations < est["lora"].activations
+    assert est["full"].optimizer_states == 2 * est["full"].gradients == 2 * est["full"].weights
+    assert est["lorafa"].trainable_parameters * 2 == est["lora"].trainable_parameters
+    assert estimate_memory(config, "lorafa", 2, 64, r=4, load_in_4bit=True).weights < est["lorafa"].weights
+    with pytest.raises(ValueError, match="`method`"):
+        estimate_memory(config, "qlora", 2, 64)
+    with pytest.raises(ValueError, match="load_in_4bit"):
+        estimate_memory(config, "full", 2, 64, load_in_4bit=True)
+
+
+def test_estimate_cli_reads_a_config_folder(tmp_path, capsys):
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256).save_pretrained(tmp_path)
+    assert estimate_main(["--model", str(tmp_path), "--method", "all", "--batch", "2", "--seq", "16", "--r", "4"]) == 0
+    out = capsys.readouterr().out
+    for method in ("none", "full", "lora", "lorafa", "lamda"):
+        assert f": {method}, batch 2" in out
+    assert "activations (saved for backward)" in out and "process overhead" in out
