@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"hf-lorafa: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             return 2
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, TypeError, ImportError, OSError, RuntimeError) as err:
         print(f"hf-lorafa {command}: error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -26,7 +26,15 @@ def load_raw_dataset(name: str, eval_size: float | int = 0.1, seed: int = 42) ->
     elif Path(name).suffix.lower() in FILE_FORMATS:
         if not Path(name).is_file():
             raise ValueError(f"`--dataset` file {name!r} does not exist; check the path.")
-        data = load_dataset(FILE_FORMATS[Path(name).suffix.lower()], data_files=name)
+        if Path(name).stat().st_size == 0:
+            raise ValueError(f"`--dataset` file {name!r} is empty; give it some training examples.")
+        try:
+            data = load_dataset(FILE_FORMATS[Path(name).suffix.lower()], data_files=name)
+        except Exception as err:  # datasets wraps parse errors in its own generic exception
+            raise ValueError(
+                f"`--dataset` file {name!r} could not be read as {Path(name).suffix} ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200]}); check its format."
+            ) from None
     elif Path(name).exists():
         raise ValueError(
             f"`--dataset` {name!r} is a folder or a file of an unknown type; pass a .json, .jsonl, .csv or .parquet "
@@ -37,6 +45,8 @@ def load_raw_dataset(name: str, eval_size: float | int = 0.1, seed: int = 42) ->
     if len(data["train"]) == 0:
         raise ValueError(f"`--dataset` {name!r} has no rows; give it some training examples.")
     if "test" not in data:
+        if len(data["train"]) < 2:
+            raise ValueError(f"`--dataset` {name!r} has one row; a held-out split needs at least 2 rows.")
         split = data["train"].train_test_split(test_size=eval_size, seed=seed)
         data = DatasetDict({"train": split["train"], "test": split["test"]})
     return data

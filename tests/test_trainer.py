@@ -258,3 +258,20 @@ def test_trainer_applies_activation_savers_and_records_them(tmp_path, caplog):
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if "lora_B" in n)
     facts = json.loads((Path(trainer.args.output_dir) / "hf_lorafa.json").read_text())
     assert facts["activation_savers"] == model.hf_lorafa_savers
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "needle"),
+    [
+        ("empty.jsonl", "", "is empty"),
+        ("broken.jsonl", "{not json\n", "could not be read as .jsonl"),
+        ("one.jsonl", '{"text": "a"}\n', "at least 2 rows"),
+        ("rows.txt", "a\n", "unknown type"),
+    ],
+)
+def test_bad_dataset_files_name_the_flag_and_the_fix(tmp_path, name, text, needle):
+    from hf_lorafa.dataprep import load_raw_dataset
+
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=f"`--dataset`.*{needle}"):
+        load_raw_dataset(str(tmp_path / name))
