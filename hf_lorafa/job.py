@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
 
 from .arguments import LoRAFATrainingArguments
-from .data import resolve_model
+from .data import BUILTIN_HUB_IDS, resolve_model
 from .dataprep import (
     classification_metrics,
     load_raw_dataset,
@@ -137,6 +137,8 @@ def load_model(script: ScriptArguments, args: LoRAFATrainingArguments, tokenizer
         )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    # A built-in offline copy names its Hub original, so adapter configs and cards point at a real base model.
+    model.config.name_or_path = BUILTIN_HUB_IDS.get(script.model_name_or_path, model.config.name_or_path)
     if script.task == "classification" and args.lora_modules_to_save is None:
         args.lora_modules_to_save = "classifier" if hasattr(model, "classifier") else "score"
     return model
