@@ -106,21 +106,6 @@ def run_configuration(spec: dict, timeout: float = 1800) -> dict:
     return {**json.loads(lines[-1]), "wall_seconds": round(time.time() - started, 1)}
 
 
-def _peak_reset() -> bool:
-    """Reset this process's resident high-water mark (Linux ≥ 4.0), so VmHWM covers only what follows."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
-
-
 def _build(spec: dict):
     """The model with the configuration's adapters, and its optimizer."""
     import torch
@@ -172,7 +157,13 @@ def measure(spec: dict) -> dict:
 
     from .estimate import estimate_memory, process_overhead
     from .injection import count_parameters
-    from .memory import current_rss_bytes, saved_tensor_bytes
+    from .memory import (
+        current_rss_bytes,
+        proc_status_bytes,
+        process_peak_bytes,
+        reset_process_peak,
+        saved_tensor_bytes,
+    )
 
     torch.set_num_threads(min(2, os.cpu_count() or 1)) if spec["device"] == "cpu" else None
     cuda = spec["device"] == "cuda"
@@ -205,18 +196,15 @@ def measure(spec: dict) -> dict:
     gc.collect()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    reset = _peak_reset()
+    reset = reset_process_peak()
     before = current_rss_bytes()
     saved, out = saved_tensor_bytes(model, lambda: model(input_ids=ids, labels=ids))
     retained = current_rss_bytes() - before
     step(out)
     del out
+    peak = proc_status_bytes("VmHWM") if reset else process_peak_bytes()
     result = {**spec, "saved_bytes": saved, "retained_rss_bytes": retained, "overhead_bytes": overhead,
-              "peak_rss_bytes": _hwm() if reset else None, "peak_source": "VmHWM" if reset else "ru_maxrss"}
-    if not reset:
-        from .memory import process_peak_bytes
-
-        result["peak_rss_bytes"] = process_peak_bytes()
+              "peak_rss_bytes": peak, "peak_source": "VmHWM" if reset else "ru_maxrss"}
     if cuda:
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
     times = []

@@ -18,18 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .memory import format_bytes, process_peak_bytes
-
-
-def _read_status(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+from .memory import SavedTensorCounter, format_bytes, process_peak_since_reset, reset_process_peak
 
 
 class MemoryTracker:
@@ -43,8 +32,7 @@ class MemoryTracker:
         self.activation_bytes: int | None = None
         self.overall_peak = 0
         self._sampling = False
-        self._seen: dict[tuple[str, int], int] = {}
-        self._owned: set[tuple[str, int]] = set()
+        self._counter: SavedTensorCounter | None = None
         self._hooks_ctx = None
         self._handles = [
             model.register_forward_pre_hook(self._enter),
@@ -61,18 +49,9 @@ class MemoryTracker:
     def _enter(self, module, args) -> None:
         if not self._sampling or not torch.is_grad_enabled() or self._hooks_ctx is not None:
             return
-        tensors = list(self.model.parameters()) + list(self.model.buffers())
-        self._owned = {(str(t.device), t.untyped_storage().data_ptr()) for t in tensors if t.device.type != "meta"}
-        self._seen = {}
-        self._hooks_ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._counter = SavedTensorCounter(self.model)
+        self._hooks_ctx = torch.autograd.graph.saved_tensors_hooks(self._counter.pack, lambda t: t)
         self._hooks_ctx.__enter__()
-
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.device.type != "meta":
-            key = (str(tensor.device), tensor.untyped_storage().data_ptr())
-            if key not in self._owned:
-                self._seen[key] = max(self._seen.get(key, 0), tensor.untyped_storage().nbytes())
-        return tensor
 
     def _exit(self, module, args, output) -> None:
         if self._hooks_ctx is None:
@@ -80,23 +59,19 @@ class MemoryTracker:
         self._hooks_ctx.__exit__(None, None, None)
         self._hooks_ctx = None
         self._sampling = False
-        self.activation_bytes = sum(self._seen.values())
+        self.activation_bytes = self._counter.nbytes
 
     # -- peaks ---------------------------------------------------------------------------------------------------
     def reset_peak(self) -> None:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             return
-        try:
-            with open("/proc/self/clear_refs", "w") as clear:
-                clear.write("5")  # resets VmHWM, the resident high-water mark
-        except OSError:
-            pass
+        reset_process_peak()
 
     def peak_since_reset(self) -> int:
         if self.cuda:
             return torch.cuda.max_memory_allocated()
-        return _read_status("VmHWM") or process_peak_bytes()
+        return process_peak_since_reset()
 
     @property
     def peak_kind(self) -> str:
