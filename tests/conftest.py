@@ -49,3 +49,24 @@ def perturb_adapters(model, seed: int = 3, scale: float = 0.05) -> None:
         for name, param in model.named_parameters():
             if "lora_B" in name or "lora_S" in name:
                 param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * scale)
+
+
+def train_steps(model, input_ids, steps: int = 3, lr: float = 1e-2) -> None:
+    """A few AdamW steps on the trainable parameters, as a training loop would take them."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def assert_only_adapter_trained(model, before: dict, a_trains: bool) -> None:
+    """TRL's check: B (and LaMDA's S) changed, A changed only if it trains, every base parameter unchanged."""
+    for name, param in model.named_parameters():
+        changed = not torch.equal(before[name], param)
+        if "lora_A" in name:
+            assert changed == a_trains, name
+        elif "lora_B" in name or "lora_S" in name:
+            assert changed, name
+        else:
+            assert not changed, f"base parameter {name} changed"
