@@ -30,7 +30,7 @@ def has_adapters(model: nn.Module) -> bool:
     return any(isinstance(m, AdapterLayer) for m in model.modules())
 
 
-def _matches(name: str, targets: str | list[str]) -> bool:
+def matches_targets(name: str, targets: str | list[str]) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
@@ -46,13 +46,13 @@ def find_target_modules(model: nn.Module, config: LoRAFAConfig) -> dict[str, nn.
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     for name, module in linear.items():
-        if module is head or (config.modules_to_save and _matches(name, config.modules_to_save)):
+        if module is head or (config.modules_to_save and matches_targets(name, config.modules_to_save)):
             excluded.add(name)
     if config.target_modules == "all-linear":
         targets = {n: m for n, m in linear.items() if n not in excluded}
     else:
-        targets = {n: m for n, m in linear.items() if _matches(n, config.target_modules)}
-        others = [n for n, m in model.named_modules() if n not in linear and _matches(n, config.target_modules)]
+        targets = {n: m for n, m in linear.items() if matches_targets(n, config.target_modules)}
+        others = [n for n, m in model.named_modules() if n not in linear and matches_targets(n, config.target_modules)]
         if others and not targets:
             raise TypeError(
                 f"`target_modules` matched {others[0]!r}, a {type(model.get_submodule(others[0])).__name__}; "
@@ -127,7 +127,7 @@ def inject_adapters(model: nn.Module, config: LoRAFAConfig, *, init_weights: boo
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     for name, module in model.named_modules():
-        if config.modules_to_save and _matches(name, config.modules_to_save):
+        if config.modules_to_save and matches_targets(name, config.modules_to_save):
             module.requires_grad_(True)
     model.hf_lorafa_config = config
     trainable, total = count_parameters(model)

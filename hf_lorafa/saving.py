@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import LoRAFAConfig
-from .injection import adapter_layers, has_adapters, inject_adapters
+from .injection import adapter_layers, has_adapters, inject_adapters, matches_targets
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -43,7 +43,7 @@ def _peft_target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return leaves if selected == set(names) else sorted(names)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: a crash never leaves a half file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -63,11 +63,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for key, tensor in layer.peft_weights().items():
             state[f"{PEFT_PREFIX}{name}.{key}"] = tensor.detach().contiguous().clone()
     for name, module in model.named_modules():
-        if (
-            config.modules_to_save
-            and name
-            and any(name == m or name.endswith("." + m) for m in config.modules_to_save)
-        ):
+        if config.modules_to_save and name and matches_targets(name, config.modules_to_save):
             for key, tensor in module.state_dict().items():
                 state[f"{PEFT_PREFIX}{name}.{key}"] = tensor.detach().contiguous().clone()
     return state
@@ -117,9 +113,9 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, extra: dic
             leftover.unlink()
         staging.rmdir()
     state = adapter_state_dict(model)
-    _atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     fields = {"method": config.method, "config": config.to_dict(), **(extra or {})}
-    _atomic_write(directory / HF_LORAFA_FILE, lambda tmp: Path(tmp).write_text(json.dumps(fields, indent=2)))
+    atomic_write(directory / HF_LORAFA_FILE, lambda tmp: Path(tmp).write_text(json.dumps(fields, indent=2)))
     return directory
 
 

@@ -22,9 +22,11 @@ from .arguments import LoRAFATrainingArguments
 from .callbacks import TRAINING_STATE_FILE, LaMDAScheduleCallback, MemoryCallback, complete_checkpoints
 from .injection import adapter_layers, count_parameters, has_adapters, inject_adapters
 from .memory_log import MemoryTracker
-from .saving import _atomic_write, save_adapter
+from .saving import atomic_write, save_adapter
 
 logger = logging.getLogger(__name__)
+
+
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
 
@@ -232,7 +234,7 @@ class LoRAFATrainer(Trainer):
         trainable = {
             n: p.detach().contiguous().clone() for n, p in model.named_parameters() if "lora_" in n or p.requires_grad
         }
-        _atomic_write(Path(output_dir) / TRAINING_STATE_FILE, lambda tmp: save_file(trainable, tmp))
+        atomic_write(Path(output_dir) / TRAINING_STATE_FILE, lambda tmp: save_file(trainable, tmp))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
