@@ -31,6 +31,11 @@ from torch import nn
 from .layers import AdapterLayer, FrozenAAdapterFunction, base_weight
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameters between steps); any other tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 class LaMDALayer(AdapterLayer):
     """LaMDA adapter: frozen A (PMA), trained r×r core `lora_S`, B (PMB) frozen column by column early on."""
 
@@ -55,9 +60,10 @@ class LaMDALayer(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B.weight @ self.lora_S.weight @ self.lora_A.weight)
 
-    def peft_weights(self) -> dict[str, torch.Tensor]:
+    def peft_weights(self, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         # Folded on save: B' = B S, so PEFT's `s·B'A` is exactly this adapter.
-        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight @ self.lora_S.weight}
+        t = tensors or self.adapter_tensors()
+        return {"lora_A.weight": t["lora_A.weight"], "lora_B.weight": t["lora_B.weight"] @ t["lora_S.weight"]}
 
     def load_peft_weights(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         """A folded adapter resumes as S = I over B' = B S, with B frozen: only S trains, as after the schedule."""
@@ -89,7 +95,10 @@ class LaMDALayer(AdapterLayer):
         if self.lamda_frozen_B is not None:
             with torch.no_grad():
                 frozen = self.lamda_column_mask == 0
-                self.lora_B.weight.copy_(torch.where(frozen, self.lamda_frozen_B, self.lora_B.weight))
+                # Under FSDP2 B and its snapshot are DTensors sharded by rows: every shard holds all r columns, so
+                # the column mask applies to the local shards as it does to the whole matrix.
+                weight, snapshot = (_local(t) for t in (self.lora_B.weight, self.lamda_frozen_B))
+                weight.copy_(torch.where(frozen, snapshot, weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = None if self.frozen_columns in (0, self.r) else self.lamda_column_mask

@@ -133,9 +133,18 @@ class AdapterLayer(nn.Module):
         """`s · B A`, the dense update the adapter adds to the base weight."""
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
-    def peft_weights(self) -> dict[str, torch.Tensor]:
-        """This adapter in PEFT's LoRA format (`lora_A.weight`, `lora_B.weight`)."""
-        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter's own parameters by local name (`lora_A.weight`, `lora_B.weight`, ...)."""
+        return {name: p for name, p in self.named_parameters() if name.startswith("lora_")}
+
+    def peft_weights(self, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """This adapter in PEFT's LoRA format (`lora_A.weight`, `lora_B.weight`).
+
+        `tensors` replaces the layer's own parameters by local name: the full tensors an FSDP or ZeRO-3 state dict
+        gathered, where the layer itself holds only this rank's shard.
+        """
+        t = tensors or self.adapter_tensors()
+        return {"lora_A.weight": t["lora_A.weight"], "lora_B.weight": t["lora_B.weight"]}
 
     def load_peft_weights(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         with torch.no_grad():

@@ -55,27 +55,54 @@ def atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter (and `modules_to_save`) weights under PEFT's key names; LaMDA folded (`B' = B S`)."""
+def _full_tensors(model: nn.Module, state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """`model`'s tensors by name, taken from `state_dict` where it has them (the full tensors FSDP/ZeRO-3 gathered
+    on the main process); a DTensor left over means a shard would be saved as if it were the whole tensor."""
+    own = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    full = {name: (state_dict or {}).get(name, tensor) for name, tensor in own.items()}
+    # FSDP2 shards are DTensors; a ZeRO-3 partitioned parameter carries `ds_numel` (its full size) and holds none.
+    sharded = [n for n, t in full.items() if "lora_" in n and (hasattr(t, "full_tensor") or hasattr(t, "ds_numel"))]
+    if sharded:
+        raise ValueError(
+            f"`state_dict` is needed to save a sharded adapter ({sharded[0]!r} is only this rank's shard): pass the "
+            "full state dict, e.g. `accelerator.get_state_dict(model)` (what Trainer.save_model does under FSDP)."
+        )
+    return full
+
+
+def adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter (and `modules_to_save`) weights under PEFT's key names; LaMDA folded (`B' = B S`).
+
+    `state_dict` supplies full tensors by the model's parameter names when the model holds shards (FSDP, ZeRO-3).
+    """
     config: LoRAFAConfig = model.hf_lorafa_config
+    full = _full_tensors(model, state_dict)
     state = {}
     for name, layer in adapter_layers(model).items():
-        for key, tensor in layer.peft_weights().items():
+        tensors = {local: full[f"{name}.{local}"] for local in layer.adapter_tensors()}
+        for key, tensor in layer.peft_weights(tensors).items():
             state[f"{PEFT_PREFIX}{name}.{key}"] = tensor.detach().contiguous().clone()
     for name, module in model.named_modules():
         if config.modules_to_save and name and matches_targets(name, config.modules_to_save):
-            for key, tensor in module.state_dict().items():
-                state[f"{PEFT_PREFIX}{name}.{key}"] = tensor.detach().contiguous().clone()
+            for key in module.state_dict():
+                state[f"{PEFT_PREFIX}{name}.{key}"] = full[f"{name}.{key}"].detach().contiguous().clone()
     return state
 
 
-def save_adapter(model: nn.Module, save_directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    extra: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Save the adapter of `model` in PEFT's LoRA format plus `hf_lorafa.json`.
 
     Args:
         model (`nn.Module`): a model with adapters from [`inject_adapters`] or [`load_adapter`].
         save_directory (`str` or `os.PathLike`): folder to write (created if needed; files replaced atomically).
         extra (`dict`, *optional*): more fields for `hf_lorafa.json` (the trainer adds memory figures).
+        state_dict (`dict`, *optional*): the model's full state dict when its parameters are sharded (FSDP2
+            DTensors, ZeRO-3): gathered on every rank (`accelerator.get_state_dict(model)`), saved by the main one.
 
     Example:
 
@@ -88,6 +115,7 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, extra: dic
     if not has_adapters(model):
         raise ValueError("`model` has no hf-lorafa adapters to save; call inject_adapters(model, config) first.")
     config: LoRAFAConfig = model.hf_lorafa_config
+    state = adapter_state_dict(model, state_dict)  # before any file is written: a sharded model fails here
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     layers = adapter_layers(model)
@@ -112,7 +140,6 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, extra: dic
         for leftover in staging.iterdir():
             leftover.unlink()
         staging.rmdir()
-    state = adapter_state_dict(model)
     atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     fields = {"method": config.method, "config": config.to_dict(), **(extra or {})}
     atomic_write(directory / HF_LORAFA_FILE, lambda tmp: Path(tmp).write_text(json.dumps(fields, indent=2)))

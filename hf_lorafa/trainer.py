@@ -228,11 +228,15 @@ class LoRAFATrainer(Trainer):
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model)
-        save_adapter(model, output_dir, extra=self.adapter_facts())
+        # Under FSDP/ZeRO-3 `save_model` passes the full state dict it gathered on every rank; otherwise None.
+        full = state_dict or None
+        save_adapter(model, output_dir, extra=self.adapter_facts(), state_dict=full)
         # Unfolded adapter tensors (LaMDA's B and S separately): what resuming needs to continue exactly. LaMDA's
         # frozen columns follow from the global step, restored by the schedule callback at train begin.
         trainable = {
-            n: p.detach().contiguous().clone() for n, p in model.named_parameters() if "lora_" in n or p.requires_grad
+            n: (full or {}).get(n, p).detach().contiguous().clone()
+            for n, p in model.named_parameters()
+            if "lora_" in n or p.requires_grad
         }
         atomic_write(Path(output_dir) / TRAINING_STATE_FILE, lambda tmp: save_file(trainable, tmp))
         if self.processing_class is not None:

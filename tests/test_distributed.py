@@ -131,3 +131,12 @@ def test_fsdp2_sharded_parameters_give_the_one_process_adapter(tmp_path):
         for name in single:
             torch.testing.assert_close(sharded[name], single[name], rtol=1e-4, atol=2e-5, msg=f"{method} {name}")
         assert any("lora_B" in n and not torch.equal(single[n], torch.zeros_like(single[n])) for n in single)
+        # The adapter saved from the gathered state dict is the one-process adapter (LaMDA folded B' = B S).
+        saved = load_file(tmp_path / f"fsdp-adapter-{method}" / "adapter_model.safetensors")
+        reference = load_file(tmp_path / f"single-adapter-{method}" / "adapter_model.safetensors")
+        assert saved.keys() == reference.keys() and len(saved) > 0
+        for name in reference:
+            torch.testing.assert_close(saved[name], reference[name], rtol=1e-4, atol=2e-5, msg=f"{method} {name}")
+        # Saving the shards without the gathered state dict is refused before anything is written.
+        assert "`state_dict` is needed" in (tmp_path / f"fsdp-shard-error-{method}.txt").read_text()
+        assert not (tmp_path / f"fsdp-unsaved-{method}").exists()
