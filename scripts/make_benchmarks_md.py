@@ -236,13 +236,13 @@ def main() -> int:
         lines += ["No GPU run yet: on a lent GPU, `hf-lorafa bench --preset gpu --output benchmarks/gpu.json` "
                   "(TinyLlama-1.1B architecture, random init, bf16, 2 × 2048 tokens, plus 4-bit), then rerun this "
                   "script.", ""]
-    lines += ["## Accuracy at equal budgets", "", "Command: `python scripts/accuracy.py sweep --plan quick` "
+    lines += ["## Accuracy at equal budgets", "", "Command: `python scripts/accuracy.py sweep --plan design` "
               "(each run in its own process; `nice -n 10` on a shared 2-core machine). Same data, steps, batch, rank "
               "and learning rate for every adapter; full fine-tuning at a 10x lower rate.", "", *acc_lines]
     done = {p.stem for p in (BENCH / "accuracy").glob("*.json")}
-    missing = [run_name(*run) for run in PLANS["quick"] if run_name(*run) not in done]
+    missing = [run_name(*run) for run in PLANS["design"] if run_name(*run) not in done]
     if missing:
-        lines += ["", "Planned in `--plan quick` but not finished when this page was generated: "
+        lines += ["", "Planned in `--plan design` but not finished when this page was generated: "
                   f"{', '.join(missing)}."]
     lines += ["", "## Estimating before training", "",
               "`hf-lorafa estimate --model smollm2 --method all --batch 4 --seq 256 [--load-in-4bit] "
