@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 USAGE = """usage: hf-lorafa COMMAND [ARGS]
 
@@ -50,9 +52,24 @@ def merge_main(argv: list[str]) -> None:
     else:
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
     merged = merge_adapters(load_adapter(model, adapter_dir))
-    merged.save_pretrained(args.output_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(path).save_pretrained(args.output_dir)
-    print(f"merged model saved to {os.path.abspath(args.output_dir)}")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    # Written beside the target, then renamed: a failure half-way never leaves a folder that looks like a model.
+    target = Path(args.output_dir).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    try:
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            old = staging.with_name(staging.name + "-old")
+            target.rename(old)
+            staging.rename(target)
+            shutil.rmtree(old)
+        else:
+            staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"merged model saved to {target}")
 
 
 def push_main(argv: list[str]) -> None:
@@ -97,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return bench_main(rest) or 0
         else:
-            print(f"hf-lorafa: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+            # argparse's order: the usage, then the error as the last line, where the eye lands.
+            print(f"{USAGE}\nhf-lorafa: error: unknown command {command!r}; choose one of the commands above.",
+                  file=sys.stderr)
             return 2
     except (ValueError, TypeError, ImportError, OSError, RuntimeError) as err:
         print(f"hf-lorafa {command}: error: {err}", file=sys.stderr)

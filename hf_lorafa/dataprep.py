@@ -31,6 +31,8 @@ def load_raw_dataset(name: str, eval_size: float | int = 0.1, seed: int = 42) ->
         try:
             data = load_dataset(FILE_FORMATS[Path(name).suffix.lower()], data_files=name)
         except Exception as err:  # datasets wraps parse errors in its own generic exception
+            if "corresponds to no data" in str(err):  # a CSV header without rows, `[]` in a .json file
+                raise ValueError(f"`--dataset` {name!r} has no rows; give it some training examples.") from None
             raise ValueError(
                 f"`--dataset` file {name!r} could not be read as {Path(name).suffix} ({type(err).__name__}: "
                 f"{str(err).splitlines()[0][:200]}); check its format."
@@ -41,7 +43,18 @@ def load_raw_dataset(name: str, eval_size: float | int = 0.1, seed: int = 42) ->
             f"file, a Hub dataset id, or one of {', '.join(BUILTIN_DATASETS)}."
         )
     else:
-        data = load_dataset(name)
+        try:
+            data = load_dataset(name)
+        except Exception as err:  # noqa: BLE001 - offline, unknown repo, bad script: datasets raises many types
+            raise ValueError(
+                f"`--dataset` {name!r} is not a local file and could not be loaded from the Hub "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else 'no detail'}); pass a "
+                f".json/.jsonl/.csv/.parquet file, one of {', '.join(BUILTIN_DATASETS)}, or check the id and network."
+            ) from None
+        if "train" not in data:
+            raise ValueError(
+                f"`--dataset` {name!r} has no 'train' split (splits: {', '.join(data)}); pass a dataset with one."
+            )
     if len(data["train"]) == 0:
         raise ValueError(f"`--dataset` {name!r} has no rows; give it some training examples.")
     if "test" not in data:
@@ -106,6 +119,21 @@ def tokenize_for_classification(
             raise ValueError(
                 f"`{flag}` {column!r} is not a column of the dataset (columns: {', '.join(columns)}); pass one."
             )
+
+    for split in data.values():
+        for i, label in enumerate(split[label_column]):
+            if isinstance(label, bool) or not isinstance(label, int) and not (
+                isinstance(label, float) and label.is_integer()
+            ):
+                raise ValueError(
+                    f"`--label_column` {label_column!r} must hold integer class ids (0, 1, ...); row {i} has "
+                    f"{label!r}. Map the labels to integers first, or pass --label_column with the integer column."
+                )
+            if label < 0:
+                raise ValueError(
+                    f"`--label_column` {label_column!r} has the negative class id {label} in row {i}; class ids "
+                    "start at 0."
+                )
 
     def encode(row: dict[str, Any]) -> dict[str, Any]:
         out = tokenizer(str(row[text_column]), truncation=True, max_length=max_length)

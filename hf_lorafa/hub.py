@@ -107,7 +107,6 @@ def push_adapter(
     ```
     """
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     directory = Path(folder)
     if not ((directory / ADAPTER_CONFIG).is_file() and (directory / ADAPTER_WEIGHTS).is_file()):
@@ -125,10 +124,7 @@ def push_adapter(
     api = HfApi(endpoint=endpoint, token=token)
     step = "checking the token"
     try:
-        response = get_session().get(
-            f"{api.endpoint}/api/whoami-v2", headers=build_hf_headers(token=token), timeout=PROBE_TIMEOUT_S
-        )
-        hf_raise_for_status(response)
+        _check_token(api, token)
         step = f"creating the repo {repo_id!r}"
         api.create_repo(repo_id, exist_ok=True, private=private)
         if revision not in (None, "main"):
@@ -152,3 +148,38 @@ def push_adapter(
         )
         raise HubUploadError(scrub_secrets(message, token)) from None
     return str(info.commit_url)
+
+
+def _check_token(api, token: str) -> None:
+    """The first request, with a timeout (see PROBE_TIMEOUT_S): a dead endpoint or a rejected token fails here."""
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    response = get_session().get(
+        f"{api.endpoint}/api/whoami-v2", headers=build_hf_headers(token=token), timeout=PROBE_TIMEOUT_S
+    )
+    hf_raise_for_status(response)
+
+
+def create_hub_repo(repo_id: str, *, token: str | None = None, private: bool = False) -> str:
+    """Create (or find) the Hub repo a training run will push to, before training starts.
+
+    What `Trainer.init_hf_repo` does for `push_to_hub=True`, with `push_adapter`'s errors: one `HubUploadError`
+    naming the step and the fix, within seconds, the token masked. Returns the repo id.
+    """
+    from huggingface_hub import HfApi, get_token
+
+    token = token or get_token()
+    if not token:
+        raise HubUploadError(f"`push_to_hub` is set but no Hub token was found to create {repo_id!r}; {LOGIN_HINT}.")
+    api = HfApi(token=token)
+    step = "checking the token"
+    try:
+        _check_token(api, token)
+        step = f"creating the repo {repo_id!r}"
+        return api.create_repo(repo_id, exist_ok=True, private=private).repo_id
+    except Exception as err:  # noqa: BLE001 - every failure becomes the one documented error
+        message = (
+            f"`push_to_hub` is set but {step} at {api.endpoint} failed: {_reason(err, api.endpoint, repo_id)}. "
+            "Fix it or drop `push_to_hub`; nothing was trained yet."
+        )
+        raise HubUploadError(scrub_secrets(message, token)) from None

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     else:
         data = tokenize_for_causal_lm(raw, tokenizer, script.text_column, script.max_length)
         collator = pad_collator(tokenizer)
-    num_labels = len(set(data["train"]["labels"])) if script.task == "classification" else 2
+    num_labels = max(data["train"]["labels"]) + 1 if script.task == "classification" else 2
     model = load_model(script, args, tokenizer, num_labels)
     train = data["train"].select(range(min(len(data["train"]), script.max_train_samples or len(data["train"]))))
     held_out = data["test"].select(range(min(len(data["test"]), script.max_eval_samples or len(data["test"]))))

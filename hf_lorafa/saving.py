@@ -158,7 +158,20 @@ def resolve_adapter_dir(adapter: str | os.PathLike, revision: str | None = None,
         )
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(adapter), revision=revision, token=token, allow_patterns=HUB_FILES))
+    try:
+        return Path(snapshot_download(str(adapter), revision=revision, token=token, allow_patterns=HUB_FILES))
+    except Exception as err:  # noqa: BLE001 - not found, gated, offline, unreachable: one error that says which
+        from .model_card import scrub_secrets
+
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else "no detail"
+        raise ValueError(
+            scrub_secrets(
+                f"`adapter`={str(adapter)!r} is not a local folder and could not be downloaded from the Hub "
+                f"({type(err).__name__}: {detail}). Check the repo id and `revision`, pass `token` for a private "
+                "repo, and check the network (HF_HUB_OFFLINE must be unset to download).",
+                token,
+            )
+        ) from None
 
 
 def read_adapter_facts(directory: str | os.PathLike) -> dict[str, Any]:
@@ -167,13 +180,24 @@ def read_adapter_facts(directory: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
+def read_adapter_weights(directory: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter's tensors from `adapter_model.safetensors`; a pickle `adapter_model.bin` only if allowed."""
     weights = directory / ADAPTER_WEIGHTS
+    pickled = directory / "adapter_model.bin"
+    if not weights.exists() and pickled.exists() and allow_pickle:
+        try:
+            # Even opted in, only tensors: `weights_only=True` refuses pickled code objects.
+            return torch.load(pickled, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
+            raise ValueError(
+                f"`adapter` weights {str(pickled)!r} could not be loaded as plain tensors ({type(err).__name__}); "
+                "convert them to safetensors with the tool that wrote them."
+            ) from None
     if not weights.exists():
-        pickled = directory / "adapter_model.bin"
         hint = (
-            " It has adapter_model.bin, a pickle, which hf-lorafa does not load (it can run code); convert it with "
-            "PEFT: PeftModel.from_pretrained(base, dir).save_pretrained(new_dir, safe_serialization=True)."
+            " It has adapter_model.bin, a pickle, which hf-lorafa does not load by default (unpickling can run "
+            "code). Convert it with PEFT: PeftModel.from_pretrained(base, dir).save_pretrained(new_dir, "
+            "safe_serialization=True), or, if you trust its source, pass `allow_pickle=True`."
             if pickled.exists()
             else ""
         )
@@ -193,6 +217,7 @@ def load_adapter(
     revision: str | None = None,
     token: str | None = None,
     method: str | None = None,
+    allow_pickle: bool = False,
 ) -> nn.Module:
     """Put a saved adapter (ours or a plain PEFT LoRA one) into `model`, ready to train or evaluate.
 
@@ -205,6 +230,8 @@ def load_adapter(
         revision (`str`, *optional*): Hub revision (branch, tag or commit) to pin.
         token (`str`, *optional*): Hub token for private repos (never logged).
         method (`str`, *optional*): override the method to continue training with.
+        allow_pickle (`bool`, *optional*, defaults to `False`): also read a pickle `adapter_model.bin` when there is
+            no safetensors file (tensors only, `torch.load(weights_only=True)`). Only for adapters you trust.
 
     Example:
 
@@ -226,7 +253,7 @@ def load_adapter(
     ):
         raise ValueError(f"`adapter` is a {peft_config.peft_type} adapter; hf-lorafa loads LoRA adapters only.")
     ours = read_adapter_facts(directory)
-    weights = read_adapter_weights(directory)
+    weights = read_adapter_weights(directory, allow_pickle)
     pairs = {}
     for key, tensor in weights.items():
         for part in ("lora_A", "lora_B"):

@@ -270,6 +270,20 @@ class LoRAFATrainer(Trainer):
     def _load_best_model(self) -> None:
         self._load_adapter_state(self.state.best_model_checkpoint)
 
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Create the Hub repo before training (`push_to_hub=True`); a failure is one clear `HubUploadError`."""
+        if not self.is_world_process_zero():
+            return
+        from .hub import create_hub_repo
+
+        repo_id = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        self.hub_model_id = create_hub_repo(
+            repo_id,
+            token=token if token is not None else self.args.hub_token,
+            private=bool(private if private is not None else self.args.hub_private_repo),
+        )
+        self.push_in_progress = None
+
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Push the adapter (never transformers' `training_args.bin`, a pickle that holds `hub_token`)."""
         if self.is_world_process_zero() and self.args.hub_strategy != "end":

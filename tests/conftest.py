@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 
+import huggingface_hub.constants
 import pytest
 import torch
+from hub_server import HubServer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+TOKEN = "hf_testSECRETd8Kq2LmZ7xVbN4wRy6TfPj3s"  # tests/hub_server.py accepts hf_test…; secret-looking on purpose
+BAD_TOKEN = "hf_SECRETbadQ9wE2rT5yU8iO1pA4sD7fG0hJ"
 METHODS = ["lora", "lorafa", "lamda", "lamda++"]
 FROZEN_A_METHODS = ["lorafa", "lamda", "lamda++"]
 
@@ -30,6 +34,23 @@ def tiny_llama(hidden: int = 64, layers: int = 2, vocab: int = 256, dtype: torch
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).to(dtype).eval()
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A Hub on 127.0.0.1 that the real client talks to, through HF_ENDPOINT and the constants read at import."""
+    constants = huggingface_hub.constants
+    with HubServer() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest sets HF_HUB_OFFLINE=1 for everything else
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        yield server
 
 
 @pytest.fixture

@@ -10,16 +10,13 @@ import time
 import huggingface_hub.constants
 import pytest
 import torch
-from conftest import METHODS, perturb_adapters, tiny_llama, train_steps
-from hub_server import HubServer
+from conftest import BAD_TOKEN, METHODS, TOKEN, perturb_adapters, tiny_llama, train_steps
 
 import hf_lorafa.hub
 from hf_lorafa import LoRAFAConfig, inject_adapters, load_adapter, save_adapter
 from hf_lorafa.hub import HubUploadError, push_adapter
 from hf_lorafa.model_card import write_model_card
 
-TOKEN = "hf_testSECRETd8Kq2LmZ7xVbN4wRy6TfPj3s"  # the server accepts hf_test…; secret-looking on purpose
-BAD_TOKEN = "hf_SECRETbadQ9wE2rT5yU8iO1pA4sD7fG0hJ"
 INFO = {  # what the trainer adds to hf_lorafa.json
     "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "dataset": "tatsu-lab/alpaca",
@@ -37,23 +34,6 @@ INFO = {  # what the trainer adds to hf_lorafa.json
     "hub_token": TOKEN,  # a careless caller's field: must never reach the card
 }
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """A Hub on 127.0.0.1 that the real client talks to, through HF_ENDPOINT and the constants read at import."""
-    constants = huggingface_hub.constants
-    with HubServer() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(
-            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
-        )
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest sets HF_HUB_OFFLINE=1 for everything else
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-        yield server
 
 
 def adapter_folder(path, method: str, seed: int = 3, extra: dict | None = None):
@@ -100,14 +80,12 @@ def test_revision_pinning_and_branches(hub, tmp_path):
 
 
 def test_private_repo_loads_with_the_token_only(hub, tmp_path, monkeypatch):
-    from huggingface_hub.errors import RepositoryNotFoundError
-
     folder = tmp_path / "adapter"
     base, expected = adapter_folder(folder, "lora")
     push_adapter(folder, "user/secret-adapter", token=TOKEN, private=True, endpoint=hub.url)
     assert hub.state.repos["user/secret-adapter"]["private"]
     monkeypatch.delenv("HF_TOKEN")
-    with pytest.raises(RepositoryNotFoundError):
+    with pytest.raises(ValueError, match="RepositoryNotFoundError.*pass `token` for a private repo"):
         load_adapter(copy.deepcopy(base), "user/secret-adapter")
     model = load_adapter(copy.deepcopy(base), "user/secret-adapter", token=TOKEN).eval()
     torch.testing.assert_close(model(IDS).logits, expected, rtol=1e-5, atol=1e-5)

@@ -195,46 +195,6 @@ def test_arguments_round_trip_through_hfargumentparser(tmp_path):
         assert {k: getattr(parsed, k) for k in fields} == fields
 
 
-@pytest.mark.parametrize(
-    ("overrides", "needle"),
-    [
-        ({"adapter_method": "qlora"}, "`adapter_method`"),
-        ({"lora_r": 0}, "`lora_r`"),
-        ({"load_in_4bit": True, "load_in_8bit": True}, "`load_in_4bit` and `load_in_8bit`"),
-        ({"bnb_4bit_quant_type": "int4"}, "`bnb_4bit_quant_type`"),
-    ],
-)
-def test_invalid_arguments_rejected_at_construction(tmp_path, overrides, needle):
-    with pytest.raises(ValueError, match=needle):
-        make_args(tmp_path, **overrides)
-
-
-def test_plain_training_arguments_get_a_clear_error(tmp_path):
-    from transformers import TrainingArguments
-
-    with pytest.raises(TypeError, match="LoRAFATrainingArguments"):
-        LoRAFATrainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
-
-
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "hf_lorafa.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
-    )
-
-
-def test_cli_errors_are_one_clear_line(tmp_path):
-    data = tmp_path / "rows.jsonl"
-    data.write_text("\n".join(json.dumps({"body": f"row {i}"}) for i in range(8)))
-    missing = run_cli("train", "--dataset", str(data), "--text_column", "text", "--output_dir", str(tmp_path / "o"))
-    assert missing.returncode != 0
-    last = missing.stderr.strip().splitlines()[-1]
-    assert "error" in last and "`--text_column` 'text' is not a column" in last and "body" in last
-    assert not (tmp_path / "o").exists()
-    unknown = run_cli("train", "--adapter_method", "qlora", "--output_dir", str(tmp_path / "o"))
-    assert unknown.returncode != 0
-    assert "`adapter_method` must be one of lora, lorafa, lamda, lamda++" in unknown.stderr.strip().splitlines()[-1]
-
-
 def test_trainer_applies_activation_savers_and_records_them(tmp_path, caplog):
     import logging
 
@@ -251,20 +211,3 @@ def test_trainer_applies_activation_savers_and_records_them(tmp_path, caplog):
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if "lora_B" in n)
     facts = json.loads((Path(trainer.args.output_dir) / "hf_lorafa.json").read_text())
     assert facts["activation_savers"] == model.hf_lorafa_savers
-
-
-@pytest.mark.parametrize(
-    ("name", "text", "needle"),
-    [
-        ("empty.jsonl", "", "is empty"),
-        ("broken.jsonl", "{not json\n", "could not be read as .jsonl"),
-        ("one.jsonl", '{"text": "a"}\n', "at least 2 rows"),
-        ("rows.txt", "a\n", "unknown type"),
-    ],
-)
-def test_bad_dataset_files_name_the_flag_and_the_fix(tmp_path, name, text, needle):
-    from hf_lorafa.dataprep import load_raw_dataset
-
-    (tmp_path / name).write_text(text)
-    with pytest.raises(ValueError, match=f"`--dataset`.*{needle}"):
-        load_raw_dataset(str(tmp_path / name))

@@ -1,0 +1,319 @@
+"""The bad-input matrix: what a user gets wrong, answered by one clear error naming the argument and the fix.
+
+Every case runs the real call and checks its exception type, that the message holds the argument's name and the
+fix, and that nothing was left under `out/` (the output path each case would write to) that could pass for a
+result. Hub push failures of `push_adapter` (timeouts, 401/403/5xx, offline) are the matrix in test_hub.py; the
+CLI cases at the end run `hf-lorafa` in a subprocess and check the exit status and the last stderr line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+from conftest import BAD_TOKEN, TOKEN, tiny_llama
+from datasets import Dataset, DatasetDict
+from safetensors.torch import load_file
+
+from hf_lorafa import LoRAFAConfig, LoRAFATrainer, LoRAFATrainingArguments, inject_adapters, load_adapter, save_adapter
+from hf_lorafa.dataprep import load_raw_dataset, tokenize_for_causal_lm, tokenize_for_classification
+from hf_lorafa.estimate import estimate_memory
+from hf_lorafa.hub import HubUploadError, push_adapter
+from hf_lorafa.loading import quantize_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Case:
+    name: str
+    call: Callable[[Path], object]
+    error: type[BaseException]
+    needles: list[str]
+    fixtures: list[str] = field(default_factory=list)  # e.g. "hub": a Hub server on 127.0.0.1, "no_bnb"
+
+
+def args(tmp_path: Path, **overrides) -> LoRAFATrainingArguments:
+    values = {"output_dir": str(tmp_path / "out"), "report_to": "none", "max_steps": 2, "lora_r": 4}
+    return LoRAFATrainingArguments(**{**values, "activation_savers": False, **overrides})
+
+
+def adapter_dir(tmp_path: Path, method: str = "lorafa") -> Path:
+    """A saved adapter of the tiny Llama (2 layers, hidden 64), outside `out/`."""
+    folder = tmp_path / "adapter"
+    save_adapter(inject_adapters(tiny_llama(), LoRAFAConfig(method=method, r=4)), folder)
+    return folder
+
+
+def damaged(tmp_path: Path, how: str) -> Path:
+    folder = adapter_dir(tmp_path)
+    weights = folder / "adapter_model.safetensors"
+    if how == "garbage":
+        weights.write_bytes(b"\x00" * 10)
+    elif how == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "no_config":
+        (folder / "adapter_config.json").unlink()
+    elif how == "pickle":
+        torch.save(load_file(weights), folder / "adapter_model.bin")
+        weights.unlink()
+    elif how == "ia3":
+        from peft import IA3Config
+
+        (folder / "adapter_config.json").unlink()
+        IA3Config(target_modules=["q_proj"], feedforward_modules=[]).save_pretrained(str(folder))
+    return folder
+
+
+def rows(tmp_path: Path, name: str, text: str) -> str:
+    (tmp_path / name).write_text(text)
+    return str(tmp_path / name)
+
+
+def splits(**columns) -> DatasetDict:
+    return DatasetDict({"train": Dataset.from_dict(columns), "test": Dataset.from_dict(columns)})
+
+
+def trainer(tmp_path: Path, **overrides) -> LoRAFATrainer:
+    return LoRAFATrainer(model=tiny_llama(), args=args(tmp_path, **overrides))
+
+
+def closed_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def dead_endpoint_trainer(tmp_path: Path) -> LoRAFATrainer:
+    huggingface_hub.constants.ENDPOINT = closed_port()  # restored by the hub fixture's monkeypatch
+    return trainer(tmp_path, push_to_hub=True, hub_model_id="user/run", hub_token=TOKEN)
+
+
+def transformers_args(tmp_path: Path):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none")
+
+
+CASES = [
+    # LoRAFAConfig
+    Case("config-method", lambda t: LoRAFAConfig(method="qlora"), ValueError,
+         ["`method`", "one of lora, lorafa, lamda, lamda++", "'qlora'"]),
+    Case("config-rank-zero", lambda t: LoRAFAConfig(r=0), ValueError, ["`r`", "positive rank such as 8 or 16"]),
+    Case("config-rank-float", lambda t: LoRAFAConfig(r=2.5), TypeError, ["`r`", "must be an int"]),
+    Case("config-alpha", lambda t: LoRAFAConfig(alpha=0), ValueError, ["`alpha`", "positive number"]),
+    Case("config-dropout", lambda t: LoRAFAConfig(dropout=1.0), ValueError, ["`dropout`", "in [0, 1)"]),
+    Case("config-targets-empty", lambda t: LoRAFAConfig(target_modules=[]), TypeError,
+         ["`target_modules`", "non-empty list of module names"]),
+    Case("config-targets-regex", lambda t: LoRAFAConfig(target_modules="("), ValueError,
+         ["`target_modules`", "pass a list of module names such as ['q_proj', 'v_proj']"]),
+    Case("config-lr-ratio", lambda t: LoRAFAConfig(lorafa_lr_ratio=0.0), ValueError,
+         ["`lorafa_lr_ratio`", "must be positive (1.0 = LoRA's learning rate)"]),
+    Case("config-freeze-fraction", lambda t: LoRAFAConfig(lamda_freeze_fraction=2.0), ValueError,
+         ["`lamda_freeze_fraction`", "in [0, 1]"]),
+    Case("config-freeze-order", lambda t: LoRAFAConfig(lamda_freeze_order="random"), ValueError,
+         ["`lamda_freeze_order`", "'ascending' or 'all'"]),
+    # Injecting into a model
+    Case("inject-no-match", lambda t: inject_adapters(tiny_llama(), LoRAFAConfig(target_modules=["qkv"])), ValueError,
+         ["`target_modules`=['qkv'] matched nothing", "q_proj", "Pass some of these names, or 'all-linear'"]),
+    Case("inject-not-linear",
+         lambda t: inject_adapters(tiny_llama(), LoRAFAConfig(target_modules=["input_layernorm"])), TypeError,
+         ["`target_modules` matched", "only linear layers can take adapters"]),
+    Case("inject-rank-too-big", lambda t: inject_adapters(tiny_llama(), LoRAFAConfig(r=128)), ValueError,
+         ["`r`=128 does not fit", "use a rank between 1 and 64"]),
+    Case("inject-twice", lambda t: inject_adapters(inject_adapters(tiny_llama(), LoRAFAConfig()), LoRAFAConfig()),
+         ValueError, ["`model` already has hf-lorafa adapters", "merge_adapters(model)"]),
+    # LoRAFATrainingArguments and LoRAFATrainer
+    Case("args-method", lambda t: args(t, adapter_method="qlora"), ValueError,
+         ["`adapter_method` must be one of lora, lorafa"]),
+    Case("args-rank", lambda t: args(t, lora_r=0), ValueError, ["`lora_r`", "positive rank"]),
+    Case("args-4-and-8-bit", lambda t: args(t, load_in_4bit=True, load_in_8bit=True), ValueError,
+         ["`load_in_4bit` and `load_in_8bit`", "choose one"]),
+    Case("args-quant-type", lambda t: args(t, bnb_4bit_quant_type="int4"), ValueError,
+         ["`bnb_4bit_quant_type`", "'nf4' or 'fp4'", "'int4'"]),
+    Case("trainer-plain-args", lambda t: LoRAFATrainer(model=tiny_llama(), args=transformers_args(t)), TypeError,
+         ["`args` is a TrainingArguments", "Replace `TrainingArguments(...)` by `LoRAFATrainingArguments(...)`"]),
+    Case("trainer-no-model", lambda t: LoRAFATrainer(model=None, args=args(t)), ValueError,
+         ["`model` is required"]),
+    Case("trainer-resume-nothing", lambda t: trainer(t).train(resume_from_checkpoint=True), ValueError,
+         ["`resume_from_checkpoint`=True", "no complete checkpoint-N", "train from scratch"]),
+    # Datasets
+    Case("data-missing-file", lambda t: load_raw_dataset(str(t / "nope.jsonl")), ValueError,
+         ["`--dataset`", "does not exist; check the path"]),
+    Case("data-empty-file", lambda t: load_raw_dataset(rows(t, "empty.jsonl", "")), ValueError,
+         ["`--dataset`", "is empty; give it some training examples"]),
+    Case("data-broken-json", lambda t: load_raw_dataset(rows(t, "broken.jsonl", "{not json\n")), ValueError,
+         ["`--dataset`", "could not be read as .jsonl", "check its format"]),
+    Case("data-header-only", lambda t: load_raw_dataset(rows(t, "header.csv", "text,label\n")), ValueError,
+         ["`--dataset`", "has no rows; give it some training examples"]),
+    Case("data-one-row", lambda t: load_raw_dataset(rows(t, "one.jsonl", '{"text": "a"}\n')), ValueError,
+         ["`--dataset`", "a held-out split needs at least 2 rows"]),
+    Case("data-folder", lambda t: load_raw_dataset(str(t)), ValueError,
+         ["`--dataset`", "pass a .json, .jsonl, .csv or .parquet file"]),
+    Case("data-hub-unreachable", lambda t: load_raw_dataset("someone/no-such-dataset"), ValueError,
+         ["`--dataset` 'someone/no-such-dataset'", "could not be loaded from the Hub", "check the id and network"]),
+    Case("data-text-column", lambda t: tokenize_for_causal_lm(splits(body=["a", "b"]), None, "text"), ValueError,
+         ["`--text_column` 'text' is not a column", "body", "pass --text_column with one of them"]),
+    Case("data-label-column", lambda t: tokenize_for_classification(splits(text=["a"], stars=[1]), None), ValueError,
+         ["`--label_column` 'label' is not a column", "stars"]),
+    Case("data-label-strings",
+         lambda t: tokenize_for_classification(splits(text=["a", "b"], label=["good", "bad"]), None), ValueError,
+         ["`--label_column` 'label' must hold integer class ids", "'good'", "Map the labels to integers"]),
+    Case("data-label-negative", lambda t: tokenize_for_classification(splits(text=["a"], label=[-1]), None),
+         ValueError, ["`--label_column`", "class ids start at 0"]),
+    # Adapters
+    Case("adapter-wrong-base-layers", lambda t: load_adapter(tiny_llama(layers=1), adapter_dir(t)), ValueError,
+         ["`adapter` was trained for another base", "has no module 'model.layers.1", "Load the matching base model"]),
+    Case("adapter-wrong-base-shapes", lambda t: load_adapter(tiny_llama(hidden=32), adapter_dir(t)), ValueError,
+         ["`adapter` was trained for another base", "64", "Load the matching base model"]),
+    Case("adapter-corrupt", lambda t: load_adapter(tiny_llama(), damaged(t, "garbage")), ValueError,
+         ["`adapter` weights", "corrupt or truncated", "save or download them again"]),
+    Case("adapter-truncated", lambda t: load_adapter(tiny_llama(), damaged(t, "truncated")), ValueError,
+         ["`adapter` weights", "corrupt or truncated", "save or download them again"]),
+    Case("adapter-no-config", lambda t: load_adapter(tiny_llama(), damaged(t, "no_config")), ValueError,
+         ["`adapter` folder", "has no adapter_config.json", "is it an adapter folder"]),
+    Case("adapter-pickle", lambda t: load_adapter(tiny_llama(), damaged(t, "pickle")), ValueError,
+         ["adapter_model.bin, a pickle", "safe_serialization=True", "`allow_pickle=True`"]),
+    Case("adapter-not-lora", lambda t: load_adapter(tiny_llama(), damaged(t, "ia3")), ValueError,
+         ["`adapter` is a", "IA3", "loads LoRA adapters only"]),
+    Case("adapter-missing-path", lambda t: load_adapter(tiny_llama(), str(t / "missing")), ValueError,
+         ["neither an adapter folder nor a Hub repo id", "check the path"]),
+    Case("adapter-hub-offline", lambda t: load_adapter(tiny_llama(), "someone/adapter"), ValueError,
+         ["`adapter`='someone/adapter'", "could not be downloaded from the Hub", "HF_HUB_OFFLINE must be unset"]),
+    # The Hub, from training arguments
+    Case("hub-unreachable", dead_endpoint_trainer, HubUploadError,
+         ["`push_to_hub`", "could not reach the endpoint", "check the network or HF_ENDPOINT", "drop `push_to_hub`"],
+         ["hub"]),
+    Case("hub-bad-token", lambda t: trainer(t, push_to_hub=True, hub_model_id="user/run", hub_token=BAD_TOKEN),
+         HubUploadError, ["`push_to_hub`", "token was rejected (HTTP 401", "valid write token"], ["hub"]),
+    Case("hub-push-unsaved", lambda t: push_adapter(t / "out", "user/run", token=TOKEN), ValueError,
+         ["`folder`=", "is not an adapter folder", "save the adapter first"]),
+    # Quantization
+    Case("quant-no-bitsandbytes-4bit", lambda t: trainer(t, load_in_4bit=True), ImportError,
+         ["`load_in_4bit` needs bitsandbytes", 'pip install "hf-lorafa[quant]"'], ["no_bnb"]),
+    Case("quant-no-bitsandbytes-8bit", lambda t: quantize_model(tiny_llama(), load_in_8bit=True), ImportError,
+         ["`load_in_8bit` needs bitsandbytes", 'pip install "hf-lorafa[quant]"'], ["no_bnb"]),
+    Case("quant-no-bits", lambda t: quantize_model(tiny_llama()), ValueError,
+         ["`quantize_model` needs `load_in_4bit=True` or `load_in_8bit=True`"]),
+    Case("quant-not-a-transformers-model", lambda t: quantize_model(torch.nn.Linear(4, 4), load_in_4bit=True),
+         TypeError, ["`model` must be a transformers PreTrainedModel", "load_base_model(name_or_path"]),
+    Case("quant-full-fine-tuning-4bit",
+         lambda t: estimate_memory(tiny_llama().config, "full", 2, 64, load_in_4bit=True), ValueError,
+         ["`method`='full' cannot train 4-bit weights", "drop `load_in_4bit`"]),
+]
+
+
+def assert_nothing_written(out: Path) -> None:
+    """No file under the output path: nothing a user could take for a finished result."""
+    leftovers = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    assert not leftovers, leftovers
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_one_clear_error(case, tmp_path, monkeypatch, request):
+    if "hub" in case.fixtures:
+        request.getfixturevalue("hub")
+    if "no_bnb" in case.fixtures:
+        monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
+    with pytest.raises(case.error) as info:
+        case.call(tmp_path)
+    message = str(info.value)
+    missing = [needle for needle in case.needles if needle not in message]
+    assert not missing, f"{case.name}: {missing} not in: {message}"
+    for secret in (TOKEN, BAD_TOKEN):
+        assert secret not in message
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_the_matrix_covers_every_area():
+    areas = {c.name.split("-")[0] for c in CASES}
+    assert {"config", "inject", "args", "trainer", "data", "adapter", "hub", "quant"} <= areas
+    assert len(CASES) + len(CLI_CASES) >= 30
+
+
+def test_pickle_adapter_loads_when_the_user_opts_in(tmp_path):
+    reference = inject_adapters(tiny_llama(), LoRAFAConfig(method="lorafa", r=4))
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    folder = tmp_path / "adapter"
+    save_adapter(reference, folder)
+    torch.save(load_file(folder / "adapter_model.safetensors"), folder / "adapter_model.bin")
+    (folder / "adapter_model.safetensors").unlink()
+    loaded = load_adapter(tiny_llama(), folder, allow_pickle=True)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded.eval()(ids).logits, reference.eval()(ids).logits)
+    # Opted in, still tensors only: a pickle that would run code on load is refused.
+    (folder / "adapter_model.bin").write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")
+    with pytest.raises(ValueError, match="could not be loaded as plain tensors"):
+        load_adapter(tiny_llama(), folder, allow_pickle=True)
+
+
+def test_merge_replaces_the_output_only_when_complete(tmp_path, monkeypatch):
+    from hf_lorafa import cli
+
+    # An earlier good merge must survive a failed one: the new one is written beside it, then renamed.
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"earlier good merge")
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    folder = adapter_dir(tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    # No tokenizer in the base folder: the merge fails after the model is merged, before anything is renamed.
+    assert cli.main(["merge", str(folder), str(out)]) == 1
+    assert (out / "model.safetensors").read_bytes() == b"earlier good merge"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
+
+
+@dataclass
+class CliCase:
+    name: str
+    argv: list[str]
+    needles: list[str]
+    code: int = 1
+
+
+CLI_CASES = [
+    CliCase("train-missing-dataset", ["train", "--dataset", "{tmp}/nope.jsonl", "--output_dir", "{tmp}/out"],
+            ["hf-lorafa train: error:", "`--dataset`", "does not exist; check the path"]),
+    CliCase("train-bad-method", ["train", "--adapter_method", "qlora", "--output_dir", "{tmp}/out"],
+            ["`adapter_method` must be one of lora, lorafa, lamda, lamda++"]),
+    CliCase("train-missing-column",
+            ["train", "--dataset", "{tmp}/body.jsonl", "--text_column", "text", "--output_dir", "{tmp}/out"],
+            ["`--text_column` 'text' is not a column", "body"]),
+    CliCase("merge-missing-adapter", ["merge", "{tmp}/no-adapter", "{tmp}/out"],
+            ["hf-lorafa merge: error:", "neither an adapter folder nor a Hub repo id"]),
+    CliCase("push-unsaved-folder", ["push", "{tmp}", "user/run"],
+            ["hf-lorafa push: error:", "is not an adapter folder", "save the adapter first"]),
+    CliCase("unknown-command", ["fine-tune"], ["hf-lorafa: error: unknown command 'fine-tune'"], code=2),
+]
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c.name for c in CLI_CASES])
+def test_cli_bad_input_exits_non_zero_with_the_error_last(case, tmp_path):
+    (tmp_path / "body.jsonl").write_text("\n".join(json.dumps({"body": f"row {i}"}) for i in range(8)))
+    argv = [a.format(tmp=tmp_path) for a in case.argv]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_lorafa.cli", *argv], capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={**env, "HF_HUB_OFFLINE": "1", "HF_TOKEN_PATH": str(tmp_path / "no-token")},
+    )
+    assert result.returncode == case.code, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert all(needle in lines[-1] for needle in case.needles), lines[-1]
+    assert "Traceback" not in result.stderr
+    if case.name == "unknown-command":
+        assert lines[0].startswith("usage: hf-lorafa")  # the usage first, the error last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["body.jsonl"]  # no output, no partial folder
