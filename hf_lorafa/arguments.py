@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from .config import LoRAFAConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _has_accelerator() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 @dataclass
@@ -98,6 +107,11 @@ class LoRAFATrainingArguments(TrainingArguments):
             ):
                 message = message.replace(ours, theirs)
             raise type(err)(message) from None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not self.use_cpu and not _has_accelerator():
+            # torchrun / `accelerate launch --multi_gpu` on a machine without GPUs: without `use_cpu` every process
+            # would train alone and write the same output_dir. With it, accelerate joins them over gloo.
+            logger.warning("WORLD_SIZE>1 and no GPU: training on CPU over gloo (use_cpu=True).")
+            self.use_cpu = True
         super().__post_init__()
 
     def to_lorafa_config(self) -> LoRAFAConfig:

@@ -35,7 +35,7 @@ PRESETS = {
     "cpu": {
         "model": {"vocab_size": 32000, "hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 6,
                   "num_attention_heads": 6, "num_key_value_heads": 2},
-        "batch": 4, "seq": 256, "r": 16, "steps": 3, "dtype": "bfloat16", "device": "cpu",
+        "batch": 4, "seq": 256, "r": 16, "steps": 7, "dtype": "bfloat16", "device": "cpu",
         "methods": ["floor", "full", "peft-lora", "peft-lorafa", "lora", "lorafa", "lamda", "lamda++",
                     "lorafa+savers"],
         "dropouts": [0.0, 0.05], "quant": [False, True], "seq_sweep": [64, 128, 256, 512], "jobs": 1,

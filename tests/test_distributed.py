@@ -29,6 +29,7 @@ LAUNCH = [
     sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
     "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
 ]  # fmt: skip
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "hf_lorafa.json", TRAINING_STATE_FILE}
 
 
@@ -38,10 +39,11 @@ def tiny(tmp_path_factory):
     return build_tiny_llama_folder(root / "model"), write_qa_jsonl(root / "qa.jsonl")
 
 
-def flags(tiny, output_dir: Path, batch: int, method: str, steps: int) -> list[str]:
+def flags(tiny, output_dir: Path, batch: int, method: str, steps: int, use_cpu: bool = True) -> list[str]:
     model, data = tiny
     return [
-        "--use_cpu", "--model_name_or_path", str(model), "--dataset", str(data), "--output_dir", str(output_dir),
+        *(["--use_cpu"] if use_cpu else []),
+        "--model_name_or_path", str(model), "--dataset", str(data), "--output_dir", str(output_dir),
         "--adapter_method", method, "--lora_r", "4", "--lora_dropout", "0", "--lamda_freeze_fraction", "0.5",
         "--max_steps", str(steps), "--per_device_train_batch_size", str(batch), "--learning_rate", "1e-2",
         "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--logging_steps", "1", "--save_steps", "2",
@@ -49,10 +51,10 @@ def flags(tiny, output_dir: Path, batch: int, method: str, steps: int) -> list[s
     ]  # fmt: skip
 
 
-def launch(*args: str) -> subprocess.CompletedProcess:
+def launch(*args: str, launcher: list[str] = LAUNCH) -> subprocess.CompletedProcess:
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [*LAUNCH, *args], capture_output=True, text=True, timeout=420, cwd=REPO, env={**os.environ, **env}
+        [*launcher, *args], capture_output=True, text=True, timeout=420, cwd=REPO, env={**os.environ, **env}
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -99,8 +101,11 @@ def check_two_ranks(output_dir: Path, reference: dict[str, torch.Tensor], steps:
 
 
 def test_ddp_finetune_script_equals_one_process_on_the_global_batch(tiny, tmp_path):
+    # Plain torchrun and no --use_cpu: on a machine without GPUs the arguments switch to CPU/gloo themselves (else
+    # each process would train alone and write the same folder).
     out = tmp_path / "ddp"
-    launch("tests/fixtures/rank_probe.py", "scripts/finetune.py", *flags(tiny, out, 2, "lorafa", 3))
+    script = ["tests/fixtures/rank_probe.py", "scripts/finetune.py", *flags(tiny, out, 2, "lorafa", 3, use_cpu=False)]
+    launch(*script, launcher=TORCHRUN)
     reference = single_process(flags(tiny, tmp_path / "one", 4, "lorafa", 3))
     check_two_ranks(out, reference, steps=3)
 
