@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
-from . import __version__
 from .arguments import LoRAFATrainingArguments
 from .callbacks import TRAINING_STATE_FILE, LaMDAScheduleCallback, MemoryCallback, complete_checkpoints
 from .injection import adapter_layers, count_parameters, has_adapters, inject_adapters
 from .memory_log import MemoryTracker
+from .optim import lorafa_param_groups
+from .run_facts import is_quantized, run_facts
 from .saving import atomic_write, save_adapter
 
 logger = logging.getLogger(__name__)
@@ -29,14 +30,6 @@ logger = logging.getLogger(__name__)
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
-
-
-def _is_quantized(model: torch.nn.Module) -> bool:
-    return bool(
-        getattr(model, "is_quantized", False)
-        or getattr(model, "is_loaded_in_4bit", False)
-        or getattr(model, "is_loaded_in_8bit", False)
-    )
 
 
 class LoRAFATrainer(Trainer):
@@ -68,7 +61,7 @@ class LoRAFATrainer(Trainer):
                 f"`args` is a {type(args).__name__}; LoRAFATrainer needs LoRAFATrainingArguments. Replace "
                 "`TrainingArguments(...)` by `LoRAFATrainingArguments(...)` (same fields, plus the adapter ones)."
             )
-        if (args.load_in_4bit or args.load_in_8bit) and not _is_quantized(model):
+        if (args.load_in_4bit or args.load_in_8bit) and not is_quantized(model):
             from .loading import quantize_model
 
             model = quantize_model(
@@ -79,7 +72,7 @@ class LoRAFATrainer(Trainer):
             )
         if not has_adapters(model):
             inject_adapters(model, args.to_lorafa_config())
-        if _is_quantized(model):
+        if is_quantized(model):
             from .bnb import prepare_kbit_model
 
             prepare_kbit_model(model)
@@ -156,19 +149,7 @@ class LoRAFATrainer(Trainer):
         if self.optimizer is not None or ratio == 1.0 or special or not isinstance(optimizer_cls, type):
             return super().create_optimizer(model)
         decay = set(self.get_decay_parameter_names(opt_model))
-        groups = []
-        for boosted in (False, True):
-            for decayed in (True, False):
-                params = [
-                    p
-                    for n, p in opt_model.named_parameters()
-                    if p.requires_grad and (n in decay) == decayed and ("lora_B" in n) == boosted
-                ]
-                if params:
-                    group = {"params": params, "weight_decay": self.args.weight_decay if decayed else 0.0}
-                    if boosted:
-                        group["lr"] = self.args.learning_rate * ratio
-                    groups.append(group)
+        groups = lorafa_param_groups(opt_model, decay, self.args.learning_rate, self.args.weight_decay, ratio)
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
@@ -179,48 +160,7 @@ class LoRAFATrainer(Trainer):
 
     def adapter_facts(self) -> dict[str, Any]:
         """What `hf_lorafa.json` and the model card say about this run."""
-        model = self.accelerator.unwrap_model(self.model)
-        trainable, total = count_parameters(model)
-        quantization = None
-        if self.args.load_in_4bit or self.args.load_in_8bit or _is_quantized(model):
-            quantization = {
-                "load_in_4bit": bool(getattr(model, "is_loaded_in_4bit", self.args.load_in_4bit)),
-                "load_in_8bit": bool(getattr(model, "is_loaded_in_8bit", self.args.load_in_8bit)),
-                "bnb_4bit_quant_type": self.args.bnb_4bit_quant_type,
-            }
-        train_loss = [h["train_loss"] for h in self.state.log_history if "train_loss" in h]
-        eval_loss = [h["eval_loss"] for h in self.state.log_history if "eval_loss" in h]
-        results = dict(self.results)
-        if train_loss:
-            results.setdefault("train_loss", train_loss[-1])
-        if eval_loss:
-            results.setdefault("eval_loss", eval_loss[-1])
-        memory = None
-        if self.memory is not None:
-            memory = {k: v for k, v in self.memory.summary().items() if k != "history"}
-        args = self.args
-        return {
-            "hf_lorafa_version": __version__,
-            "base_model": getattr(getattr(model, "config", None), "name_or_path", None),
-            "trainable_parameters": trainable,
-            "total_parameters": total,
-            "adapted_layers": len(adapter_layers(model)),
-            "quantization": quantization,
-            "activation_savers": getattr(model, "hf_lorafa_savers", None),
-            "training": {
-                "learning_rate": args.learning_rate,
-                "num_train_epochs": args.num_train_epochs,
-                "max_steps": args.max_steps,
-                "per_device_train_batch_size": args.per_device_train_batch_size,
-                "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                "seed": args.seed,
-                "optim": str(args.optim),
-                "global_step": self.state.global_step,
-            },
-            "results": results,
-            "memory": memory,
-            **self.run_info,
-        }
+        return run_facts(self)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the adapter (PEFT format + `hf_lorafa.json`), its exact training state, tokenizer and card."""

@@ -21,7 +21,8 @@ from transformers import AutoTokenizer
 
 from hf_lorafa import LoRAFAConfig, inject_adapters, load_adapter, save_adapter
 from hf_lorafa.data import smollm2_path
-from hf_lorafa.demo import BASE, DEFAULT_ADAPTER_DIR, adapter_facts, load_models, main, parse_args
+from hf_lorafa.demo import BASE, DEFAULT_ADAPTER_DIR, load_models, main, parse_args
+from hf_lorafa.demo_models import adapter_facts
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"

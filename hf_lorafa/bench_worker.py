@@ -1,0 +1,146 @@
+"""One benchmark configuration, measured in the process that runs this module (`hf-lorafa bench` starts one per
+configuration, so memory figures never mix): build the model with the configuration's adapters, take a warm step,
+then measure saved-for-backward bytes, retained and peak memory, and the median step time (see `bench`).
+
+    python -m hf_lorafa.bench_worker '{"method": "lorafa", ...}'     # prints the result as one JSON line
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def _build(spec: dict):
+    """The model with the configuration's adapters, and its optimizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from . import LoRAFAConfig, inject_adapters
+
+    dtype, device = getattr(torch, spec["dtype"]), spec["device"]
+    torch.manual_seed(0)
+    config = LlamaConfig(**spec["model"], max_position_embeddings=8192, tie_word_embeddings=False)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    if spec["load_in_4bit"]:
+        from .loading import quantize_model
+
+        model = quantize_model(model, load_in_4bit=True, bnb_4bit_compute_dtype=dtype).to(device)
+    method, r = spec["method"], spec["r"]
+    if method == "full":
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-5)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if method == "floor":
+        model.enable_input_require_grads()
+        return model, None
+    if method.startswith("peft-"):
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=spec["dropout"],
+                                                 target_modules="all-linear"))
+        if method == "peft-lorafa":
+            from peft.optimizers import create_lorafa_optimizer
+
+            return model, create_lorafa_optimizer(model, r=r, lora_alpha=2 * r, lr=1e-4)
+    else:
+        inject_adapters(model, LoRAFAConfig(method=method.split("+")[0], r=r, alpha=2 * r, dropout=spec["dropout"]))
+        if method.endswith("+savers"):
+            from .savers import apply_activation_savers
+
+            apply_activation_savers(model)
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def measure(spec: dict) -> dict:
+    """One configuration, in this (fresh) process: the measurements the module docstring describes."""
+    import gc
+    import statistics
+
+    import torch
+
+    from .estimate import estimate_memory, process_overhead
+    from .injection import count_parameters
+    from .memory import (
+        current_rss_bytes,
+        proc_status_bytes,
+        process_peak_bytes,
+        reset_process_peak,
+        saved_tensor_bytes,
+    )
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1)) if spec["device"] == "cpu" else None
+    cuda = spec["device"] == "cuda"
+    # Libraries a configuration imports are process overhead, not the model's: load them before measuring it.
+    if spec["method"].startswith("peft-"):
+        import peft.optimizers  # noqa: F401
+    if spec["method"].endswith("+savers"):
+        from . import savers  # noqa: F401
+    if spec["load_in_4bit"]:
+        from .bnb import require_bitsandbytes
+
+        require_bitsandbytes()
+    overhead = process_overhead() if not cuda else 0  # measured here, before the model exists
+    model, optimizer = _build(spec)
+    model.train()
+    ids = torch.randint(0, spec["model"]["vocab_size"], (spec["batch"], spec["seq"]),
+                        generator=torch.Generator().manual_seed(1)).to(spec["device"])
+
+    def step(forward_out=None):
+        out = forward_out if forward_out is not None else model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+
+    step()  # warm: optimizer states exist from here on, as in any step after the first
+    gc.collect()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    reset = reset_process_peak()
+    before = current_rss_bytes()
+    saved, out = saved_tensor_bytes(model, lambda: model(input_ids=ids, labels=ids))
+    retained = current_rss_bytes() - before
+    step(out)
+    del out
+    peak = proc_status_bytes("VmHWM") if reset else process_peak_bytes()
+    result = {**spec, "saved_bytes": saved, "retained_rss_bytes": retained, "overhead_bytes": overhead,
+              "peak_rss_bytes": peak, "peak_source": "VmHWM" if reset else "ru_maxrss"}
+    if cuda:
+        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+    times = []
+    for _ in range(spec["steps"]):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    result["step_seconds"] = statistics.median(times)
+    result["tokens_per_second"] = spec["batch"] * spec["seq"] / result["step_seconds"]
+    result["trainable_parameters"], result["total_parameters"] = count_parameters(model)
+    sweep = {}
+    for seq in spec["seq_sweep"]:
+        longer = torch.randint(0, spec["model"]["vocab_size"], (spec["batch"], seq)).to(spec["device"])
+        sweep[str(seq)], _ = saved_tensor_bytes(model, lambda x=longer: model(input_ids=x, labels=x).loss)
+    result["saved_bytes_by_seq"] = sweep
+    if spec["method"].startswith("lamda"):
+        from .lamda import lamda_schedule_step
+
+        result["trainable_parameters_after_freeze"] = lamda_schedule_step(model, 1.0)
+    name = {"floor": "none", "peft-lora": "lora", "peft-lorafa": "lora"}.get(spec["method"], spec["method"])
+    if "+" not in name:
+        from transformers import LlamaConfig
+
+        est = estimate_memory(LlamaConfig(**spec["model"]), name, spec["batch"], spec["seq"], r=spec["r"],
+                              dtype=getattr(torch, spec["dtype"]), load_in_4bit=spec["load_in_4bit"],
+                              dropout=spec["dropout"], device=spec["device"], overhead=0 if cuda else overhead)
+        result["estimate"] = est.to_dict()
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(json.loads(sys.argv[1]))))
