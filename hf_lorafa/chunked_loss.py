@@ -3,8 +3,9 @@
 With `labels` (and gradients on), the LM head and the loss run chunk by chunk and the hidden states' gradient is
 computed per chunk in forward (the fused linear cross-entropy of Liger / Cut Cross-Entropy, here without kernels), so
 at most one chunk's logits exist and only `tokens × hidden` is kept. Without labels, or under `no_grad` (evaluation,
-`generate`), the stock forward runs and logits come back. Installed by `savers.apply_activation_savers` only after a
-probe shows it gives the model's own loss.
+`generate`), the stock forward runs and logits come back, except where the caller says only the loss is needed
+(`model.hf_lorafa_loss_only`, set by `LoRAFATrainer` while it evaluates without metrics). Installed by
+`savers.apply_activation_savers` only after a probe shows it gives the model's own loss.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def _chunked_forward(self, *args, **kwargs):
     labels = arguments.pop("labels", None)
     if (
         labels is None
-        or not torch.is_grad_enabled()
+        or not (torch.is_grad_enabled() or getattr(self, "hf_lorafa_loss_only", False))
         or arguments.get("return_dict") is False
         or arguments.pop("logits_to_keep", 0) not in (0, None)
     ):

@@ -139,6 +139,17 @@ class LoRAFATrainer(Trainer):
             )
         return loss
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """`Trainer.prediction_step`; when only the loss is wanted, the chunked-loss saver computes it without the
+        `(tokens × vocab)` logits (the largest tensor of an evaluation batch)."""
+        target = self.accelerator.unwrap_model(model)
+        chunked = "chunked_loss" in (getattr(target, "hf_lorafa_savers", None) or [])
+        target.hf_lorafa_loss_only = bool(prediction_loss_only and chunked)
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        finally:
+            target.hf_lorafa_loss_only = False
+
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """`args.optim`'s optimizer over trainable parameters; LoRA-FA's B gets `lorafa_lr_ratio` × the lr."""
         config = self.lorafa_config

@@ -211,3 +211,20 @@ def test_trainer_applies_activation_savers_and_records_them(tmp_path, caplog):
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if "lora_B" in n)
     facts = json.loads((Path(trainer.args.output_dir) / "hf_lorafa.json").read_text())
     assert facts["activation_savers"] == model.hf_lorafa_savers
+
+
+def test_loss_only_evaluation_skips_the_logits_with_the_same_loss(tmp_path):
+    calls = []
+    losses = {}
+    for savers in (False, True):
+        model = tiny_llama()
+        trainer = LoRAFATrainer(
+            model=model, args=make_args(tmp_path, activation_savers=savers), eval_dataset=token_dataset(8)
+        )
+        model.lm_head.register_forward_hook(lambda *_, savers=savers: calls.append(savers))
+        losses[savers] = trainer.evaluate()["eval_loss"]
+    assert calls and set(calls) == {False}  # with the saver, the head never produced the (tokens × vocab) logits
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    # Metrics need logits: then they come back as usual.
+    trainer.compute_metrics = lambda pred: {"logit_rows": float(len(pred.predictions))}
+    assert trainer.evaluate()["eval_logit_rows"] == 8
