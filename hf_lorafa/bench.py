@@ -5,7 +5,8 @@ Follows DESIGN.md's "Measuring memory" protocol. Each configuration runs in a fr
 Llama-architecture model, takes one warm step (optimizer states now exist), then measures one step:
 saved-for-backward bytes (`saved_tensor_bytes`), retained resident memory over the forward (VmRSS after − before),
 the step's peak (VmHWM, reset through `/proc/self/clear_refs` just before the step; `ru_maxrss` if that fails), or
-`torch.cuda.max_memory_allocated` on GPU; then the median time of a few more steps. The floor is the same model
+`torch.cuda.max_memory_allocated` on GPU; then the median time of a few more steps (on CPU in a second process with
+the default allocator: see `run_configuration`). The floor is the same model
 with no adapters, every weight frozen and gradient flowing to the input embeddings.
 
     hf-lorafa bench --preset cpu --output benchmarks/cpu.json
@@ -91,19 +92,34 @@ def device_info() -> dict:
     return info
 
 
-def run_configuration(spec: dict, timeout: float = 1800) -> dict:
-    """Measure one configuration in a fresh interpreter; returns its result, or `{"error": ...}`."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    started = time.time()
+def _worker(spec: dict, timeout: float, env: dict, *extra: str) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-m", "hf_lorafa.bench_worker", json.dumps(spec)],
+        [sys.executable, "-m", "hf_lorafa.bench_worker", json.dumps(spec), *extra],
         capture_output=True, text=True, env=env, timeout=timeout,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {**spec, "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
-    return {**json.loads(lines[-1]), "wall_seconds": round(time.time() - started, 1)}
+        return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+    return json.loads(lines[-1])
+
+
+def run_configuration(spec: dict, timeout: float = 1800) -> dict:
+    """Measure one configuration in fresh interpreters; returns its result, or `{"error": ...}`.
+
+    Memory is measured with `MALLOC_MMAP_THRESHOLD_=65536` (freed tensors leave the resident set at once), which
+    makes every large CPU allocation an mmap with fresh page faults: 1.6-2x slower steps than glibc's default, and
+    more so for methods that allocate more temporaries. So on CPU the step time comes from a second process with
+    the default allocator, as users run; on GPU the caching allocator makes one process enough.
+    """
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    started = time.time()
+    result = {**spec, **_worker(spec, timeout, {**env, "MALLOC_MMAP_THRESHOLD_": "65536"})}
+    if spec["device"] == "cpu" and "error" not in result:
+        timing = _worker(spec, timeout, env, "--timing")
+        result.update(timing if "error" not in timing else {"error": f"timing: {timing['error']}"})
+        result["tokens_per_second"] = spec["batch"] * spec["seq"] / result["step_seconds"]
+    return {**result, "wall_seconds": round(time.time() - started, 1)}
 
 
 def _find(results: list[dict], method: str, dropout: float, quant: bool) -> dict | None:
