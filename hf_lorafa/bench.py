@@ -150,6 +150,12 @@ def ratios(results: list[dict], preset: dict) -> dict:
                 r["peft_lora_peak_over_lorafa"] = (peft[peak] - peft.get("overhead_bytes", 0)) / max(
                     ours[peak] - ours.get("overhead_bytes", 0), 1)
                 r["peft_lora_step_time_over_lorafa"] = peft["step_seconds"] / ours["step_seconds"]
+            savers = _find(results, "lorafa+savers", dropout, quant)
+            if peft and savers:  # LoRA-FA as LoRAFATrainer runs it by default (activation_savers=True)
+                r["lorafa_savers_saved_over_peft_lora"] = savers["saved_bytes"] / peft["saved_bytes"]
+                r["peft_lora_peak_over_lorafa_savers"] = (peft[peak] - peft.get("overhead_bytes", 0)) / max(
+                    savers[peak] - savers.get("overhead_bytes", 0), 1)
+                r["peft_lora_step_time_over_lorafa_savers"] = peft["step_seconds"] / savers["step_seconds"]
             if peft_fa:
                 r["peft_lorafa_step_time_over_lorafa"] = peft_fa["step_seconds"] / ours["step_seconds"]
             if lora:

@@ -54,6 +54,7 @@ PLANS = {
     "design": [
         *[("drugreview", impl, method, 0, None) for impl, method in _PAIR],
         ("drugreview", "ours", "lorafa", 0, 1.0),
+        ("drugreview", "ours", "lorafa", 0, 2.0),
         *[("chatterbot", impl, method, 0, None) for impl, method in _PAIR],
         *[("drugreview", impl, method, seed, None) for seed in (1, 2) for impl, method in _PAIR],
         *[("drugreview", impl, method, 0, None) for impl, method in
