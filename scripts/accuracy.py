@@ -27,7 +27,7 @@ from transformers import (
     Trainer,
 )
 
-from hf_lorafa import LoRAFATrainer, LoRAFATrainingArguments
+from hf_lorafa import LoRAFAConfig, LoRAFATrainer, LoRAFATrainingArguments
 from hf_lorafa.data import resolve_model
 from hf_lorafa.dataprep import (
     classification_metrics,
@@ -47,23 +47,23 @@ TASKS = {
 }
 RANK, ALPHA = 8, 16
 FULL_LR_FACTOR = 0.1  # full fine-tuning diverges at an adapter learning rate; 10x lower is the usual choice
-_PAIR = [("ours", "lorafa"), ("ours", "lora"), ("peft", "lora")]
+DEFAULT_RATIO = LoRAFAConfig.lorafa_lr_ratio
+# LoRA-FA runs always name their B learning-rate ratio, so a change of the default never mixes results.
+_PAIR = [("ours", "lorafa", DEFAULT_RATIO), ("ours", "lora", None), ("peft", "lora", None)]
+_LAMDA_FULL = [("ours", "lamda", None), ("ours", "lamda++", None), ("full", "full", None)]
 PLANS = {
     # (task, impl, method, seed, lorafa_lr_ratio) in priority order: the comparison that matters most comes first
-    # (LoRA-FA against LoRA, then the check of LoRA-FA's learning-rate multiplier, then more seeds, then LaMDA).
+    # (LoRA-FA against LoRA, the check of LoRA-FA's learning-rate multiplier, more seeds, then LaMDA).
     "design": [
-        *[("drugreview", impl, method, 0, None) for impl, method in _PAIR],
-        ("drugreview", "ours", "lorafa", 0, 1.0),
-        ("drugreview", "ours", "lorafa", 0, 2.0),
-        *[("chatterbot", impl, method, 0, None) for impl, method in _PAIR],
-        *[("drugreview", impl, method, seed, None) for seed in (1, 2) for impl, method in _PAIR],
-        *[("drugreview", impl, method, 0, None) for impl, method in
-          (("ours", "lamda"), ("ours", "lamda++"), ("full", "full"))],
-        *[("chatterbot", impl, method, 0, None) for impl, method in
-          (("ours", "lamda"), ("ours", "lamda++"), ("full", "full"))],
-        *[("drugreview", impl, method, seed, None) for seed in (1, 2) for impl, method in
-          (("ours", "lamda"), ("ours", "lamda++"), ("full", "full"))],
-        *[("drugreview", "ours", "lorafa", seed, 1.0) for seed in (1, 2)],
+        *[("drugreview", impl, method, 0, ratio) for impl, method, ratio in _PAIR],
+        *[("drugreview", "ours", "lorafa", 0, ratio) for ratio in (1.0, 4.0)],
+        *[("chatterbot", impl, method, 0, ratio) for impl, method, ratio in _PAIR],
+        ("chatterbot", "ours", "lorafa", 0, 4.0),
+        *[("drugreview", impl, method, seed, ratio) for seed in (1, 2) for impl, method, ratio in _PAIR],
+        *[("drugreview", impl, method, 0, ratio) for impl, method, ratio in _LAMDA_FULL],
+        *[("chatterbot", impl, method, 0, ratio) for impl, method, ratio in _LAMDA_FULL],
+        *[("drugreview", impl, method, seed, ratio) for seed in (1, 2) for impl, method, ratio in _LAMDA_FULL],
+        *[("drugreview", "ours", "lorafa", seed, ratio) for seed in (1, 2) for ratio in (1.0, 4.0)],
     ],
 }
 

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from accuracy import PLANS, run_name  # noqa: E402
+from accuracy import DEFAULT_RATIO, PLANS, run_name  # noqa: E402
 
 BENCH = ROOT / "benchmarks"
 MiB = 1024 * 1024
@@ -140,6 +140,10 @@ def plots(report: dict, tag: str) -> list[str]:
     return out
 
 
+def ratio_label(ratio: float | None) -> str:
+    return "–" if ratio is None else f"{ratio:g}" + (" (default)" if ratio == DEFAULT_RATIO else "")
+
+
 def accuracy_section() -> tuple[list[str], dict]:
     runs = [json.loads(p.read_text()) for p in sorted((BENCH / "accuracy").glob("*.json"))]
     if not runs:
@@ -168,7 +172,7 @@ def accuracy_section() -> tuple[list[str], dict]:
                 return f"{statistics.mean(vals):.{digits}f}{sd}"
             summary[(task, impl, method, ratio)] = {k: [r.get(k) for r in rs] for k in
                                                     ("eval_accuracy", "eval_macro_f1", "eval_loss")}
-            out.append(f"| {impl} | {method} | {ratio if ratio is not None else 'default'} | "
+            out.append(f"| {impl} | {method} | {ratio_label(ratio)} | "
                        f"{', '.join(str(r['seed']) for r in rs)} | {stat('eval_accuracy', 100, 1)} | "
                        f"{stat('eval_macro_f1')} | {stat('eval_loss')} | {stat('train_loss')} | "
                        f"{stat('train_seconds', digits=0)} | {rs[0]['trainable_parameters']:,} |")
@@ -212,7 +216,8 @@ def goals_section(cpu: dict | None, gpu: dict | None, acc: dict) -> list[str]:
            goal("GPU peak: PEFT LoRA / ours with the default activation savers",
                 g.get("peft_lora_peak_over_lorafa_savers"), 1.6, True)]
 
-    def mean(key, impl, method, ratio=None, task="drugreview"):
+    def mean(key, impl, method, task="drugreview"):
+        ratio = DEFAULT_RATIO if method == "lorafa" else None  # LoRA-FA at the shipped default
         vals = [v for v in acc.get((task, impl, method, ratio), {}).get(key, []) if v is not None]
         return statistics.mean(vals) if vals else None
 
@@ -223,6 +228,9 @@ def goals_section(cpu: dict | None, gpu: dict | None, acc: dict) -> list[str]:
                         else 100 * (a - b), 1.0, False, "{:+.1f}"))
         out.append(goal(f"macro-F1: {ref_impl} LoRA − LoRA-FA (points)", None if f is None or h is None
                         else 100 * (f - h), 1.0, False, "{:+.1f}"))
+    la, lf = (mean("eval_loss", "ours", m) for m in ("lora", "lorafa"))
+    out.append(goal("drug-review held-out loss: LoRA-FA / LoRA − 1 (%)", None if la is None or lf is None
+                    else 100 * (lf / la - 1), 2.0, False, "{:+.2f}"))
     la, lf = (mean("eval_loss", "ours", m, task="chatterbot") for m in ("lora", "lorafa"))
     out.append(goal("chatterbot held-out loss: LoRA-FA / LoRA − 1 (%)", None if la is None or lf is None
                     else 100 * (lf / la - 1), 2.0, False, "{:+.2f}"))
@@ -244,8 +252,10 @@ def main() -> int:
                   "(TinyLlama-1.1B architecture, random init, bf16, 2 × 2048 tokens, plus 4-bit), then rerun this "
                   "script.", ""]
     lines += ["## Accuracy at equal budgets", "", "Command: `python scripts/accuracy.py sweep --plan design` "
-              "(each run in its own process; `nice -n 10` on a shared 2-core machine). Same data, steps, batch, rank "
-              "and learning rate for every adapter; full fine-tuning at a 10x lower rate.", "", *acc_lines]
+              "(each run in its own process, `nice -n 5` on a shared 2-core machine). Same data, steps, batch, rank "
+              "and learning rate for every adapter (LoRA-FA's B at the ratio shown); full fine-tuning at a 10x lower "
+              "rate. `train s` is wall time on that shared machine, other jobs and benchmark pauses included: not a "
+              "speed measure (the memory tables are).", "", *acc_lines]
     done = {p.stem for p in (BENCH / "accuracy").glob("*.json")}
     missing = [run_name(*run) for run in PLANS["design"] if run_name(*run) not in done]
     if missing:
