@@ -62,7 +62,7 @@ def measure(spec: dict) -> dict:
 
     import torch
 
-    from .estimate import estimate_memory, process_overhead
+    from .estimate import process_overhead
     from .injection import count_parameters
     from .memory import (
         current_rss_bytes,
@@ -132,15 +132,26 @@ def measure(spec: dict) -> dict:
         from .lamda import lamda_schedule_step
 
         result["trainable_parameters_after_freeze"] = lamda_schedule_step(model, 1.0)
-    name = {"floor": "none", "peft-lora": "lora", "peft-lorafa": "lora"}.get(spec["method"], spec["method"])
-    if "+" not in name:
-        from transformers import LlamaConfig
-
-        est = estimate_memory(LlamaConfig(**spec["model"]), name, spec["batch"], spec["seq"], r=spec["r"],
-                              dtype=getattr(torch, spec["dtype"]), load_in_4bit=spec["load_in_4bit"],
-                              dropout=spec["dropout"], device=spec["device"], overhead=0 if cuda else overhead)
-        result["estimate"] = est.to_dict()
+    estimate = estimate_for(spec, 0 if cuda else overhead)
+    if estimate is not None:
+        result["estimate"] = estimate
     return result
+
+
+def estimate_for(spec: dict, overhead: int) -> dict | None:
+    """`estimate_memory` for a configuration (None for activation savers, which it does not model)."""
+    import torch
+    from transformers import LlamaConfig
+
+    from .estimate import estimate_memory
+
+    name = {"floor": "none", "peft-lora": "lora", "peft-lorafa": "lora"}.get(spec["method"], spec["method"])
+    if name.endswith("+savers"):
+        return None
+    est = estimate_memory(LlamaConfig(**spec["model"]), name, spec["batch"], spec["seq"], r=spec["r"],
+                          dtype=getattr(torch, spec["dtype"]), load_in_4bit=spec["load_in_4bit"],
+                          dropout=spec["dropout"], device=spec["device"], overhead=overhead)
+    return est.to_dict()
 
 
 def time_steps(spec: dict) -> dict:
