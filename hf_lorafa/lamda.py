@@ -5,9 +5,12 @@ Adaptation" (arXiv:2406.12832):
 
 - §3.1: `y = W x + s·B S A x` with the projection matrix A (PMA, r×d_in) frozen, a trained r×r low-dimensional
   adapter S, and the projection matrix B (PMB, d_out×r) trained only early on. A and B come from the SVD of the
-  pretrained W: A = V_rᵀ (top-r right singular vectors, orthonormal rows), B = U_r·diag(σ_r)/σ_1 (top-r left singular
-  vectors weighted by their singular values relative to the largest; the paper leaves B's scale open, and this keeps
-  its columns at norm ≤ 1 so S's step size matches LoRA's). S = 0, so the output at step 0 is the base model's.
+  pretrained W: A = V_rᵀ (top-r right singular vectors, orthonormal rows), B = U_r·diag(σ_r) (top-r left singular
+  vectors weighted by their singular values, so B A is W's rank-r principal part). The paper leaves B's scale open;
+  with columns of norm σ_i an Adam step on S moves W by about `s·lr·σ_i` along u_i v_jᵀ, the size of a LoRA step.
+  Normalising by σ_1 (columns of norm ≤ 1, this module's first choice) made LaMDA 10-20x slower than LoRA: on the
+  drug-review task it learned nothing beyond the classifier head in 8 epochs (BENCHMARKS.md). S = 0, so the
+  output at step 0 is the base model's.
 - §3.2: PMB is frozen gradually during early training, so that afterwards only S (r² per layer) trains. The paper
   freezes it over an early window; here the window is `lamda_freeze_fraction` of the total steps and, with the
   default order `"ascending"`, B's columns freeze one by one from the smallest singular value up (the least
@@ -54,7 +57,7 @@ class LaMDALayer(AdapterLayer):
         u, sigma, vh = torch.linalg.svd(weight, full_matrices=False)
         with torch.no_grad():
             self.lora_A.weight.copy_(vh[: self.r])
-            self.lora_B.weight.copy_(u[:, : self.r] * (sigma[: self.r] / sigma[0].clamp_min(1e-12)))
+            self.lora_B.weight.copy_(u[:, : self.r] * sigma[: self.r])
             self.lora_S.weight.zero_()
 
     def delta_weight(self) -> torch.Tensor:
