@@ -140,6 +140,21 @@ def plots(report: dict, tag: str) -> list[str]:
     return out
 
 
+def reading_guide() -> list[str]:
+    """How much of a difference the drug-review test split can show: the binomial standard error at 70%."""
+    rows = [json.loads(p.read_text()).get("eval_rows") for p in (BENCH / "accuracy").glob("drugreview-*.json")]
+    n = next((r for r in rows if r), None)
+    if n is None:
+        return []
+    se = 100 * (0.7 * 0.3 / n) ** 0.5
+    return [f"Reading the drug-review table: with {n} test rows one run's accuracy has a standard error of about "
+            f"{se:.1f} points, so differences under ~{2 * se:.0f} points between single seeds are noise; macro-F1 "
+            "(which weighs the minority classes) and the losses are the clearer signals. The LoRA-FA rows at B ratios "
+            "1 and 4 show under- and over-fitting around the default. LaMDA's rows come from its current "
+            "initialisation (B = U_r·diag(σ_r), `hf_lorafa/lamda.py`); runs with the earlier σ_1-normalised B, which "
+            "learned nothing beyond the classifier head, were withdrawn."]
+
+
 def ratio_label(ratio: float | None) -> str:
     return "–" if ratio is None else f"{ratio:g}" + (" (default)" if ratio == DEFAULT_RATIO else "")
 
@@ -157,7 +172,7 @@ def accuracy_section() -> tuple[list[str], dict]:
         rows = [(k, v) for k, v in groups.items() if k[0] == task]
         if not rows:
             continue
-        spec = rows[0][1][0]
+        spec = next((rs[0] for k, rs in rows if k[1] != "full"), rows[0][1][0])  # the adapters' learning rate
         out += [f"### {task}: {spec['model']}, {spec['max_steps']} steps (batch {spec['batch']}, "
                 f"{spec['epochs'] if task == 'drugreview' else '–'} epochs, max length {spec['max_length']}), "
                 f"r={spec['r']}, alpha={spec['alpha']}, lr {spec['learning_rate'] if spec['impl'] != 'full' else '–'}",
@@ -255,7 +270,7 @@ def main() -> int:
               "(each run in its own process, `nice -n 5` on a shared 2-core machine). Same data, steps, batch, rank "
               "and learning rate for every adapter (LoRA-FA's B at the ratio shown); full fine-tuning at a 10x lower "
               "rate. `train s` is wall time on that shared machine, other jobs and benchmark pauses included: not a "
-              "speed measure (the memory tables are).", "", *acc_lines]
+              "speed measure (the memory tables are).", "", *reading_guide(), "", *acc_lines]
     done = {p.stem for p in (BENCH / "accuracy").glob("*.json")}
     missing = [run_name(*run) for run in PLANS["design"] if run_name(*run) not in done]
     if missing:
