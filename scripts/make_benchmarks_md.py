@@ -151,8 +151,9 @@ def reading_guide() -> list[str]:
             f"{se:.1f} points, so differences under ~{2 * se:.0f} points between single seeds are noise; macro-F1 "
             "(which weighs the minority classes) and the losses are the clearer signals. The LoRA-FA rows at B ratios "
             "1 and 4 show under- and over-fitting around the default. LaMDA's rows come from its current "
-            "initialisation (B = U_r·diag(σ_r), `hf_lorafa/lamda.py`); runs with the earlier σ_1-normalised B, which "
-            "learned nothing beyond the classifier head, were withdrawn."]
+            "initialisation (B = U_r·diag(σ_r), `hf_lorafa/lamda.py`; runs with the earlier σ_1-normalised B were "
+            "withdrawn). At the shared learning rate LaMDA and LaMDA++ stay near the classifier-only result on "
+            "drug-review: training r² parameters per layer needs its own, larger learning rate, not tuned here."]
 
 
 def ratio_label(ratio: float | None) -> str:
