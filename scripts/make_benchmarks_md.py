@@ -100,6 +100,15 @@ def memory_section(report: dict, tag: str) -> list[str]:
     return out
 
 
+def save_figure(fig, ax, name: str, alt: str, legend_size: int | None = None) -> str:
+    """Add the legend, write benchmarks/NAME and close the figure; returns the Markdown image line."""
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(BENCH / name, dpi=110)
+    plt.close(fig)
+    return f"![{alt}](benchmarks/{name})"
+
+
 def plots(report: dict, tag: str) -> list[str]:
     ok = [r for r in report["results"] if "error" not in r and not r["load_in_4bit"]]
     cuda = report["settings"]["device"] == "cuda"
@@ -113,11 +122,7 @@ def plots(report: dict, tag: str) -> list[str]:
     ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylabel("MiB")
     ax.set_title(f"Memory per method ({tag})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(BENCH / f"{tag}-memory.png", dpi=110)
-    plt.close(fig)
-    out = [f"![memory per method](benchmarks/{tag}-memory.png)", ""]
+    out = [save_figure(fig, ax, f"{tag}-memory.png", "memory per method"), ""]
     swept = [r for r in ok if r.get("saved_bytes_by_seq")]
     if swept:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -131,12 +136,8 @@ def plots(report: dict, tag: str) -> list[str]:
         ax.set_xlabel("sequence length")
         ax.set_ylabel("saved for backward, MiB")
         ax.set_title(f"Activation memory vs sequence length ({tag}, batch {report['settings']['batch']})")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(BENCH / f"{tag}-memory-vs-seq.png", dpi=110)
-        plt.close(fig)
         out += ["Saved-for-backward MiB by sequence length:", "", *rows, "",
-                f"![memory vs sequence length](benchmarks/{tag}-memory-vs-seq.png)", ""]
+                save_figure(fig, ax, f"{tag}-memory-vs-seq.png", "memory vs sequence length", legend_size=7), ""]
     return out
 
 
@@ -209,11 +210,7 @@ def accuracy_section() -> tuple[list[str], dict]:
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
         ax.set_title(f"Loss curves: {task}")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(BENCH / f"loss-{task}.png", dpi=110)
-        plt.close(fig)
-        out += ["", f"![loss curves {task}](benchmarks/loss-{task}.png)", ""]
+        out += ["", save_figure(fig, ax, f"loss-{task}.png", f"loss curves {task}", legend_size=7), ""]
     return out, summary
 
 
