@@ -55,6 +55,27 @@ def _build(spec: dict):
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
 
+def _prepare(spec: dict):
+    """The configuration's model in train mode, its optimizer, and the fixed batch of token ids."""
+    import torch
+
+    model, optimizer = _build(spec)
+    model.train()
+    ids = torch.randint(0, spec["model"]["vocab_size"], (spec["batch"], spec["seq"]),
+                        generator=torch.Generator().manual_seed(1)).to(spec["device"])
+    return model, optimizer, ids
+
+
+def _train_step(model, optimizer, ids, forward_out=None) -> None:
+    """One training step (the forward's output may be given when it was already run, e.g. to count its bytes)."""
+    out = forward_out if forward_out is not None else model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
+
+
 def measure(spec: dict) -> dict:
     """One configuration, in this (fresh) process: the measurements the module docstring describes."""
     import gc
@@ -84,18 +105,10 @@ def measure(spec: dict) -> dict:
 
         require_bitsandbytes()
     overhead = process_overhead() if not cuda else 0  # measured here, before the model exists
-    model, optimizer = _build(spec)
-    model.train()
-    ids = torch.randint(0, spec["model"]["vocab_size"], (spec["batch"], spec["seq"]),
-                        generator=torch.Generator().manual_seed(1)).to(spec["device"])
+    model, optimizer, ids = _prepare(spec)
 
     def step(forward_out=None):
-        out = forward_out if forward_out is not None else model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        model.zero_grad(set_to_none=True)
+        _train_step(model, optimizer, ids, forward_out)
         if cuda:
             torch.cuda.synchronize()
 
@@ -161,18 +174,11 @@ def time_steps(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1)) if spec["device"] == "cpu" else None
-    model, optimizer = _build(spec)
-    model.train()
-    ids = torch.randint(0, spec["model"]["vocab_size"], (spec["batch"], spec["seq"]),
-                        generator=torch.Generator().manual_seed(1)).to(spec["device"])
+    model, optimizer, ids = _prepare(spec)
     times = []
     for _ in range(spec["steps"] + 1):  # the first step is the warm one (optimizer states, allocator)
         start = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        model.zero_grad(set_to_none=True)
+        _train_step(model, optimizer, ids)
         times.append(time.perf_counter() - start)
     return {"step_seconds": statistics.median(times[1:])}
 
