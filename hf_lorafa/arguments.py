@@ -91,6 +91,9 @@ class LoRAFATrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("`load_in_4bit` and `load_in_8bit` are both set; choose one of the two.")
+        if self.fp16 and (self.use_cpu or not _has_accelerator()):
+            # transformers would train in fp32 without a word; say so, with the precision CPUs do support.
+            raise ValueError("`fp16`=True needs a CUDA/XPU GPU; on CPU use `bf16=True` (bf16 autocast) instead.")
         if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
             raise ValueError(f"`bnb_4bit_quant_type` must be 'nf4' or 'fp4'; got {self.bnb_4bit_quant_type!r}.")
         try:

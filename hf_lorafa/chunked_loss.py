@@ -51,12 +51,13 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
             grad_logits = log_probs.exp_().mul_(scale)
             grad_logits[torch.arange(len(rows), device=rows.device), target] -= scale
             grad_logits = grad_logits.to(logits.dtype)
+            # Under autocast these products come out in bf16/fp16; the gradients keep their tensors' dtypes.
             if needs_hidden:
-                grad_hidden.index_copy_(0, rows, grad_logits @ weight)
+                grad_hidden.index_copy_(0, rows, (grad_logits @ weight).to(grad_hidden.dtype))
             if needs_weight:
-                grad_weight += grad_logits.t() @ chunk
+                grad_weight += (grad_logits.t() @ chunk).to(grad_weight.dtype)
             if needs_bias:
-                grad_bias += grad_logits.sum(0)
+                grad_bias += grad_logits.sum(0).to(grad_bias.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         return total * scale
 

@@ -91,7 +91,9 @@ class FrozenAAdapterFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         z, lora_A, lora_B, lora_S, b_grad_transform = ctx.saved_tensors
-        g = grad_out.to(lora_A.dtype)
+        # Under autocast the forward's products ran in half precision (z is bf16/fp16, and is kept so: half the
+        # bytes); the parameter gradients are computed in the adapter's own dtype, as autograd does for LoRA.
+        z, g = z.to(lora_A.dtype), grad_out.to(lora_A.dtype)
         r = z.shape[-1]
         grad_x = grad_B = grad_S = None
         gu = ctx.scaling * (g @ lora_B)
