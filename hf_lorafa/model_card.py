@@ -1,4 +1,5 @@
-"""The model card (README.md) of an adapter folder, rendered from `model_cards/adapter_card.md`.
+"""The model card (README.md) of an adapter folder, rendered from `model_cards/adapter_card.md` (installed as the
+`hf_lorafa.model_cards` package data, so wheels carry it).
 
 Built like TRL's cards: `huggingface_hub.ModelCard.from_template(ModelCardData(...), template_path=...)`. The card
 reads what the folder holds (`hf_lorafa.json`, `adapter_config.json`, `memory.json`, `memory.png`) and tolerates
@@ -17,7 +18,7 @@ from typing import Any
 
 from .memory import format_bytes
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+TEMPLATE_PACKAGE = "hf_lorafa.model_cards"
 TEMPLATE_NAME = "adapter_card.md"
 
 # method → (display name, Hub tag, arXiv id, paper title, two sentences)
@@ -203,12 +204,14 @@ def _versions() -> list[tuple[str, str]]:
 
 
 def template_path() -> Path:
-    """The Jinja template of the card; a clear error when the package was installed without `model_cards/`."""
-    path = TEMPLATE_DIR / TEMPLATE_NAME
+    """The Jinja template of the card, from the installed package (a wheel) or the checkout (editable)."""
+    from importlib.resources import files
+
+    path = Path(str(files(TEMPLATE_PACKAGE) / TEMPLATE_NAME))
     if not path.is_file():
         raise FileNotFoundError(
-            f"Model card template {str(path)!r} is missing; hf-lorafa expects the `model_cards/` folder beside the "
-            "`hf_lorafa` package (install from a source checkout with `pip install -e .`)."
+            f"Model card template {TEMPLATE_NAME!r} is missing from {TEMPLATE_PACKAGE}; reinstall hf-lorafa "
+            "(`pip install --force-reinstall hf-lorafa`)."
         )
     return path
 
