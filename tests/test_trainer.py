@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import METHODS, assert_only_adapter_trained, tiny_llama
+from conftest import METHODS, assert_only_adapter_trained, perturb_adapters, tiny_llama
 from datasets import Dataset
 from transformers import HfArgumentParser
 
@@ -228,3 +228,41 @@ def test_loss_only_evaluation_skips_the_logits_with_the_same_loss(tmp_path):
     # Metrics need logits: then they come back as usual.
     trainer.compute_metrics = lambda pred: {"logit_rows": float(len(pred.predictions))}
     assert trainer.evaluate()["eval_logit_rows"] == 8
+
+
+@pytest.mark.parametrize("method", ["lorafa", "lora"])
+def test_peft_model_continues_in_our_layers(method, tmp_path):
+    """A script that kept `get_peft_model`: its LoRA continues as `adapter_method`, same outputs, PEFT-loadable."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from hf_lorafa.layers import LoRAFALayer, LoRALayer
+
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    perturb_adapters(peft_model)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    expected = peft_model(input_ids=ids).logits.detach()
+    args = make_args(tmp_path, adapter_method=method)
+    trainer = LoRAFATrainer(model=peft_model, args=args, train_dataset=token_dataset())
+    model = trainer.model
+    layers = [m for m in model.modules() if isinstance(m, (LoRALayer, LoRAFALayer))]
+    assert len(layers) == 4 and all(type(m) is (LoRAFALayer if method == "lorafa" else LoRALayer) for m in layers)
+    assert not any("lora_A.default" in n for n, _ in model.named_parameters())  # no PEFT layer left inside
+    torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    assert_only_adapter_trained(model, before, a_trains=method == "lora")
+    trainer.save_model()
+    model.eval()
+    reloaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "out")).eval()
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_model_that_cannot_continue_fails_at_once_with_the_fix(tmp_path):
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    ia3 = get_peft_model(tiny_llama(), IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    with pytest.raises(ValueError, match=r"IA3.*Pass the base model instead \(`model.unload\(\)`"):
+        LoRAFATrainer(model=ia3, args=make_args(tmp_path))
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"not as `adapter_method`='lamda'.*`model.unload\(\)`"):
+        LoRAFATrainer(model=lora, args=make_args(tmp_path, adapter_method="lamda"))
