@@ -98,6 +98,22 @@ def _drop_secrets(value: Any) -> Any:
     return value
 
 
+def _hub_id(value: Any) -> str | None:
+    """`value` when it names a Hub repo: `user/name`, and not a local path that happens to look like one."""
+    if isinstance(value, str) and HUB_ID.match(value) and not Path(value).expanduser().exists():
+        return value
+    return None
+
+
+def _dataset_label(dataset: Any) -> str | None:
+    """How the card names the training data: a Hub id as is, a local file by its name only (never its path)."""
+    if not isinstance(dataset, str) or not dataset:
+        return None
+    if _hub_id(dataset) or "/" not in dataset and not Path(dataset).suffix:
+        return dataset  # a Hub id, or a built-in name such as `chatterbot`
+    return f"a local dataset file (`{Path(dataset).name}`)"
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -246,17 +262,18 @@ def write_model_card(folder: str | os.PathLike, *, extra: dict[str, Any] | None 
     method = info.get("method") or config.get("method") or "lora"
     name, tag, paper_id, paper_title, summary = METHODS.get(method, METHODS["lora"])
     base_model = info.get("base_model") or adapter_config.get("base_model_name_or_path")
+    # Only Hub ids are named: the Hub validates them, and a local path means nothing to readers (and may be private).
+    base_id = _hub_id(base_model)
     dataset = info.get("dataset")
     pipeline_tag, auto_class = TASKS.get(adapter_config.get("task_type") or "", (None, "AutoModel"))
     repo_id = info.get("repo_id")
     card_data = ModelCardData(
-        # Only Hub ids go in the metadata: the Hub validates them, and a local path means nothing to readers.
-        base_model=base_model if isinstance(base_model, str) and HUB_ID.match(base_model) else None,
+        base_model=base_id,
         # The Hub recognises PEFT-format adapters (usage widget, "adapter of" link) by library_name "peft";
         # hf-lorafa is named in the tags instead, so the adapter stays discoverable under both.
         library_name="peft",
         tags=[tag, "lora", "hf-lorafa", "peft"],
-        datasets=[dataset] if isinstance(dataset, str) and HUB_ID.match(dataset) else None,
+        datasets=[_hub_id(dataset)] if _hub_id(dataset) else None,
         license=info.get("license"),
         language=info.get("language"),
         pipeline_tag=pipeline_tag,
@@ -264,14 +281,14 @@ def write_model_card(folder: str | os.PathLike, *, extra: dict[str, Any] | None 
     card = ModelCard.from_template(
         card_data,
         template_path=str(template_path()),
-        title=repo_id.split("/")[-1] if repo_id else f"{name} adapter" + (f" for {base_model}" if base_model else ""),
+        title=repo_id.split("/")[-1] if repo_id else f"{name} adapter" + (f" for {base_id}" if base_id else ""),
         method=method,
         method_name=name,
         method_summary=summary,
         paper_id=paper_id,
         paper_title=paper_title,
-        base_model=base_model,
-        base_model_url=f"https://huggingface.co/{base_model}" if card_data.base_model else base_model,
+        base_model=base_id,
+        local_base=bool(base_model) and not base_id,
         ranks=_ranks(adapter_config, method),
         alpha=_fmt(adapter_config.get("lora_alpha", "n/a")),
         dropout=_fmt(adapter_config.get("lora_dropout", "n/a")),
@@ -279,13 +296,14 @@ def write_model_card(folder: str | os.PathLike, *, extra: dict[str, Any] | None 
         method_options=_method_options(method, config),
         trainable=_trainable(info, directory),
         quantization=_quantization(info.get("quantization")),
-        dataset=dataset,
+        dataset=_dataset_label(dataset),
         training=[(f"`{k}`", _fmt(v)) for k, v in (info.get("training") or {}).items() if v is not None],
         results=[(f"`{k}`", _fmt(v)) for k, v in (info.get("results") or {}).items() if v is not None],
         memory=_memory(directory, info),
         auto_class=auto_class,
-        base_ref=base_model or "BASE_MODEL",
-        adapter_ref=repo_id or "PATH_OR_REPO_ID",
+        # The usage samples run as printed once the placeholders name a folder on the reader's disk.
+        base_ref=base_id or "path/to/base-model",
+        adapter_ref=repo_id or f"path/to/{directory.resolve().name}",
         versions=_versions(),
     )
     path = directory / "README.md"

@@ -42,6 +42,8 @@ def run_facts(trainer) -> dict[str, Any]:
     if trainer.memory is not None:
         memory = {k: v for k, v in trainer.memory.summary().items() if k != "history"}
     args = trainer.args
+    # Trainer ignores the epochs when max_steps is set; the card shows the setting that decided the run's length.
+    length = {"max_steps": args.max_steps} if args.max_steps > 0 else {"num_train_epochs": args.num_train_epochs}
     return {
         "hf_lorafa_version": __version__,
         "base_model": getattr(getattr(model, "config", None), "name_or_path", None),
@@ -52,12 +54,11 @@ def run_facts(trainer) -> dict[str, Any]:
         "activation_savers": getattr(model, "hf_lorafa_savers", None),
         "training": {
             "learning_rate": args.learning_rate,
-            "num_train_epochs": args.num_train_epochs,
-            "max_steps": args.max_steps,
+            **length,
             "per_device_train_batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "seed": args.seed,
-            "optim": str(args.optim),
+            "optim": str(getattr(args.optim, "value", args.optim)),  # `adamw_torch`, not `OptimizerNames.…`
             "global_step": trainer.state.global_step,
         },
         "results": results,

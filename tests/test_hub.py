@@ -11,9 +11,10 @@ import huggingface_hub.constants
 import pytest
 import torch
 from conftest import BAD_TOKEN, METHODS, TOKEN, perturb_adapters, tiny_llama, train_steps
+from transformers import AutoModelForCausalLM
 
 import hf_lorafa.hub
-from hf_lorafa import LoRAFAConfig, inject_adapters, load_adapter, save_adapter
+from hf_lorafa import LoRAFAConfig, LoRAFATrainer, inject_adapters, load_adapter, save_adapter
 from hf_lorafa.hub import HubUploadError, push_adapter
 from hf_lorafa.model_card import write_model_card
 
@@ -269,3 +270,46 @@ def test_trainer_push_to_hub_uploads_adapter_card_and_memory_plot(hub, tmp_path)
     trainer.model.eval()
     model = load_adapter(copy.deepcopy(base), "user/trained").eval()
     torch.testing.assert_close(model(IDS).logits, trainer.model(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_card_of_a_local_base_names_no_path(tmp_path):
+    from huggingface_hub import ModelCard
+
+    base_dir, data = tmp_path / "private" / "my-base", tmp_path / "private" / "pairs.jsonl"
+    base_dir.mkdir(parents=True)
+    data.write_text("{}\n")
+    folder = tmp_path / "run"
+    info = {"base_model": str(base_dir), "dataset": str(data), "training": {"max_steps": 40, "optim": "adamw_torch"}}
+    adapter_folder(folder, "lorafa", extra=info)
+    text = write_model_card(folder).read_text()
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model is None and card.data.datasets is None
+    assert str(tmp_path) not in text and "private" not in text
+    assert "# LoRA-FA adapter\n" in text and "adapter for a local base model" in text
+    assert "a local dataset file (`pairs.jsonl`)" in text and "| `max_steps` | 40 |" in text
+    assert '"path/to/base-model"' in text and '"path/to/run"' in text and "PATH_OR_REPO_ID" not in text
+
+
+def test_trainer_card_names_the_hub_base_repo_and_dataset(tmp_path):
+    import json
+
+    from huggingface_hub import ModelCard
+    from test_trainer import make_args, token_dataset
+
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    args = make_args(tmp_path, hub_base_model_id="HuggingFaceTB/SmolLM2-135M", hub_model_id="me/tiny-lorafa")
+    trainer = LoRAFATrainer(model=model, args=args, train_dataset=token_dataset())
+    trainer.run_info["dataset"] = "tatsu-lab/alpaca"
+    trainer.train()
+    trainer.save_model()
+    out = tmp_path / "out"
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == args.hub_base_model_id
+    text = (out / "README.md").read_text()
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M" and card.data.datasets == ["tatsu-lab/alpaca"]
+    assert "# tiny-lorafa" in text and str(base_dir) not in text
+    assert 'load_adapter(model, "me/tiny-lorafa")' in text and 'from_pretrained("HuggingFaceTB/SmolLM2-135M")' in text
+    assert "| `max_steps` | 4 |" in text and "num_train_epochs" not in text
+    assert f"| `optim` | {args.optim.value} |" in text and "OptimizerNames" not in text

@@ -70,7 +70,7 @@ def test_wheel_install_trains_and_saves(installed_wheel, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     card = (out / "README.md").read_text()
-    assert "LoRA-FA" in card
+    assert "LoRA-FA" in card and "for a local base model" in card and str(tmp_path) not in card
     for folder in (out, out / "checkpoint-2"):
         assert {"adapter_config.json", "adapter_model.safetensors", "hf_lorafa.json", "README.md"} <= {
             p.name for p in folder.iterdir()
