@@ -7,6 +7,7 @@ and after, the memory table, and where the adapter and its card went.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
 
-from .arguments import LoRAFATrainingArguments
+from .arguments import LoRAFAArguments, LoRAFATrainingArguments
 from .data import BUILTIN_HUB_IDS, resolve_model
 from .dataprep import (
     classification_metrics,
@@ -60,7 +61,9 @@ class ScriptArguments:
         default=None, metadata={"help": "Column with the text (default: chat rows question/answer or text)."}
     )
     label_column: str = field(default="label", metadata={"help": "Label column for --task classification."})
-    task: str = field(default="causal-lm", metadata={"help": "causal-lm or classification."})
+    task: str = field(
+        default="causal-lm", metadata={"help": "causal-lm or classification.", "metavar": "{causal-lm,classification}"}
+    )
     max_length: int = field(default=256, metadata={"help": "Truncate examples to this many tokens."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
     max_eval_samples: int | None = field(default=64, metadata={"help": "Held-out rows for the loss before/after."})
@@ -72,8 +75,32 @@ class ScriptArguments:
             raise ValueError(f"`--task` must be 'causal-lm' or 'classification'; got {self.task!r}.")
 
 
+def group_flags(parser: HfArgumentParser) -> HfArgumentParser:
+    """`--help` lists hf-lorafa's own flags first in a group of their own, then the job's, then transformers' ~120.
+
+    HfArgumentParser puts every field in argparse's one "options" group; the actions move to titled groups here
+    (argparse prints the groups in the order they were added, each action under the group that holds it).
+    """
+    # The generated usage line would list all ~170 flags; the groups below are the reference.
+    parser.prog = "hf-lorafa train"
+    parser.usage = "hf-lorafa train [--model_name_or_path M] [--dataset D] [--adapter_method M] [FLAG ...] | ARGS.yaml"
+    ours = {f.name for f in dataclasses.fields(LoRAFAArguments)}
+    script = {f.name for f in dataclasses.fields(ScriptArguments)}
+    adapter = parser.add_argument_group("hf-lorafa: adapter, quantization and memory")
+    data = parser.add_argument_group("model and data")
+    training = parser.add_argument_group("training (transformers TrainingArguments)")
+    options = parser._optionals
+    for action in list(options._group_actions):
+        if action.dest != "help":
+            options._group_actions.remove(action)
+            (adapter if action.dest in ours else data if action.dest in script else training)._group_actions.append(
+                action
+            )
+    return parser
+
+
 def parse(argv: list[str] | None) -> tuple[ScriptArguments, LoRAFATrainingArguments]:
-    parser = HfArgumentParser((ScriptArguments, LoRAFATrainingArguments))
+    parser = group_flags(HfArgumentParser((ScriptArguments, LoRAFATrainingArguments)))
     parser.set_defaults(**JOB_DEFAULTS)
     if argv and len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file

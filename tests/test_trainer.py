@@ -266,3 +266,27 @@ def test_peft_model_that_cannot_continue_fails_at_once_with_the_fix(tmp_path):
     lora = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"not as `adapter_method`='lamda'.*`model.unload\(\)`"):
         LoRAFATrainer(model=lora, args=make_args(tmp_path, adapter_method="lamda"))
+
+
+def test_train_help_lists_our_flags_first_with_their_choices():
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_lorafa.cli", "train", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = result.stdout
+    order = [
+        "hf-lorafa: adapter, quantization and memory:",
+        "--adapter_method {lora,lorafa,lamda,lamda++}",
+        "--lamda_freeze_order {ascending,all}",
+        "--bnb_4bit_quant_type {nf4,fp4}",
+        "--hub_base_model_id",
+        "model and data:",
+        "--model_name_or_path",
+        "training (transformers TrainingArguments):",
+        "--learning_rate",
+    ]
+    assert text.startswith("usage: hf-lorafa train ")
+    at = text.index("\n\n")  # after the usage line, each needle comes after the one before it
+    for needle in order:
+        at = text.find(needle, at)
+        assert at != -1, f"{needle!r} missing or out of order"
