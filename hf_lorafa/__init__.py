@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__  # re-exported
 
 # Exports are imported on first use: `import hf_lorafa` stays cheap for the demo and the CLI, which need only parts.
 _EXPORTS = {

@@ -1,6 +1,6 @@
 """`hf-lorafa bench`: memory and speed of hf-lorafa's methods against PEFT LoRA, PEFT's LoRA-FA and full FT.
 
-Follows DESIGN.md's "Measuring memory" protocol. Each configuration runs in a fresh subprocess (env
+Follows the protocol in docs/memory.md. Each configuration runs in a fresh subprocess (env
 `MALLOC_MMAP_THRESHOLD_=65536`, so freed tensors go back to the OS) that builds a randomly initialised
 Llama-architecture model, takes one warm step (optimizer states now exist), then measures one step:
 saved-for-backward bytes (`saved_tensor_bytes`), retained resident memory over the forward (VmRSS after − before),

@@ -8,17 +8,19 @@ bitsandbytes, and only inside functions, so the package imports and trains full-
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from torch import nn
 
-from .layers import is_bnb_layer
-
 INSTALL_HINT = 'pip install "hf-lorafa[quant]"'
 # Module paths of other quantization libraries' layers: their weights are not dense tensors we could read.
 FOREIGN_QUANTIZED = ("torch.ao.nn.quantized", "auto_gptq", "gptqmodel", "awq", "optimum.quanto", "hqq", "torchao")
+
+
+def is_bnb_layer(module: nn.Module) -> bool:
+    """Whether `module` is a bitsandbytes quantized linear layer (checked without importing bitsandbytes)."""
+    return type(module).__module__.startswith("bitsandbytes")
 
 
 def require_bitsandbytes(feature: str = "`load_in_4bit` / `load_in_8bit`") -> Any:
@@ -46,9 +48,9 @@ def _canonical_4bit(weight: torch.Tensor) -> tuple[torch.Tensor, Any]:
     if getattr(state, "packing_format_for_cpu", False):
         # bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU inference kernel the first time a layer runs in
         # eval mode; undo that on copies so the module itself is left as bitsandbytes expects it.
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+        from .compat import unpack_4bit_for_cpu
 
-        data, state = _convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+        data, state = unpack_4bit_for_cpu(data, state)
     return data, state
 
 
@@ -170,7 +172,7 @@ def prepare_kbit_model(model: nn.Module, use_gradient_checkpointing: bool = Fals
     """Make a bitsandbytes-quantized model ready for adapter training, in place.
 
     What it does: checks the quantization kind (`check_quantization`); turns on input gradients
-    (`enable_input_require_grads`, needed by reentrant gradient checkpointing and DESIGN.md's memory floor);
+    (`enable_input_require_grads`, needed by reentrant gradient checkpointing and the memory floor of docs/memory.md);
     optionally enables gradient checkpointing (non-reentrant); and keeps 4-bit weights in bitsandbytes' canonical
     layout on CPUs, where bitsandbytes would otherwise repack them (rounding their scales to bf16) the first time a
     layer runs in eval mode, so an evaluation never changes the frozen base. Freezing is left to `inject_adapters`

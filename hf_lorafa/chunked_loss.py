@@ -3,24 +3,31 @@
 With `labels` (and gradients on), the LM head and the loss run chunk by chunk and the hidden states' gradient is
 computed per chunk in forward (the fused linear cross-entropy of Liger / Cut Cross-Entropy, here without kernels), so
 at most one chunk's logits exist and only `tokens × hidden` is kept. Without labels, or under `no_grad` (evaluation,
-`generate`), the stock forward runs and logits come back, except where the caller says only the loss is needed
-(`model.hf_lorafa_loss_only`, set by `LoRAFATrainer` while it evaluates without metrics). Installed by
+`generate`), the stock forward runs and logits come back, except inside `loss_only(model)` (entered by
+`LoRAFATrainer` while it evaluates without metrics). Installed by
 `savers.apply_activation_savers` only after a probe shows it gives the model's own loss.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
 import types
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compat import replace_forward
+
 # fp32 logits per chunk (the log-softmax and its gradient are transient copies of the same size).
 LOSS_CHUNK_ELEMENTS = 1 << 23
 _LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+# Models (by id) whose chunked forward computes only the loss under no_grad too: see `loss_only`.
+_LOSS_ONLY: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("hf_lorafa_loss_only", default=frozenset())
 # Post-head transforms the chunked loss would skip (Gemma 2/3, Cohere, Granite): refuse rather than differ.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
@@ -144,7 +151,7 @@ def _chunked_forward(self, *args, **kwargs):
     labels = arguments.pop("labels", None)
     if (
         labels is None
-        or not (torch.is_grad_enabled() or getattr(self, "hf_lorafa_loss_only", False))
+        or not (torch.is_grad_enabled() or id(self) in _LOSS_ONLY.get())
         or arguments.get("return_dict") is False
         or arguments.pop("logits_to_keep", 0) not in (0, None)
     ):
@@ -176,5 +183,26 @@ def install_chunked_loss(model: nn.Module, loss_chunk_tokens: int | None = None)
         forward = types.FunctionType(_chunked_forward.__code__, _chunked_forward.__globals__, "forward")
         functools.update_wrapper(forward, getattr(stock, "__func__", stock))
         model.hf_lorafa_stock_forward, model.hf_lorafa_loss_chunk = stock, loss_chunk_tokens
-        model.forward = types.MethodType(forward, model)
+        replace_forward(model, forward)
     return reason
+
+
+@contextlib.contextmanager
+def loss_only(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within the block, `model`'s chunked forward returns only the loss (no logits) even without gradients.
+
+    For evaluation that needs the loss alone (Trainer's `prediction_loss_only`): the `(tokens × vocab)` logits are
+    the largest tensor of an evaluation batch. A no-op for models without the chunked loss.
+
+    Example:
+
+    ```python
+    >>> with loss_only(model):  # doctest: +SKIP
+    ...     loss = model(input_ids=ids, labels=ids).loss  # outputs.logits is None
+    ```
+    """
+    token = _LOSS_ONLY.set(_LOSS_ONLY.get() | {id(model)} if enabled else _LOSS_ONLY.get())
+    try:
+        yield
+    finally:
+        _LOSS_ONLY.reset(token)

@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .model_card import scrub_secrets, write_model_card
+from .model_card import write_model_card
+from .redact import scrub_secrets
 from .saving import ADAPTER_CONFIG, ADAPTER_WEIGHTS, HUB_FILES
 
 # A dead or black-holed endpoint must fail in seconds, not hang: huggingface_hub's shared HTTP client has no

@@ -15,13 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .bnb import dequantize_weight, is_bnb_layer
+
 # PEFT's default A (kaiming-uniform, a=√5) has rows of squared norm 1/3; our orthonormal A keeps that scale.
 A_ROW_NORM = 1.0 / math.sqrt(3.0)
-
-
-def is_bnb_layer(module: nn.Module) -> bool:
-    """Whether `module` is a bitsandbytes quantized linear layer (checked without importing bitsandbytes)."""
-    return type(module).__module__.startswith("bitsandbytes")
 
 
 def base_weight(base_layer: nn.Module) -> torch.Tensor:
@@ -30,8 +27,6 @@ def base_weight(base_layer: nn.Module) -> torch.Tensor:
     This is the only place the autograd function and merge read a base weight, so every base kind plugs in here.
     """
     if is_bnb_layer(base_layer):
-        from .bnb import dequantize_weight
-
         return dequantize_weight(base_layer)
     return base_layer.weight
 

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from .bnb import is_bnb_layer
+from .compat import keys_to_not_convert
 from .injection import has_adapters
-from .layers import is_bnb_layer
 
 if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig
@@ -175,7 +176,6 @@ def quantize_model(
     ```
     """
     from transformers import PreTrainedModel
-    from transformers.quantizers.base import get_keys_to_not_convert
 
     if not isinstance(model, PreTrainedModel):
         raise TypeError(
@@ -187,7 +187,7 @@ def quantize_model(
             "`model` already has adapters or bitsandbytes layers; quantize the full-precision base first, then "
             "inject adapters."
         )
-    skip = sorted(set(get_keys_to_not_convert(model)) | set(keep_modules or [])) if keep_modules else None
+    skip = sorted(set(keys_to_not_convert(model)) | set(keep_modules or [])) if keep_modules else None
     quantization_config = bnb_config(
         load_in_4bit, load_in_8bit, bnb_4bit_quant_type, bnb_4bit_compute_dtype, bnb_4bit_use_double_quant, skip
     )

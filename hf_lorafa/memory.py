@@ -1,6 +1,6 @@
 """Measure what training keeps in memory: saved-for-backward bytes and process / CUDA peaks.
 
-The saved-for-backward count follows DESIGN.md's protocol: the unique storages autograd saves during one forward
+The saved-for-backward count follows docs/memory.md: the unique storages autograd saves during one forward
 (seen through `torch.autograd.graph.saved_tensors_hooks`), leaving out the storages of parameters and buffers,
 which existed before the forward (frozen weights kept for the input gradient are not activations).
 """
@@ -21,7 +21,7 @@ def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
 
 
 class SavedTensorCounter:
-    """A `saved_tensors_hooks` pack hook counting unique non-parameter storages (DESIGN.md's protocol).
+    """A `saved_tensors_hooks` pack hook counting unique non-parameter storages (docs/memory.md).
 
     Example:
 

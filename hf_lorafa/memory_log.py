@@ -4,7 +4,7 @@
   process's resident high-water mark `VmHWM`, reset at each log through `/proc/self/clear_refs` (Linux), else the
   lifetime `ru_maxrss`.
 - Activation bytes: every `sample_every` steps, one forward of the model runs under
-  `saved_tensors_hooks` (DESIGN.md's protocol: unique non-parameter storages), entered by a forward pre-hook and
+  `saved_tensors_hooks` (docs/memory.md: unique non-parameter storages), entered by a forward pre-hook and
   left by a forward hook, so the training loop itself is untouched. The cost is one set lookup per saved tensor.
 """
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .memory import format_bytes
+from .redact import drop_secrets, scrub_secrets
 
 TEMPLATE_PACKAGE = "hf_lorafa.model_cards"
 TEMPLATE_NAME = "adapter_card.md"
@@ -63,39 +64,7 @@ TASKS = {  # PEFT task type → (pipeline_tag, transformers auto class)
     "CAUSAL_LM": ("text-generation", "AutoModelForCausalLM"),
     "SEQ_CLS": ("text-classification", "AutoModelForSequenceClassification"),
 }
-# Real tokens are "hf_" + 34 characters; 16 keeps ordinary identifiers such as `hf_lorafa` untouched.
-TOKEN_PATTERN = re.compile(r"\b(?:hf|api_org)_[A-Za-z0-9]{16,}\b")
-SECRET_KEYS = re.compile(r"token|secret|password|api_key", re.IGNORECASE)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def scrub_secrets(text: str, *secrets: str | None) -> str:
-    """Mask every token-shaped string and every given secret in `text`.
-
-    Example:
-
-    ```python
-    >>> scrub_secrets("401 for token hf_abcdefghijklmnopqrstuvwxyz0123")
-    '401 for token hf_***'
-    ```
-    """
-    from huggingface_hub import get_token
-
-    for secret in {*secrets, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN"), get_token()}:
-        if secret and len(secret) >= 8:
-            text = text.replace(secret, "***")
-    return TOKEN_PATTERN.sub(lambda m: m.group(0).split("_", 1)[0] + "_***", text)
-
-
-def _drop_secrets(value: Any) -> Any:
-    """Fields named like a secret (e.g. `hub_token`) whose value is a string never reach the card."""
-    if isinstance(value, dict):
-        return {
-            k: _drop_secrets(v) for k, v in value.items() if not (SECRET_KEYS.search(str(k)) and isinstance(v, str))
-        }
-    if isinstance(value, list):
-        return [_drop_secrets(v) for v in value]
-    return value
 
 
 def _hub_id(value: Any) -> str | None:
@@ -213,7 +182,7 @@ def _versions() -> list[tuple[str, str]]:
     import torch
     import transformers
 
-    from . import __version__
+    from .version import __version__
 
     return [("hf-lorafa", __version__), ("torch", torch.__version__), ("transformers", transformers.__version__),
             ("peft", peft.__version__)]  # fmt: skip
@@ -257,7 +226,7 @@ def write_model_card(folder: str | os.PathLike, *, extra: dict[str, Any] | None 
             f"`folder`={str(directory)!r} has no readable adapter_config.json; save the adapter there first "
             "(save_adapter(model, folder) or trainer.save_model())."
         )
-    info = _drop_secrets({**_read_json(directory / "hf_lorafa.json"), **(extra or {})})
+    info = drop_secrets({**_read_json(directory / "hf_lorafa.json"), **(extra or {})})
     config = info.get("config") if isinstance(info.get("config"), dict) else {}
     method = info.get("method") or config.get("method") or "lora"
     name, tag, paper_id, paper_title, summary = METHODS.get(method, METHODS["lora"])

@@ -14,6 +14,7 @@ import tempfile
 
 from torch import nn
 
+from .compat import mark_adapters_attached
 from .injection import has_adapters, inject_adapters
 from .run_facts import is_quantized
 
@@ -108,8 +109,7 @@ def prepare_model(model: nn.Module | str | None, args, *, chunked_loss: bool = T
         from .bnb import prepare_kbit_model
 
         prepare_kbit_model(model)
-        # transformers refuses to train "purely quantized" models; ours carries trainable adapters.
-        model._hf_peft_config_loaded = True
+        mark_adapters_attached(model)  # transformers refuses to train "purely quantized" models; ours has adapters
     if args.hub_base_model_id:
         # Cards and adapter_config.json name the Hub original of a base loaded from a local folder.
         model.config.name_or_path = args.hub_base_model_id

@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from . import __version__
 from .injection import adapter_layers, count_parameters
+from .version import __version__
 
 
 def is_quantized(model: nn.Module) -> bool:

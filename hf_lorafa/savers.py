@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .chunked_loss import install_chunked_loss, same_randomness
+from .compat import replace_forward
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def _patch_recompute(model: nn.Module, dtype: torch.dtype) -> set[str]:
         for attributes in variants:
             module.__dict__.update(attributes)
             if _matches(module, forward, probe):
-                module.forward = types.MethodType(forward, module)
+                replace_forward(module, forward)
                 found.add(name)
                 break
         else:

@@ -161,7 +161,7 @@ def resolve_adapter_dir(adapter: str | os.PathLike, revision: str | None = None,
     try:
         return Path(snapshot_download(str(adapter), revision=revision, token=token, allow_patterns=HUB_FILES))
     except Exception as err:  # noqa: BLE001 - not found, gated, offline, unreachable: one error that says which
-        from .model_card import scrub_secrets
+        from .redact import scrub_secrets
 
         detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else "no detail"
         raise ValueError(

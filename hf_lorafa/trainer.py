@@ -20,6 +20,8 @@ from transformers import Trainer
 
 from .arguments import LoRAFAArguments, LoRAFATrainingArguments
 from .callbacks import TRAINING_STATE_FILE, LaMDAScheduleCallback, MemoryCallback, complete_checkpoints
+from .chunked_loss import loss_only
+from .compat import forget_accelerate_prepared
 from .injection import adapter_layers, count_parameters
 from .memory_log import MemoryTracker
 from .optim import lorafa_param_groups
@@ -109,8 +111,7 @@ class LoRAFATrainerMixin:
 
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         if self.args.parallel_mode == ParallelMode.DISTRIBUTED and self.model_wrapped is self.model and not sharded:
-            # evaluate() before train() marks the bare model "prepared" (no DDP wrapper); let train() wrap it.
-            self.model.__dict__.pop("_is_accelerate_prepared", None)
+            forget_accelerate_prepared(self.model)  # evaluate() before train() marked it prepared, unwrapped
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -128,13 +129,8 @@ class LoRAFATrainerMixin:
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """`Trainer.prediction_step`; when only the loss is wanted, the chunked-loss saver computes it without the
         `(tokens × vocab)` logits (the largest tensor of an evaluation batch)."""
-        target = self.accelerator.unwrap_model(model)
-        chunked = "chunked_loss" in (getattr(target, "hf_lorafa_savers", None) or [])
-        target.hf_lorafa_loss_only = bool(prediction_loss_only and chunked)
-        try:
+        with loss_only(self.accelerator.unwrap_model(model), enabled=prediction_loss_only):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-        finally:
-            target.hf_lorafa_loss_only = False
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """`args.optim`'s optimizer over trainable parameters; LoRA-FA's B gets `lorafa_lr_ratio` × the lr."""

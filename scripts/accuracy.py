@@ -39,7 +39,7 @@ from hf_lorafa.dataprep import (
 from hf_lorafa.injection import count_parameters
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "accuracy"
-# The shared budget: DESIGN.md's reference protocol for the drug-review task (8 epochs, 3 seeds, r=8, lr 5e-4).
+# The shared budget: the reference protocol for the drug-review task (BENCHMARKS.md) (8 epochs, 3 seeds, r=8, lr 5e-4).
 # On an idle 2-core machine one MiniLM epoch takes ~40 s, so a run is ~6 minutes; SmolLM2 takes ~3.5 s a step.
 TASKS = {
     "drugreview": {"model": "minilm", "epochs": 8, "max_steps": -1, "lr": 5e-4, "batch": 16, "max_length": 128},

@@ -1,0 +1,66 @@
+"""Every place hf-lorafa leans on a private detail of transformers, accelerate or bitsandbytes, in one module.
+
+Each function says what it works around and the versions it was written against (transformers 5.24, accelerate
+1.15, bitsandbytes 0.49, peft 0.21). `tests/test_compat.py` checks each one against the installed libraries, so an
+upstream change fails there, by name, instead of deep inside a training run.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+
+def mark_adapters_attached(model: nn.Module) -> None:
+    """Tell transformers' Trainer that a quantized model carries trainable adapters.
+
+    `transformers.trainer_utils.validate_quantization_for_training` refuses "purely quantized" models unless
+    `model._hf_peft_config_loaded` is set (PEFT's integration sets it when it attaches adapters; ours are not PEFT's).
+    """
+    model._hf_peft_config_loaded = True
+
+
+def forget_accelerate_prepared(model: nn.Module) -> None:
+    """Let `Trainer.train()` wrap a model that an earlier `evaluate()` marked prepared without wrapping it.
+
+    Under DDP, `evaluate()` before `train()` runs `Accelerator.prepare_model(model, evaluation_mode=True)`, which
+    sets `model._is_accelerate_prepared`; `prepare_model` then returns any marked model unwrapped, so `train()` would
+    run without the DDP wrapper (no gradient all-reduce).
+    """
+    model.__dict__.pop("_is_accelerate_prepared", None)
+
+
+def unpack_4bit_for_cpu(data: Any, state: Any) -> tuple[Any, Any]:
+    """A `Params4bit`'s data and quant state in bitsandbytes' canonical layout, from its CPU-repacked one.
+
+    bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel the first time a layer runs in eval mode
+    (`quant_state.packing_format_for_cpu`); only the private `_convert_weight_packed_for_cpu_inverse` undoes it.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    return _convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+
+
+def keys_to_not_convert(model: nn.Module) -> list[str]:
+    """The modules transformers keeps in full precision when it quantizes `model` (the output head, tied weights).
+
+    `transformers.quantizers.base.get_keys_to_not_convert` is internal to the quantizers; `quantize_model` needs
+    the same list when the caller adds modules of their own to keep (`modules_to_save`).
+    """
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    return list(get_keys_to_not_convert(model))
+
+
+def replace_forward(module: nn.Module, function: Callable[..., Any]) -> None:
+    """Make `function` (unbound, taking `self`) the forward of this one module instance.
+
+    `nn.Module.__call__` looks `forward` up on the instance, so an instance attribute overrides the class's method
+    for this module only (other instances, and the class, are untouched). This is how the activation savers patch
+    the SwiGLU/RMSNorm forwards and the model's head + loss.
+    """
+    module.forward = types.MethodType(function, module)
