@@ -29,27 +29,7 @@ _EXPORTS = {
     "saved_tensor_bytes": "memory",
     "write_model_card": "model_card",
 }
-__all__ = [
-    "HubUploadError",
-    "LoRAFAArguments",
-    "LoRAFAConfig",
-    "LoRAFATrainer",
-    "LoRAFATrainerMixin",
-    "LoRAFATrainingArguments",
-    "apply_activation_savers",
-    "count_parameters",
-    "estimate_memory",
-    "inject_adapters",
-    "lamda_plus_plus_ranks",
-    "lamda_schedule_step",
-    "load_adapter",
-    "load_base_model",
-    "merge_adapters",
-    "push_adapter",
-    "save_adapter",
-    "saved_tensor_bytes",
-    "write_model_card",
-]
+__all__ = sorted(_EXPORTS)  # one table: what is exported is what is lazily importable
 
 if TYPE_CHECKING:
     from .arguments import LoRAFAArguments, LoRAFATrainingArguments
