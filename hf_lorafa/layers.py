@@ -58,6 +58,20 @@ def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device, d
     return mask.bernoulli_(1.0 - p, generator=generator).div_(1.0 - p)
 
 
+def _common_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The widest dtype among the adapter's tensors: the one its products run in outside autocast.
+
+    Adapters are fp32 (`adapter_dtype`), but a trainer may cast the trained ones (TRL casts QLoRA adapters to bf16)
+    while the frozen A stays fp32; every product then runs in the wider dtype and each gradient is cast back to its
+    parameter's dtype by autograd.
+    """
+    dtype = torch.float16
+    for tensor in tensors:
+        if tensor is not None:
+            dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
 class FrozenAAdapterFunction(torch.autograd.Function):
     """`y = base(x) + s · B (S) A dropout(x)` with A frozen, keeping only `z = A·dropout(x)` for backward.
 
@@ -70,15 +84,16 @@ class FrozenAAdapterFunction(torch.autograd.Function):
     def forward(ctx, x, lora_A, lora_B, lora_S, b_grad_transform, base_layer, scaling, p, training):
         with torch.no_grad():
             result = base_layer(x)
-        h = x.to(lora_A.dtype)
+        dtype = _common_dtype(lora_A, lora_B, lora_S)
+        h = x.to(dtype)
         seed = None
         if p > 0.0 and training:
             # Drawn from the global generator: reproducible under torch.manual_seed and replayed by checkpointing.
             seed = int(torch.randint(0, 2**62, (1,)).item())
             h = h * dropout_mask(h.shape, p, seed, h.device, h.dtype)
-        z = h @ lora_A.t()
-        u = z if lora_S is None else z @ lora_S.t()
-        result = result + (scaling * (u @ lora_B.t())).to(result.dtype)
+        z = h @ lora_A.to(dtype).t()
+        u = z if lora_S is None else z @ lora_S.to(dtype).t()
+        result = result + (scaling * (u @ lora_B.to(dtype).t())).to(result.dtype)
         ctx.save_for_backward(z, lora_A, lora_B, lora_S, b_grad_transform)
         ctx.base_layer, ctx.scaling, ctx.p, ctx.seed = base_layer, scaling, p, seed
         return result
@@ -88,7 +103,10 @@ class FrozenAAdapterFunction(torch.autograd.Function):
         z, lora_A, lora_B, lora_S, b_grad_transform = ctx.saved_tensors
         # Under autocast the forward's products ran in half precision (z is bf16/fp16, and is kept so: half the
         # bytes); the parameter gradients are computed in the adapter's own dtype, as autograd does for LoRA.
-        z, g = z.to(lora_A.dtype), grad_out.to(lora_A.dtype)
+        dtype = _common_dtype(lora_A, lora_B, lora_S)
+        z, g, lora_A, lora_B = (t.to(dtype) for t in (z, grad_out, lora_A, lora_B))
+        lora_S = None if lora_S is None else lora_S.to(dtype)
+        b_grad_transform = None if b_grad_transform is None else b_grad_transform.to(dtype)
         r = z.shape[-1]
         grad_x = grad_B = grad_S = None
         gu = ctx.scaling * (g @ lora_B)

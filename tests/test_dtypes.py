@@ -88,3 +88,17 @@ def test_fp16_on_cpu_is_refused_with_the_fix(tmp_path):
         pytest.skip("fp16 mixed precision is valid on a GPU")
     with pytest.raises(ValueError, match=r"`fp16`.*bf16=True"):
         make_args(tmp_path, fp16=True)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["no-autocast", "bf16-autocast"])
+@pytest.mark.parametrize("method", ["lorafa", "lamda"])
+def test_trained_factors_cast_to_bf16_over_an_fp32_a(method, autocast, input_ids):
+    """TRL casts a QLoRA model's trainable parameters to bf16; the frozen A stays fp32 and training still works."""
+    model = adapted(method, "fp32", savers=False)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+    grads = adapter_grads(model, input_ids, "bf16-autocast" if autocast else "fp32")
+    params = dict(model.named_parameters())
+    assert grads and all(g is not None and g.dtype == params[n].dtype == torch.bfloat16 for n, g in grads.items())
+    assert all(g.abs().sum() > 0 for g in grads.values())

@@ -154,3 +154,19 @@ def test_sft_refuses_plain_config_and_peft_config(tokenizer, tmp_path):
         from hf_lorafa import LoRAFATrainer
 
         LoRAFATrainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True))
+
+
+def test_sft_qlora_from_a_model_folder(tokenizer, tmp_path):
+    """TRL's QLoRA path: a folder name as `model`, `load_in_4bit`, TRL casting the trained factors to bf16."""
+    pytest.importorskip("bitsandbytes")
+    base = tmp_path / "base"
+    tiny_llama(vocab=len(tokenizer)).save_pretrained(base)
+    trainer = sft(tokenizer, sft_args(tmp_path, load_in_4bit=True), model=str(base))
+    model = trainer.model
+    assert model.is_loaded_in_4bit and {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    trainer.train()
+    trainer.save_model()
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if "lora_B" in n)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if "lora_A" in n)
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
