@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -272,9 +273,68 @@ def test_merge_replaces_the_output_only_when_complete(tmp_path, monkeypatch):
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
     # No tokenizer in the base folder: the merge fails after the model is merged, before anything is renamed.
-    assert cli.main(["merge", str(folder), str(out)]) == 1
+    assert cli.main(["merge", str(folder), str(out), "--overwrite"]) == 1
     assert (out / "model.safetensors").read_bytes() == b"earlier good merge"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
+
+
+@pytest.fixture(scope="module")
+def merge_inputs(tmp_path_factory):
+    """A tiny Llama folder (with tokenizer) and a saved adapter for it."""
+    from fixtures.tiny_folder import build_tiny_llama_folder
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("merge")
+    base = build_tiny_llama_folder(root / "base")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    save_adapter(inject_adapters(model, LoRAFAConfig(method="lorafa", r=4)), root / "adapter")
+    return base, root / "adapter"
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+MERGE_REFUSALS = {
+    # what a user typed: (adapter location inside the work folder, OUT_DIR, needles of the error)
+    "into-the-cwd-holding-the-adapter": ("run", ".", ["is or contains the adapter folder"]),
+    "into-the-adapter-itself": ("run", "run", ["is or contains the adapter folder", "run-merged"]),
+    "into-a-parent-of-the-adapter": ("work/run", "work", ["is or contains the adapter folder"]),
+    "into-a-folder-with-other-files": ("run", "notes", ["is not empty (it holds keep.txt)", "--overwrite"]),
+}
+
+
+@pytest.mark.parametrize("adapter_at, out, needles", MERGE_REFUSALS.values(), ids=MERGE_REFUSALS)
+def test_merge_never_deletes_a_users_files(adapter_at, out, needles, merge_inputs, tmp_path, monkeypatch, capsys):
+    from hf_lorafa import cli
+
+    shutil.copytree(merge_inputs[1], tmp_path / adapter_at)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    before = tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["merge", adapter_at, out, "--base-model", str(merge_inputs[0])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("hf-lorafa merge: error: `OUT_DIR`"), err
+    assert all(needle in err[-1] for needle in needles), err[-1]
+    assert tree(tmp_path) == before  # nothing deleted, nothing written
+
+
+def test_merge_overwrite_replaces_the_model_files_and_keeps_the_rest(merge_inputs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_lorafa import cli
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"a shard of an earlier merge")
+    (out / "config.json").write_text("{}")
+    assert cli.main(["merge", str(merge_inputs[1]), str(out), "--overwrite"]) == 0
+    assert (out / "keep.txt").read_text() == "mine"
+    assert not (out / "model-00001-of-00002.safetensors").exists()
+    AutoModelForCausalLM.from_pretrained(out)  # a complete model, not a mix of two merges
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no staging folder left beside it
 
 
 @dataclass
