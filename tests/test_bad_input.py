@@ -75,6 +75,36 @@ def damaged(tmp_path: Path, how: str) -> Path:
     return folder
 
 
+def tampered(tmp_path: Path, config: dict | None = None, weights=None, facts: str | None = None,
+             raw_config: str | None = None) -> Path:
+    """A saved adapter with its config updated by `config`, its tensors edited by `weights(dict)`, or a file
+    replaced by raw text."""
+    from safetensors.torch import save_file
+
+    folder = adapter_dir(tmp_path)
+    path = folder / "adapter_config.json"
+    path.write_text(raw_config if raw_config is not None else json.dumps({**json.loads(path.read_text()),
+                                                                          **(config or {})}))
+    if weights is not None:
+        tensors = load_file(folder / "adapter_model.safetensors")
+        weights(tensors)
+        save_file(tensors, folder / "adapter_model.safetensors")
+    if facts is not None:
+        (folder / "hf_lorafa.json").write_text(facts)
+    return folder
+
+
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def with_key(key: str, shape: tuple[int, ...], value: float = 0.0):
+    return lambda tensors: tensors.update({key: torch.full(shape, value)})
+
+
+def poisoned(value: float):
+    return lambda tensors: tensors[f"{Q0}.lora_B.weight"].view(-1).__setitem__(0, value)
+
+
 def rows(tmp_path: Path, name: str, text: str) -> str:
     (tmp_path / name).write_text(text)
     return str(tmp_path / name)
@@ -186,6 +216,59 @@ CASES = [
          ["adapter_model.bin, a pickle", "safe_serialization=True", "`allow_pickle=True`"]),
     Case("adapter-not-lora", lambda t: load_adapter(tiny_llama(), damaged(t, "ia3")), ValueError,
          ["`adapter` is a", "IA3", "loads LoRA adapters only"]),
+    Case("adapter-base-weight-key",
+         lambda t: load_adapter(tiny_llama(), tampered(t, {"modules_to_save": ["lm_head"]},
+                                                       with_key("base_model.model.model.embed_tokens.weight",
+                                                                (256, 64)))), ValueError,
+         ["holds 'base_model.model.model.embed_tokens.weight'", "neither a lora_A/lora_B weight nor",
+          "['lm_head']", "never lets an adapter overwrite base weights"]),
+    Case("adapter-base-layer-key",
+         lambda t: load_adapter(tiny_llama(), tampered(t, {"modules_to_save": ["q_proj"]},
+                                                       with_key(f"{Q0}.base_layer.weight", (64, 64)))), ValueError,
+         [f"holds '{Q0}.base_layer.weight'", "never lets an adapter overwrite base weights"]),
+    Case("adapter-rank-broadcast",
+         lambda t: load_adapter(tiny_llama(), tampered(t, weights=with_key(f"{Q0}.lora_B.weight", (64, 1)))),
+         ValueError, ["has lora_A of rank 4 but lora_B of rank 1", "same rank"]),
+    Case("adapter-nan", lambda t: load_adapter(tiny_llama(), tampered(t, weights=poisoned(float("nan")))),
+         ValueError, [f"`adapter` tensor '{Q0}.lora_B.weight'", "holds NaN or inf values"]),
+    Case("adapter-inf", lambda t: load_adapter(tiny_llama(), tampered(t, weights=poisoned(float("inf")))),
+         ValueError, ["holds NaN or inf values", "earlier checkpoint"]),
+    Case("adapter-dora", lambda t: load_adapter(tiny_llama(), tampered(t, {"use_dora": True})), ValueError,
+         ["uses DoRA", "`use_dora`=True", "adapter_config.json", "merge_and_unload()"]),
+    Case("adapter-lora-bias", lambda t: load_adapter(tiny_llama(), tampered(t, {"lora_bias": True})), ValueError,
+         ["uses a trained bias on lora_B", "`lora_bias`=True"]),
+    Case("adapter-trained-biases", lambda t: load_adapter(tiny_llama(), tampered(t, {"bias": "all"})), ValueError,
+         ["uses trained base-layer biases", "`bias`='all'"]),
+    Case("adapter-config-rank", lambda t: load_adapter(tiny_llama(), tampered(t, {"r": 8})), ValueError,
+         ["has rank 4 tensors but adapter_config.json gives it r=8", "disagree"]),
+    Case("adapter-missing-lora-B",
+         lambda t: load_adapter(tiny_llama(), tampered(t, weights=lambda w: w.pop(f"{Q0}.lora_B.weight"))),
+         ValueError, [f"has no {Q0}.lora_B.weight", "adapter_model.safetensors", "incomplete"]),
+    Case("adapter-lora-on-norm",
+         lambda t: load_adapter(tiny_llama(), tampered(t, weights=with_key("base_model.model.model.norm.lora_A.weight",
+                                                                           (4, 64)))),
+         ValueError, ["targets 'model.norm' (LlamaRMSNorm)", "linear layers only"]),
+    Case("adapter-lora-on-embedding",
+         lambda t: load_adapter(tiny_llama(), tampered(
+             t, weights=with_key("base_model.model.model.embed_tokens.lora_B.weight", (64, 4)))),
+         ValueError, ["targets 'model.embed_tokens' (Embedding)", "linear layers only"]),
+    Case("adapter-config-not-json", lambda t: load_adapter(tiny_llama(), tampered(t, raw_config="{r: 4")), ValueError,
+         ["`adapter` file", "adapter_config.json' is not valid JSON", "save or download the adapter again"]),
+    Case("adapter-config-not-object", lambda t: load_adapter(tiny_llama(), tampered(t, raw_config="[4]")),
+         ValueError, ["adapter_config.json' must hold a JSON object; it holds a list"]),
+    Case("adapter-config-bad-rank", lambda t: load_adapter(tiny_llama(), tampered(t, {"r": "four"})), ValueError,
+         ["adapter_config.json' has 'r'='four'; it must be a positive int"]),
+    Case("adapter-config-bad-alpha-pattern",
+         lambda t: load_adapter(tiny_llama(), tampered(t, {"alpha_pattern": {"q_proj": "big"}})), ValueError,
+         ["has 'alpha_pattern'={'q_proj': 'big'}", "positive numbers"]),
+    Case("adapter-facts-not-json", lambda t: load_adapter(tiny_llama(), tampered(t, facts="{'method': 1")),
+         ValueError, ["hf_lorafa.json' is not valid JSON"]),
+    Case("adapter-facts-config-not-object",
+         lambda t: load_adapter(tiny_llama(), tampered(t, facts='{"config": 3}')), ValueError,
+         ["hf_lorafa.json' has 'config'=3", "must be an object"]),
+    Case("adapter-facts-config-invalid",
+         lambda t: load_adapter(tiny_llama(), tampered(t, facts='{"config": {"method": "qlora"}}')), ValueError,
+         ["hf_lorafa.json' key 'config'", "`method`"]),
     Case("adapter-missing-path", lambda t: load_adapter(tiny_llama(), str(t / "missing")), ValueError,
          ["neither an adapter folder nor a Hub repo id", "check the path"]),
     Case("adapter-hub-offline", lambda t: load_adapter(tiny_llama(), "someone/adapter"), ValueError,
@@ -258,6 +341,44 @@ def test_pickle_adapter_loads_when_the_user_opts_in(tmp_path):
     (folder / "adapter_model.bin").write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")
     with pytest.raises(ValueError, match="could not be loaded as plain tensors"):
         load_adapter(tiny_llama(), folder, allow_pickle=True)
+
+
+PEFT_SCALINGS = {
+    "rslora": {"use_rslora": True},
+    "alpha-pattern": {"alpha_pattern": {"q_proj": 32, "model.layers.1.mlp.down_proj": 2}},
+    "rank-and-alpha-pattern": {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"v_proj": 16}},
+}
+
+
+@pytest.mark.parametrize("options", PEFT_SCALINGS.values(), ids=PEFT_SCALINGS)
+def test_peft_scaling_options_load_with_peft_logits(options, tmp_path):
+    """rsLoRA and alpha/rank patterns give PEFT another scaling per layer; loaded here, the logits are PEFT's, and
+    saved again they load in PEFT with the same logits."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    targets = ["q_proj", "v_proj", "down_proj"]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **options)
+    reference = get_peft_model(tiny_llama(), config).eval()
+    reference.save_pretrained(tmp_path / "peft")
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        loaded = load_adapter(tiny_llama(), tmp_path / "peft").eval()
+        torch.testing.assert_close(loaded(ids).logits, expected)
+        assert not torch.allclose(tiny_llama()(ids).logits, expected)  # the adapter does change the output
+        save_adapter(loaded, tmp_path / "ours")
+        again = PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
+        torch.testing.assert_close(again(ids).logits, expected)
+
+
+def test_modules_to_save_still_load(tmp_path):
+    """The declared head (a classifier trained with the adapter) still loads; only undeclared keys are refused."""
+    reference = inject_adapters(tiny_llama(), LoRAFAConfig(r=4, modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(2)
+    save_adapter(reference, tmp_path / "adapter")
+    loaded = load_adapter(tiny_llama(), tmp_path / "adapter")
+    torch.testing.assert_close(loaded.lm_head.weight, reference.lm_head.weight)
 
 
 def test_merge_replaces_the_output_only_when_complete(tmp_path, monkeypatch):
