@@ -23,6 +23,7 @@ import pytest
 import torch
 from conftest import BAD_TOKEN, TOKEN, tiny_llama
 from datasets import Dataset, DatasetDict
+from fixtures.tiny_folder import build_tokenizer
 from safetensors.torch import load_file
 
 from hf_lorafa import LoRAFAConfig, LoRAFATrainer, LoRAFATrainingArguments, inject_adapters, load_adapter, save_adapter
@@ -201,6 +202,24 @@ CASES = [
          ["`--label_column` 'label' must hold integer class ids", "'good'", "Map the labels to integers"]),
     Case("data-label-negative", lambda t: tokenize_for_classification(splits(text=["a"], label=[-1]), None),
          ValueError, ["`--label_column`", "class ids start at 0"]),
+    Case("data-list-answer",
+         lambda t: tokenize_for_causal_lm(splits(question=["a", "b"], answer=[["x", "y"], ["z"]]), None), ValueError,
+         ["`--dataset` train row 0, column 'answer' holds a list (['x', 'y']), not text", "join a list first"]),
+    Case("data-bad-turn",
+         lambda t: tokenize_for_causal_lm(splits(messages=[[{"role": "user", "text": "hi"}]]), None), ValueError,
+         ["`--dataset` train row 0, column 'messages' has the turn", "'role': str, 'content': str"]),
+    Case("data-all-null",
+         lambda t: tokenize_for_causal_lm(splits(question=[None, " "], answer=["a", "b"]), None), ValueError,
+         ["no usable train rows: all 2 were skipped (2 with a null or blank 'question')"]),
+    Case("data-max-length-zero", lambda t: tokenize_for_causal_lm(splits(text=["a"]), None, max_length=0),
+         ValueError, ["`--max_length` must be a positive number of tokens", "got 0"]),
+    Case("data-max-length-negative",
+         lambda t: tokenize_for_classification(splits(text=["a"], label=[0]), None, max_length=-5), ValueError,
+         ["`--max_length` must be a positive number of tokens", "got -5"]),
+    Case("data-all-too-long",
+         lambda t: tokenize_for_causal_lm(splits(question=["what is the sky"] * 3, answer=["blue"] * 3),
+                                          build_tokenizer(), max_length=4), ValueError,
+         ["every train row was dropped", "within `--max_length` 4", "Raise --max_length"]),
     # Adapters
     Case("adapter-wrong-base-layers", lambda t: load_adapter(tiny_llama(layers=1), adapter_dir(t)), ValueError,
          ["`adapter` was trained for another base", "has no module 'model.layers.1", "Load the matching base model"]),
@@ -343,6 +362,37 @@ def test_pickle_adapter_loads_when_the_user_opts_in(tmp_path):
         load_adapter(tiny_llama(), folder, allow_pickle=True)
 
 
+def test_rows_with_nothing_to_learn_are_skipped_and_counted(caplog):
+    """Null/blank cells never become the text "None", a conversation ending on a user turn is not trained as the
+    answer, and a prompt that fills max_length is dropped, each counted in the log."""
+    tokenizer = build_tokenizer()
+    qa = splits(question=["what is the sun", None, "who are you", "what " * 12, ""],
+                answer=["red", "yes", None, "no", "the sky"])
+    with caplog.at_level("WARNING"):
+        data = tokenize_for_causal_lm(qa, tokenizer, max_length=10)
+    texts = [tokenizer.decode(ids) for ids in data["train"]["input_ids"]]
+    assert texts == ["<user> what is the sun <eos> <assistant> red <eos>"], texts
+    log = caplog.text
+    assert "train: skipped 3 of 5 rows (2 with a null or blank 'question', 1 with a null or blank 'answer')" in log
+    assert "train: dropped 1 of 2 rows whose prompt fills --max_length 10" in log
+    chats = splits(messages=[
+        [{"role": "user", "content": "who are you"}, {"role": "assistant", "content": "a cat"}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"},
+         {"role": "user", "content": "no"}],
+    ])  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        data = tokenize_for_causal_lm(chats, tokenizer)
+    assert [tokenizer.decode(ids) for ids in data["train"]["input_ids"]] == [
+        "<user> who are you <eos> <assistant> a cat <eos>"
+    ]
+    assert "skipped 1 of 2 rows (1 whose messages do not end on an assistant turn)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        data = tokenize_for_classification(splits(text=["good day", None], label=[1, 0]), tokenizer)
+    assert data["train"]["labels"] == [1] and "1 with a null or blank 'text'" in caplog.text
+
+
 PEFT_SCALINGS = {
     "rslora": {"use_rslora": True},
     "alpha-pattern": {"alpha_pattern": {"q_proj": 32, "model.layers.1.mlp.down_proj": 2}},
@@ -474,6 +524,15 @@ CLI_CASES = [
     CliCase("train-missing-column",
             ["train", "--dataset", "{tmp}/body.jsonl", "--text_column", "text", "--output_dir", "{tmp}/out"],
             ["`--text_column` 'text' is not a column", "body"]),
+    CliCase("train-max-length-zero", ["train", "--max_length", "0", "--output_dir", "{tmp}/out"],
+            ["hf-lorafa train: error: `--max_length` must be a positive number of tokens (e.g. 256); got 0."]),
+    CliCase("train-max-length-negative", ["train", "--max_length", "-5", "--output_dir", "{tmp}/out"],
+            ["`--max_length` must be a positive number of tokens", "got -5"]),
+    CliCase("train-max-train-samples-zero", ["train", "--max_train_samples", "0", "--output_dir", "{tmp}/out"],
+            ["`--max_train_samples` must be at least 1 (leave it unset to use every row); got 0."]),
+    CliCase("train-all-rows-too-long",
+            ["train", "--dataset", "{tmp}/long.jsonl", "--max_length", "16", "--output_dir", "{tmp}/out"],
+            ["hf-lorafa train: error: every train row was dropped", "`--max_length` 16"]),
     CliCase("merge-missing-adapter", ["merge", "{tmp}/no-adapter", "{tmp}/out"],
             ["hf-lorafa merge: error:", "neither an adapter folder nor a Hub repo id"]),
     CliCase("push-unsaved-folder", ["push", "{tmp}", "user/run"],
@@ -485,6 +544,8 @@ CLI_CASES = [
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c.name for c in CLI_CASES])
 def test_cli_bad_input_exits_non_zero_with_the_error_last(case, tmp_path):
     (tmp_path / "body.jsonl").write_text("\n".join(json.dumps({"body": f"row {i}"}) for i in range(8)))
+    long = [{"question": "why is the sky blue " * 20, "answer": "light"}] * 8
+    (tmp_path / "long.jsonl").write_text("\n".join(json.dumps(row) for row in long))
     argv = [a.format(tmp=tmp_path) for a in case.argv]
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     result = subprocess.run(
@@ -497,4 +558,4 @@ def test_cli_bad_input_exits_non_zero_with_the_error_last(case, tmp_path):
     assert "Traceback" not in result.stderr
     if case.name == "unknown-command":
         assert lines[0].startswith("usage: hf-lorafa")  # the usage first, the error last
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["body.jsonl"]  # no output, no partial folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["body.jsonl", "long.jsonl"]  # no output, no partial folder
