@@ -19,6 +19,7 @@ from transformers import Trainer
 
 from .arguments import LoRAFATrainingArguments
 from .callbacks import TRAINING_STATE_FILE, LaMDAScheduleCallback, MemoryCallback, complete_checkpoints
+from .checkpoints import resolve_resume
 from .injection import adapter_layers, count_parameters, has_adapters, inject_adapters
 from .memory_log import MemoryTracker
 from .optim import lorafa_param_groups
@@ -101,24 +102,9 @@ class LoRAFATrainer(Trainer):
         return self.accelerator.unwrap_model(self.model).hf_lorafa_config
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """`Trainer.train`, resuming only from checkpoints whose save completed (a kill mid-save leaves a partial
-        `checkpoint-N` behind; the previous complete one is used instead)."""
-        if resume_from_checkpoint is True:
-            complete = complete_checkpoints(self.args.output_dir)
-            if not complete:
-                raise ValueError(
-                    f"`resume_from_checkpoint`=True but {self.args.output_dir!r} has no complete checkpoint-N folder; "
-                    "train from scratch (drop the flag) or point it at a checkpoint folder."
-                )
-            resume_from_checkpoint = str(complete[-1])
-        elif resume_from_checkpoint and Path(resume_from_checkpoint) not in complete_checkpoints(
-            Path(resume_from_checkpoint).parent
-        ):
-            good = complete_checkpoints(Path(resume_from_checkpoint).parent)
-            raise ValueError(
-                f"`resume_from_checkpoint`={str(resume_from_checkpoint)!r} is not a complete checkpoint (missing, or "
-                f"its save was interrupted); resume from {str(good[-1]) if good else 'a complete checkpoint-N'}."
-            )
+        """`Trainer.train`, resuming only from checkpoints whose save completed and whose files read cleanly (a kill
+        mid-save leaves a partial `checkpoint-N` behind; `True`/`"last"` picks the newest complete one)."""
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         from transformers.training_args import ParallelMode
 
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled

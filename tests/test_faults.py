@@ -15,6 +15,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,3 +218,73 @@ def test_push_to_hub_flag_trains_pushes_the_adapter_and_no_token(tmp_path, monke
     for folder in (Path(args.output_dir), *Path(args.output_dir).glob("checkpoint-*")):
         assert not (folder / "training_args.bin").exists()
     assert all(b"SECRET" not in content for content in served.values())
+
+
+def tiny_trainer(output_dir: Path, max_steps: int = 4, **overrides) -> LoRAFATrainer:
+    ids = torch.randint(0, 256, (16, 12), generator=torch.Generator().manual_seed(0)).tolist()
+    args = LoRAFATrainingArguments(
+        output_dir=str(output_dir), max_steps=max_steps, save_steps=2, per_device_train_batch_size=4,
+        logging_steps=1, report_to="none", lora_r=4, use_cpu=True, disable_tqdm=True, activation_savers=False,
+        **overrides,
+    )  # fmt: skip
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    return LoRAFATrainer(model=tiny_llama(), args=args, train_dataset=data)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A run with checkpoint-2 and checkpoint-4 (optimizer, scheduler, RNG and trainer state in each)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    tiny_trainer(out).train()
+    assert [c.name for c in complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    return out
+
+
+CHECKPOINT_FILES = ["optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", TRAINING_STATE_FILE]
+
+
+@pytest.mark.parametrize("name", CHECKPOINT_FILES)
+@pytest.mark.parametrize("how", ["truncated", "emptied"])
+def test_a_damaged_checkpoint_file_is_one_error_naming_it_and_the_previous_checkpoint(
+    name, how, finished_run, tmp_path
+):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    damaged = out / "checkpoint-4" / name
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[: len(data) // 2] if how == "truncated" else b"")
+    for resume in (True, "last", str(out / "checkpoint-4")):
+        with pytest.raises(ValueError) as info:
+            tiny_trainer(out, max_steps=6).train(resume_from_checkpoint=resume)
+        message = str(info.value)
+        assert f"{damaged}' is truncated or corrupt" in message, message
+        assert f"resume from the previous complete checkpoint '{out / 'checkpoint-2'}' instead" in message, message
+    resumed = tiny_trainer(out, max_steps=6)
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))  # the named way out works
+    assert resumed.state.global_step == 6
+
+
+def test_cli_resume_true_and_last_pick_the_newest_complete_checkpoint(tiny, tmp_path, capsys):
+    from hf_lorafa.cli import main
+
+    out = tmp_path / "run"
+    argv = flags(tiny, out)
+    argv[argv.index("--max_steps") + 1] = "4"
+    assert main(["train", *argv]) == 0
+    (out / "checkpoint-4" / "optimizer.pt").write_bytes(b"PK\x03\x04 cut short")
+    capsys.readouterr()
+    assert main(["train", *argv, "--resume_from_checkpoint", "last"]) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hf-lorafa train: error: `resume_from_checkpoint`:") and "Traceback" not in err
+    assert f"{out / 'checkpoint-4' / 'optimizer.pt'}' is truncated or corrupt" in last, last
+    assert f"previous complete checkpoint '{out / 'checkpoint-2'}'" in last, last
+    shutil.rmtree(out / "checkpoint-4")
+    # A marker in checkpoint-2's history shows the run continued from it rather than starting over.
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    state["log_history"].append({"step": 2, "resume_marker": 1})
+    (out / "checkpoint-2" / "trainer_state.json").write_text(json.dumps(state))
+    argv[argv.index("--max_steps") + 1] = "6"
+    assert main(["train", *argv, "--resume_from_checkpoint", "True"]) == 0
+    history = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    assert {"step": 2, "resume_marker": 1} in history
