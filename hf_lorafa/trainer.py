@@ -23,6 +23,7 @@ from .checkpoints import resolve_resume
 from .injection import adapter_layers, count_parameters, has_adapters, inject_adapters
 from .memory_log import MemoryTracker
 from .optim import lorafa_param_groups
+from .preemption import preemptible
 from .run_facts import is_quantized, run_facts
 from .saving import atomic_write, save_adapter
 
@@ -111,7 +112,8 @@ class LoRAFATrainer(Trainer):
         if self.args.parallel_mode == ParallelMode.DISTRIBUTED and self.model_wrapped is self.model and not sharded:
             # evaluate() before train() marks the bare model "prepared" (no DDP wrapper); let train() wrap it.
             self.model.__dict__.pop("_is_accelerate_prepared", None)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        with preemptible(self):  # SIGTERM: save a checkpoint at the step's end, then exit 143 (see preemption.py)
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """`Trainer.training_step`, stopping at the first non-finite loss instead of training on garbage."""

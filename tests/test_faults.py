@@ -288,3 +288,76 @@ def test_cli_resume_true_and_last_pick_the_newest_complete_checkpoint(tiny, tmp_
     assert main(["train", *argv, "--resume_from_checkpoint", "True"]) == 0
     history = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
     assert {"step": 2, "resume_marker": 1} in history
+
+
+@pytest.mark.parametrize("entry", ["scripts/finetune.py", "cli"])
+def test_sigterm_saves_a_checkpoint_and_resuming_gives_the_uninterrupted_adapter(entry, tiny, tmp_path):
+    """A real SIGTERM at step 2 of 6, long before the first `save_steps` checkpoint: checkpoint-2 is written, the
+    process exits 143 without a traceback, and resuming from it ends with exactly the uninterrupted adapter."""
+    out = tmp_path / "run"
+    argv = flags(tiny, out)
+    argv[argv.index("--save_steps") + 1] = "100"
+    target = ["scripts/finetune.py"] if entry != "cli" else ["-m", "hf_lorafa.cli", "train"]
+    env = {**os.environ, "HF_LORAFA_PAUSE_AT_STEP": "2", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen(
+        [sys.executable, "tests/fixtures/pause_probe.py", *target, *argv], cwd=REPO, env=env,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    output = []
+    try:
+        for line in process.stdout:
+            output.append(line)
+            if line.startswith("PAUSED step-2"):
+                process.send_signal(signal.SIGTERM)
+            if line.startswith("hf-lorafa: SIGTERM received"):
+                process.stdin.write("\n")  # the handler ran: let step 2 end
+                process.stdin.flush()
+        process.wait(timeout=120)
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    text = "".join(output)
+    assert process.returncode == 143, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert f"stopped by SIGTERM at step 2 of 6; saved {out / 'checkpoint-2'}" in text, text[-3000:]
+    assert "--resume_from_checkpoint last" in text
+    assert [c.name for c in complete_checkpoints(out)] == ["checkpoint-2"]
+    assert not (out / "adapter_model.safetensors").exists()  # no top-level adapter that looks finished
+
+    if entry == "cli":  # the job evaluates before training: compare with the same job run straight through
+        from safetensors.torch import load_file
+
+        from hf_lorafa.cli import main
+
+        assert main(["train", *flags(tiny, out), "--resume_from_checkpoint", "last"]) == 0
+        assert main(["train", *flags(tiny, tmp_path / "straight")]) == 0
+        got, expected = (load_file(d / "adapter_model.safetensors") for d in (out, tmp_path / "straight"))
+        assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
+    else:
+        resumed = job_trainer(flags(tiny, out))
+        resumed.train(resume_from_checkpoint="last")
+        straight = job_trainer(flags(tiny, tmp_path / "straight"))
+        straight.train()
+        expected, got = adapter_tensors(straight.model), adapter_tensors(resumed.model)
+        assert resumed.state.global_step == 6
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_sigterm_in_process_raises_training_preempted_and_restores_the_handler(tmp_path):
+    from hf_lorafa.preemption import TrainingPreempted
+
+    class SendSigterm(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    trainer = tiny_trainer(tmp_path / "run")
+    trainer.add_callback(SendSigterm())
+    with pytest.raises(TrainingPreempted) as info:
+        trainer.train()
+    assert info.value.code == 143
+    assert [c.name for c in complete_checkpoints(tmp_path / "run")] == ["checkpoint-1"]
+    assert signal.getsignal(signal.SIGTERM) is before
