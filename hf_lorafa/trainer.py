@@ -224,9 +224,18 @@ class LoRAFATrainer(Trainer):
         self.push_in_progress = None
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Push the adapter (never transformers' `training_args.bin`, a pickle that holds `hub_token`)."""
+        """Push the checkpoint's adapter (never transformers' `training_args.bin`, a pickle that holds `hub_token`);
+        a Hub failure warns and the next save retries, and nothing is written at the top of `output_dir`."""
         if self.is_world_process_zero() and self.args.hub_strategy != "end":
-            self.push_to_hub(commit_message=f"Training in progress, step {self.state.global_step}")
+            from .hub import push_checkpoint
+
+            push_checkpoint(
+                checkpoint_folder,
+                self.args.hub_model_id or Path(self.args.output_dir).resolve().name,
+                step=self.state.global_step,
+                token=self.args.hub_token,
+                private=bool(self.args.hub_private_repo),
+            )
 
     def create_model_card(self, output_dir: str | None = None, **kwargs) -> None:
         """Write README.md (the adapter's model card) beside the adapter."""

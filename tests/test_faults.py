@@ -222,11 +222,11 @@ def test_push_to_hub_flag_trains_pushes_the_adapter_and_no_token(tmp_path, monke
 
 def tiny_trainer(output_dir: Path, max_steps: int = 4, **overrides) -> LoRAFATrainer:
     ids = torch.randint(0, 256, (16, 12), generator=torch.Generator().manual_seed(0)).tolist()
-    args = LoRAFATrainingArguments(
+    values = dict(
         output_dir=str(output_dir), max_steps=max_steps, save_steps=2, per_device_train_batch_size=4,
         logging_steps=1, report_to="none", lora_r=4, use_cpu=True, disable_tqdm=True, activation_savers=False,
-        **overrides,
     )  # fmt: skip
+    args = LoRAFATrainingArguments(**{**values, **overrides})
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
     return LoRAFATrainer(model=tiny_llama(), args=args, train_dataset=data)
 
@@ -361,3 +361,45 @@ def test_sigterm_in_process_raises_training_preempted_and_restores_the_handler(t
     assert info.value.code == 143
     assert [c.name for c in complete_checkpoints(tmp_path / "run")] == ["checkpoint-1"]
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_hub_500_during_checkpoint_pushes_warns_training_goes_on_and_the_final_push_reports(
+    tmp_path, monkeypatch, caplog
+):
+    import huggingface_hub.constants
+
+    from hf_lorafa.hub import HubUploadError
+
+    class FlakyHub(TrainerCallback):
+        """The Hub answers 500 to the commits of step 1's save; it recovers before step 2's."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                assert not (Path(args.output_dir) / "adapter_model.safetensors").exists()
+                hub.state.fail = None
+
+    with HubServer() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        trainer = tiny_trainer(
+            tmp_path / "out", max_steps=3, save_steps=1, push_to_hub=True, hub_model_id="user/flaky",
+            hub_token="hf_testSECRETd8Kq2LmZ7xVbN4wRy6TfPj3s",
+        )  # fmt: skip
+        trainer.add_callback(FlakyHub())
+        hub.state.fail = (500, "/commit/")
+        with caplog.at_level("WARNING", logger="hf_lorafa.hub"):
+            trainer.train()
+        assert trainer.state.global_step == 3  # the run went on
+        warnings = [r.getMessage() for r in caplog.records if r.name == "hf_lorafa.hub"]
+        assert len(warnings) == 1 and "HTTP 500" in warnings[0], warnings
+        assert "Training goes on; the next checkpoint save pushes again" in warnings[0]
+        repo = hub.state.repos["user/flaky"]
+        served = repo["commits"][repo["branches"]["main"]]
+        latest = Path(trainer.args.output_dir) / "checkpoint-3" / "adapter_model.safetensors"
+        assert served["adapter_model.safetensors"] == latest.read_bytes()  # the retry pushed the newest adapter
+        hub.state.fail = (500, "/commit/")
+        with pytest.raises(HubUploadError, match=r"failed while uploading the files: the Hub answered with a server "
+                                                 r"error \(HTTP 500\)"):
+            trainer.push_to_hub()
+        assert all("SECRET" not in w for w in warnings)
