@@ -73,6 +73,8 @@ def read_lora_config(path: Path):
     """The `peft.LoraConfig` of `adapter_config.json`, refusing what hf-lorafa cannot reproduce exactly."""
     from peft import LoraConfig
 
+    if not path.is_file():
+        raise ValueError(f"`adapter` folder {str(path.parent)!r} has no {path.name}; is it an adapter folder?")
     raw = read_json_object(path)
     peft_type = raw.get("peft_type")
     if peft_type != "LORA":

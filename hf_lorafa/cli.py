@@ -70,18 +70,18 @@ def merge_main(argv: list[str]) -> None:
         "--overwrite", action="store_true", help="replace the merged model's files in a non-empty OUT_DIR"
     )
     args = parser.parse_args(argv)
-    from peft import PeftConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .adapter_checks import read_lora_config
     from .data import resolve_model
     from .merge import merge_adapters
-    from .saving import load_adapter, read_adapter_facts, resolve_adapter_dir
+    from .saving import ADAPTER_CONFIG, load_adapter, read_adapter_facts, resolve_adapter_dir
 
     adapter_dir = resolve_adapter_dir(args.adapter, args.revision)
     target = Path(args.output_dir).resolve()
     # Before the model loads: a wrong OUT_DIR fails in a second and never costs a user's files.
     check_merge_target(target, adapter_dir, args.overwrite)
-    base = args.base_model or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    base = args.base_model or read_lora_config(adapter_dir / ADAPTER_CONFIG).base_model_name_or_path
     if not base:
         raise ValueError("the adapter does not name its base model; pass `--base-model` with its id or folder.")
     path = resolve_model(base)

@@ -254,8 +254,6 @@ def load_adapter(
     if has_adapters(model):
         raise ValueError("`model` already has hf-lorafa adapters; load the adapter into a fresh base model.")
     directory = resolve_adapter_dir(adapter, revision, token)
-    if not (directory / ADAPTER_CONFIG).exists():
-        raise ValueError(f"`adapter` folder {str(directory)!r} has no {ADAPTER_CONFIG}; is it an adapter folder?")
     peft_config = read_lora_config(directory / ADAPTER_CONFIG)
     ours = read_adapter_facts(directory)
     weights = read_adapter_weights(directory, allow_pickle)

@@ -491,6 +491,22 @@ def test_merge_never_deletes_a_users_files(adapter_at, out, needles, merge_input
     assert tree(tmp_path) == before  # nothing deleted, nothing written
 
 
+@pytest.mark.parametrize("config_file, needle", [
+    ("adapter_config.json", "adapter_config.json' is not valid JSON"),
+    ("hf_lorafa.json", "hf_lorafa.json' is not valid JSON"),
+])  # fmt: skip
+def test_merge_of_an_adapter_with_a_broken_config_is_one_error(config_file, needle, merge_inputs, tmp_path, capsys):
+    from hf_lorafa import cli
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(merge_inputs[1], adapter)
+    (adapter / config_file).write_text('{"r": 4,')
+    assert cli.main(["merge", str(adapter), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert needle in err.strip().splitlines()[-1] and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_merge_overwrite_replaces_the_model_files_and_keeps_the_rest(merge_inputs, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -345,21 +345,29 @@ def test_sigterm_saves_a_checkpoint_and_resuming_gives_the_uninterrupted_adapter
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
 
 
-def test_sigterm_in_process_raises_training_preempted_and_restores_the_handler(tmp_path):
+@pytest.mark.parametrize("when, saved", [
+    ("on_step_end", ["checkpoint-1"]),  # mid-run: saved at the end of that step
+    ("on_train_end", ["checkpoint-2", "checkpoint-3"]),  # after the last step, which had no checkpoint yet
+])  # fmt: skip
+def test_sigterm_in_process_raises_training_preempted_and_restores_the_handler(when, saved, tmp_path):
     from hf_lorafa.preemption import TrainingPreempted
 
     class SendSigterm(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 1:
+            if when == "on_step_end" and state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if when == "on_train_end":
                 os.kill(os.getpid(), signal.SIGTERM)
 
     before = signal.getsignal(signal.SIGTERM)
-    trainer = tiny_trainer(tmp_path / "run")
+    trainer = tiny_trainer(tmp_path / "run", max_steps=3)
     trainer.add_callback(SendSigterm())
     with pytest.raises(TrainingPreempted) as info:
         trainer.train()
     assert info.value.code == 143
-    assert [c.name for c in complete_checkpoints(tmp_path / "run")] == ["checkpoint-1"]
+    assert [c.name for c in complete_checkpoints(tmp_path / "run")] == saved
     assert signal.getsignal(signal.SIGTERM) is before
 
 
