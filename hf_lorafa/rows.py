@@ -30,10 +30,9 @@ class Skipped:
 
 
 def check_max_length(max_length: Any) -> None:
+    """`--max_length` must be a positive int: 0 or -5 would otherwise fail deep in the tokenizer, after loading."""
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(
-            f"`--max_length` must be a positive number of tokens (e.g. 256); got {max_length!r}."
-        )
+        raise ValueError(f"`--max_length` must be a positive number of tokens (e.g. 256); got {max_length!r}.")
 
 
 def check_row_limit(value: Any, flag: str) -> None:
