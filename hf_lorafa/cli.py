@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -20,24 +21,67 @@ commands:
 """
 
 
+def check_merge_target(target: Path, adapter_dir: Path, overwrite: bool) -> None:
+    """Refuse an output folder whose replacement could destroy files the user did not ask to replace."""
+    adapter = adapter_dir.resolve()
+    if target == adapter or target in adapter.parents:
+        raise ValueError(
+            f"`OUT_DIR` {str(target)!r} is or contains the adapter folder {str(adapter)!r}; writing the merged model "
+            "there would mix it with (or replace) the adapter. Pass a new folder, e.g. "
+            f"{str(target / 'merged') if target != adapter else str(adapter) + '-merged'!r}."
+        )
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"`OUT_DIR` {str(target)!r} is a file; pass a folder for the merged model.")
+    entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    if entries and not overwrite:
+        listed = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ValueError(
+            f"`OUT_DIR` {str(target)!r} is not empty (it holds {listed}); pass an empty or new folder, or add "
+            "--overwrite to replace the merged model's files in it (other files there are kept)."
+        )
+
+
+def install_merged(staging: Path, target: Path) -> None:
+    """Move a finished merge into `target`: a rename when it is new or empty, else file by file (`--overwrite`).
+
+    Only the merged model's own files are replaced; weight shards of an earlier merge that the new one does not
+    rewrite go too, since transformers would otherwise load a mix of the two. Nothing else in `target` is touched.
+    """
+    if not target.exists() or not any(target.iterdir()):
+        os.replace(staging, target)  # an empty folder is replaced in one atomic rename
+        return
+    written = {p.name for p in staging.iterdir()}
+    for stale in target.glob("model*.safetensors*"):
+        if stale.name not in written and stale.is_file():
+            stale.unlink()
+    for name in sorted(written):
+        os.replace(staging / name, target / name)
+
+
 def merge_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="hf-lorafa merge", description="Fold an adapter into its base model.")
     parser.add_argument("adapter", help="adapter folder or Hub id")
-    parser.add_argument("output_dir", help="where to save the merged model")
+    parser.add_argument("output_dir", help="where to save the merged model (a new or empty folder)")
     parser.add_argument("--base-model", help="base model id/folder (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--revision", help="Hub revision of the adapter")
     parser.add_argument("--load-in-4bit", action="store_true", help="load the base in 4-bit (merge dequantizes)")
     parser.add_argument("--load-in-8bit", action="store_true", help="load the base in 8-bit (merge dequantizes)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the merged model's files in a non-empty OUT_DIR"
+    )
     args = parser.parse_args(argv)
-    from peft import PeftConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .adapter_checks import read_lora_config
     from .data import resolve_model
     from .merge import merge_adapters
-    from .saving import load_adapter, read_adapter_facts, resolve_adapter_dir
+    from .saving import ADAPTER_CONFIG, load_adapter, read_adapter_facts, resolve_adapter_dir
 
     adapter_dir = resolve_adapter_dir(args.adapter, args.revision)
-    base = args.base_model or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    target = Path(args.output_dir).resolve()
+    # Before the model loads: a wrong OUT_DIR fails in a second and never costs a user's files.
+    check_merge_target(target, adapter_dir, args.overwrite)
+    base = args.base_model or read_lora_config(adapter_dir / ADAPTER_CONFIG).base_model_name_or_path
     if not base:
         raise ValueError("the adapter does not name its base model; pass `--base-model` with its id or folder.")
     path = resolve_model(base)
@@ -53,20 +97,13 @@ def merge_main(argv: list[str]) -> None:
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
     merged = merge_adapters(load_adapter(model, adapter_dir))
     tokenizer = AutoTokenizer.from_pretrained(path)
-    # Written beside the target, then renamed: a failure half-way never leaves a folder that looks like a model.
-    target = Path(args.output_dir).resolve()
+    # Written beside the target, then moved in: a failure half-way never leaves a folder that looks like a model.
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
     try:
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            old = staging.with_name(staging.name + "-old")
-            target.rename(old)
-            staging.rename(target)
-            shutil.rmtree(old)
-        else:
-            staging.rename(target)
+        install_merged(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"merged model saved to {target}")

@@ -13,6 +13,16 @@ from typing import Any
 from datasets import Dataset, DatasetDict, load_dataset
 
 from .data import BUILTIN_DATASETS, chatterbot_pairs, drugreview_split
+from .rows import (
+    Skipped,
+    cell_text,
+    chat_columns,
+    check_max_length,
+    check_row_limit,
+    conversation,
+    report_dropped,
+    usable_rows,
+)
 
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -65,22 +75,18 @@ def load_raw_dataset(name: str, eval_size: float | int = 0.1, seed: int = 42) ->
     return data
 
 
-def _messages(row: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    if "messages" in row:
-        return row["messages"][:-1], row["messages"][-1:]
-    question = row.get("question", row.get("prompt"))
-    answer = row.get("answer", row.get("completion"))
-    return [{"role": "user", "content": str(question)}], [{"role": "assistant", "content": str(answer)}]
-
-
 def tokenize_for_causal_lm(
     data: DatasetDict, tokenizer, text_column: str | None = None, max_length: int = 256
 ) -> DatasetDict:
-    """`input_ids`, `attention_mask` and `labels` (prompt masked for chat rows) for every split."""
+    """`input_ids`, `attention_mask` and `labels` (prompt masked for chat rows) for every split.
+
+    Rows with nothing to learn from (null or blank cells, a conversation that ends on a user turn, a prompt that
+    fills `max_length`) are skipped with a count; cells of the wrong kind are one error naming the row and column.
+    """
+    check_max_length(max_length)
     columns = data["train"].column_names
-    chat = text_column is None and (
-        "messages" in columns or {"question", "answer"} <= set(columns) or {"prompt", "completion"} <= set(columns)
-    )
+    pair = chat_columns(columns)
+    chat = text_column is None and ("messages" in columns or pair is not None)
     if not chat:
         column = text_column or ("text" if "text" in columns else None)
         if column is None or column not in columns:
@@ -89,30 +95,55 @@ def tokenize_for_causal_lm(
                 "pass --text_column with one of them, or use question/answer, prompt/completion or messages rows."
             )
 
-    def encode(row: dict[str, Any]) -> dict[str, list[int]]:
-        if chat:
-            prompt, answer = _messages(row)
-            if tokenizer.chat_template:
-                prefix = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-                full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
-            else:
-                prefix = prompt[-1]["content"] + "\n"
-                full = prefix + answer[-1]["content"] + (tokenizer.eos_token or "")
-            n_prompt = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
-            ids = tokenizer(full, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
-            labels = [-100] * min(n_prompt, len(ids)) + ids[n_prompt:]
-        else:
-            ids = tokenizer(str(row[column]), truncation=True, max_length=max_length)["input_ids"]
-            labels = list(ids)
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+    def read(row: dict[str, Any], where: str) -> Any:
+        if chat and "messages" in columns:
+            turns = conversation(row["messages"], f"{where}, column 'messages'")
+            return Skipped("whose messages do not end on an assistant turn") if turns is None else turns
+        names = pair if chat else (column,)
+        texts = [cell_text(row[name], f"{where}, column {name!r}") for name in names]
+        for name, text in zip(names, texts):
+            if text is None:
+                return Skipped(f"with a null or blank {name!r}")
+        if not chat:
+            return texts[0]
+        return [{"role": "user", "content": texts[0]}], [{"role": "assistant", "content": texts[1]}]
 
-    tokenized = data.map(encode, remove_columns=columns)
-    return tokenized.filter(lambda row: any(label != -100 for label in row["labels"]))
+    def encode(value: Any) -> tuple[list[int], list[int]]:
+        if not chat:
+            ids = tokenizer(value, truncation=True, max_length=max_length)["input_ids"]
+            return ids, list(ids)
+        prompt, answer = value
+        if tokenizer.chat_template:
+            prefix = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
+        else:
+            prefix = prompt[-1]["content"] + "\n"
+            full = prefix + answer[-1]["content"] + (tokenizer.eos_token or "")
+        n_prompt = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        ids = tokenizer(full, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+        return ids, [-100] * min(n_prompt, len(ids)) + ids[n_prompt:]
+
+    splits = {}
+    for name, split in data.items():
+        _, values = usable_rows(split, name, read)
+        encoded = [encode(value) for value in values]
+        encoded = [(ids, labels) for ids, labels in encoded if any(label != -100 for label in labels)]
+        report_dropped(name, len(values), len(encoded), max_length)
+        splits[name] = Dataset.from_dict(
+            {
+                "input_ids": [ids for ids, _ in encoded],
+                "attention_mask": [[1] * len(ids) for ids, _ in encoded],
+                "labels": [labels for _, labels in encoded],
+            }
+        )
+    return DatasetDict(splits)
 
 
 def tokenize_for_classification(
     data: DatasetDict, tokenizer, text_column: str = "text", label_column: str = "label", max_length: int = 128
 ) -> DatasetDict:
+    """`input_ids`, `attention_mask` and integer `labels`; rows with a null or blank text are skipped, counted."""
+    check_max_length(max_length)
     columns = data["train"].column_names
     for flag, column in (("--text_column", text_column), ("--label_column", label_column)):
         if column not in columns:
@@ -135,12 +166,22 @@ def tokenize_for_classification(
                     "start at 0."
                 )
 
-    def encode(row: dict[str, Any]) -> dict[str, Any]:
-        out = tokenizer(str(row[text_column]), truncation=True, max_length=max_length)
-        out["labels"] = int(row[label_column])
-        return out
+    def read(row: dict[str, Any], where: str) -> Any:
+        text = cell_text(row[text_column], f"{where}, column {text_column!r}")
+        return Skipped(f"with a null or blank {text_column!r}") if text is None else (text, int(row[label_column]))
 
-    return data.map(encode, remove_columns=columns)
+    splits = {}
+    for name, split in data.items():
+        _, values = usable_rows(split, name, read)
+        encoded = tokenizer([text for text, _ in values], truncation=True, max_length=max_length)
+        splits[name] = Dataset.from_dict({**encoded, "labels": [label for _, label in values]})
+    return DatasetDict(splits)
+
+
+def take_rows(split: Dataset, limit: int | None, flag: str) -> Dataset:
+    """The first `limit` rows of `split` (all when `None`); 0 or less is an error naming `flag`, never "all"."""
+    check_row_limit(limit, flag)
+    return split if limit is None else split.select(range(min(len(split), limit)))
 
 
 def pad_collator(tokenizer):

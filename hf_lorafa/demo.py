@@ -13,6 +13,7 @@ selector for the base vs each adapter, a side-by-side comparison and each adapte
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -96,9 +97,32 @@ def check_request(prompt: str, max_new_tokens: float, temperature: float, limits
     if len(prompt) > max_chars:
         raise gr.Error(f"The prompt is {len(prompt)} characters; the limit is {max_chars}. Shorten it.")
     if not 1 <= max_new_tokens <= max_tokens:
-        raise gr.Error(f"max_new_tokens must be between 1 and {max_tokens}; got {max_new_tokens}.")
+        raise gr.Error(f"max_new_tokens must be a whole number between 1 and {max_tokens}; got {max_new_tokens}.")
     if not 0 <= temperature <= 2:
-        raise gr.Error(f"temperature must be between 0 and 2; got {temperature}.")
+        raise gr.Error(f"temperature must be a number between 0 and 2; got {temperature}.")
+
+
+def checked_slider(slider: gr.Slider, name: str, whole: bool) -> gr.Slider:
+    """`slider` refusing a value that is not a finite number (`"nan"`, `"inf"`, text) with the limit message.
+
+    Gradio's own `Slider.preprocess` compares and rounds the raw API value first, so such a value raised a bare
+    TypeError/ValueError there, which the client sees as a hidden error (`error: null`), before our checks ran.
+    """
+    original = slider.preprocess
+    kind = "a whole number" if whole else "a number"
+    limit = f"{name} must be {kind} between {slider.minimum:g} and {slider.maximum:g}"
+
+    def preprocess(payload: Any) -> float:
+        try:
+            value = float(payload)
+        except (TypeError, ValueError):
+            value = math.nan
+        if isinstance(payload, bool) or not math.isfinite(value) or (whole and not value.is_integer()):
+            raise gr.Error(f"{limit}; got {payload!r}.")
+        return original(value)
+
+    slider.preprocess = preprocess  # on this instance only: the page and API schema stay a plain slider
+    return slider
 
 
 def build_demo(
@@ -150,6 +174,8 @@ def build_demo(
                 with gr.Row():
                     tokens = gr.Slider(1, max_new_tokens, value=default_tokens, step=1, label="Max new tokens")
                     temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+                    checked_slider(tokens, "max_new_tokens", whole=True)
+                    checked_slider(temperature, "temperature", whole=False)
                 button = gr.Button(tab.title(), variant="primary", elem_id=f"{tab}-btn")
             with gr.Column(scale=2):
                 facts = gr.Markdown(facts_markdown(models[choices[-1]]), elem_id=f"{tab}-facts")

@@ -8,6 +8,7 @@ Loading from the Hub is `load_adapter(model, "user/repo", revision=...)` (`savin
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 from .model_card import write_model_card
 from .redact import scrub_secrets
 from .saving import ADAPTER_CONFIG, ADAPTER_WEIGHTS, HUB_FILES
+
+logger = logging.getLogger(__name__)
 
 # A dead or black-holed endpoint must fail in seconds, not hang: huggingface_hub's shared HTTP client has no
 # timeout, so the first request (a token check) gets one; once it answered, the endpoint is known to be alive.
@@ -149,6 +152,21 @@ def push_adapter(
         )
         raise HubUploadError(scrub_secrets(message, token)) from None
     return str(info.commit_url)
+
+
+def push_checkpoint(folder: str | os.PathLike, repo_id: str, *, step: int, **kwargs: Any) -> bool:
+    """[`push_adapter`] for a checkpoint saved mid-training (`hub_strategy="every_save"`); never raises for the Hub.
+
+    A Hub outage must not end a run that may have hours left: a failed push is a warning, the next checkpoint save
+    pushes again (it uploads the whole adapter, so nothing is missed), and the final `push_to_hub()` raises.
+    Returns whether the push went through.
+    """
+    try:
+        push_adapter(folder, repo_id, commit_message=f"Training in progress, step {step}", **kwargs)
+    except HubUploadError as err:
+        logger.warning("%s Training goes on; the next checkpoint save pushes again.", err)
+        return False
+    return True
 
 
 def _check_token(api, token: str) -> None:

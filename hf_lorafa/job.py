@@ -23,9 +23,11 @@ from .dataprep import (
     classification_metrics,
     load_raw_dataset,
     pad_collator,
+    take_rows,
     tokenize_for_causal_lm,
     tokenize_for_classification,
 )
+from .rows import check_max_length, check_row_limit
 from .trainer import LoRAFATrainer
 
 DEFAULT_OUTPUT_DIR = "outputs/smollm2-lorafa"
@@ -73,6 +75,10 @@ class ScriptArguments:
     def __post_init__(self) -> None:
         if self.task not in ("causal-lm", "classification"):
             raise ValueError(f"`--task` must be 'causal-lm' or 'classification'; got {self.task!r}.")
+        # Checked here, before any data or model loads: `--max_train_samples 0` must never mean "every row".
+        check_max_length(self.max_length)
+        check_row_limit(self.max_train_samples, "--max_train_samples")
+        check_row_limit(self.max_eval_samples, "--max_eval_samples")
 
 
 def group_flags(parser: HfArgumentParser) -> HfArgumentParser:
@@ -190,8 +196,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         collator = pad_collator(tokenizer)
     num_labels = max(data["train"]["labels"]) + 1 if script.task == "classification" else 2
     model = load_model(script, args, tokenizer, num_labels)
-    train = data["train"].select(range(min(len(data["train"]), script.max_train_samples or len(data["train"]))))
-    held_out = data["test"].select(range(min(len(data["test"]), script.max_eval_samples or len(data["test"]))))
+    train = take_rows(data["train"], script.max_train_samples, "--max_train_samples")
+    held_out = take_rows(data["test"], script.max_eval_samples, "--max_eval_samples")
     trainer = LoRAFATrainer(
         model=model,
         args=args,

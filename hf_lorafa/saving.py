@@ -18,13 +18,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .adapter_checks import (
+    PEFT_PREFIX,
+    peft_rank_and_scaling,
+    read_json_object,
+    read_lora_config,
+    split_adapter_tensors,
+)
 from .config import LoRAFAConfig
 from .injection import adapter_layers, has_adapters, inject_adapters, matches_targets
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HF_LORAFA_FILE = "hf_lorafa.json"
-PEFT_PREFIX = "base_model.model."
 HUB_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, HF_LORAFA_FILE, "README.md", "memory.json", "*.png"]
 
 
@@ -177,7 +183,13 @@ def resolve_adapter_dir(adapter: str | os.PathLike, revision: str | None = None,
 def read_adapter_facts(directory: str | os.PathLike) -> dict[str, Any]:
     """The `hf_lorafa.json` of an adapter folder (empty when absent, e.g. a plain PEFT adapter)."""
     path = Path(directory) / HF_LORAFA_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    facts = read_json_object(path) if path.exists() else {}
+    if not isinstance(facts.get("config", {}), dict):
+        raise ValueError(
+            f"`adapter` file {str(path)!r} has 'config'={facts['config']!r}; it must be an object of LoRAFAConfig "
+            "fields. Fix the file or save the adapter again."
+        )
+    return facts
 
 
 def read_adapter_weights(directory: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -239,35 +251,25 @@ def load_adapter(
     >>> model = load_adapter(base_model, "outputs/my-adapter")  # doctest: +SKIP
     ```
     """
-    from peft import PeftConfig
-
     if has_adapters(model):
         raise ValueError("`model` already has hf-lorafa adapters; load the adapter into a fresh base model.")
     directory = resolve_adapter_dir(adapter, revision, token)
-    if not (directory / ADAPTER_CONFIG).exists():
-        raise ValueError(f"`adapter` folder {str(directory)!r} has no {ADAPTER_CONFIG}; is it an adapter folder?")
-    peft_config = PeftConfig.from_pretrained(str(directory))
-    if (
-        str(peft_config.peft_type.value if hasattr(peft_config.peft_type, "value") else peft_config.peft_type)
-        != "LORA"
-    ):
-        raise ValueError(f"`adapter` is a {peft_config.peft_type} adapter; hf-lorafa loads LoRA adapters only.")
+    peft_config = read_lora_config(directory / ADAPTER_CONFIG)
     ours = read_adapter_facts(directory)
     weights = read_adapter_weights(directory, allow_pickle)
-    pairs = {}
-    for key, tensor in weights.items():
-        for part in ("lora_A", "lora_B"):
-            suffix = f".{part}.weight"
-            if key.startswith(PEFT_PREFIX) and key.endswith(suffix):
-                pairs.setdefault(key[len(PEFT_PREFIX) : -len(suffix)], {})[part] = tensor
-    modules = dict(model.named_modules())
-    missing = [name for name in pairs if name not in modules]
-    if missing:
-        raise ValueError(
-            f"`adapter` was trained for another base: this model has no module {missing[0]!r} "
-            f"(adapter base: {peft_config.base_model_name_or_path!r}). Load the matching base model."
-        )
-    saved = LoRAFAConfig.from_dict(ours.get("config", {})) if ours else None
+    file = directory / (ADAPTER_WEIGHTS if (directory / ADAPTER_WEIGHTS).exists() else "adapter_model.bin")
+    pairs, extra = split_adapter_tensors(weights, model, peft_config, file)
+    own = model.state_dict()
+    for key, tensor in extra.items():
+        if tensor.shape != own[key].shape:
+            raise ValueError(
+                f"`adapter` tensor {key!r} in {str(file)!r} has shape {tuple(tensor.shape)} but this model's has "
+                f"{tuple(own[key].shape)}; the adapter was trained for another base (or another number of labels)."
+            )
+    try:
+        saved = LoRAFAConfig.from_dict(ours.get("config", {})) if ours else None
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"`adapter` file {str(directory / HF_LORAFA_FILE)!r} key 'config': {err}") from None
     ranks = {name: pair["lora_A"].shape[0] for name, pair in pairs.items()}
     config = LoRAFAConfig(
         method=method or (saved.method if saved else "lorafa"),
@@ -280,20 +282,12 @@ def load_adapter(
         lorafa_lr_ratio=saved.lorafa_lr_ratio if saved else LoRAFAConfig.lorafa_lr_ratio,
         rank_pattern={n: r for n, r in ranks.items() if r != peft_config.r},
     )
-    for name, pair in pairs.items():
-        module = modules[name]
-        if (pair["lora_A"].shape[1], pair["lora_B"].shape[0]) != (module.in_features, module.out_features):
-            raise ValueError(
-                f"`adapter` was trained for another base: layer {name!r} is {module.in_features}→"
-                f"{module.out_features} here but {pair['lora_A'].shape[1]}→{pair['lora_B'].shape[0]} in the adapter. "
-                "Load the matching base model."
-            )
     inject_adapters(model, config, init_weights=False)
     for name, layer in adapter_layers(model).items():
-        layer.load_peft_weights(pairs[name]["lora_A"], pairs[name]["lora_B"])
-    if config.modules_to_save:
-        extra = {
-            k[len(PEFT_PREFIX) :]: v for k, v in weights.items() if ".lora_" not in k and k.startswith(PEFT_PREFIX)
-        }
+        # rsLoRA (alpha/√r) and alpha_pattern give PEFT another scaling than our alpha/r: the ratio is folded into
+        # B, so the layer computes exactly PEFT's s·B·A and saves back as a plain LoRA adapter with equal outputs.
+        ratio = peft_rank_and_scaling(peft_config, name)[1] / layer.scaling
+        layer.load_peft_weights(pairs[name]["lora_A"], pairs[name]["lora_B"] * ratio)
+    if extra:
         model.load_state_dict(extra, strict=False)
     return model

@@ -20,11 +20,13 @@ from transformers import Trainer
 
 from .arguments import LoRAFAArguments, LoRAFATrainingArguments
 from .callbacks import TRAINING_STATE_FILE, LaMDAScheduleCallback, MemoryCallback, complete_checkpoints
+from .checkpoints import resolve_resume
 from .chunked_loss import loss_only
 from .compat import forget_accelerate_prepared
 from .injection import adapter_layers, count_parameters
 from .memory_log import MemoryTracker
 from .optim import lorafa_param_groups
+from .preemption import preemptible
 from .prepare import prepare_model
 from .run_facts import run_facts
 from .saving import atomic_write, save_adapter
@@ -89,30 +91,16 @@ class LoRAFATrainerMixin:
         return self.accelerator.unwrap_model(self.model).hf_lorafa_config
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """`Trainer.train`, resuming only from checkpoints whose save completed (a kill mid-save leaves a partial
-        `checkpoint-N` behind; the previous complete one is used instead)."""
-        if resume_from_checkpoint is True:
-            complete = complete_checkpoints(self.args.output_dir)
-            if not complete:
-                raise ValueError(
-                    f"`resume_from_checkpoint`=True but {self.args.output_dir!r} has no complete checkpoint-N folder; "
-                    "train from scratch (drop the flag) or point it at a checkpoint folder."
-                )
-            resume_from_checkpoint = str(complete[-1])
-        elif resume_from_checkpoint and Path(resume_from_checkpoint) not in complete_checkpoints(
-            Path(resume_from_checkpoint).parent
-        ):
-            good = complete_checkpoints(Path(resume_from_checkpoint).parent)
-            raise ValueError(
-                f"`resume_from_checkpoint`={str(resume_from_checkpoint)!r} is not a complete checkpoint (missing, or "
-                f"its save was interrupted); resume from {str(good[-1]) if good else 'a complete checkpoint-N'}."
-            )
+        """`Trainer.train`, resuming only from checkpoints whose save completed and whose files read cleanly (a kill
+        mid-save leaves a partial `checkpoint-N` behind; `True`/`"last"` picks the newest complete one)."""
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         from transformers.training_args import ParallelMode
 
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         if self.args.parallel_mode == ParallelMode.DISTRIBUTED and self.model_wrapped is self.model and not sharded:
             forget_accelerate_prepared(self.model)  # evaluate() before train() marked it prepared, unwrapped
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        with preemptible(self):  # SIGTERM: save a checkpoint at the step's end, then exit 143 (see preemption.py)
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """`Trainer.training_step`, stopping at the first non-finite loss instead of training on garbage."""
@@ -218,9 +206,18 @@ class LoRAFATrainerMixin:
         self.push_in_progress = None
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Push the adapter (never transformers' `training_args.bin`, a pickle that holds `hub_token`)."""
+        """Push the checkpoint's adapter (never transformers' `training_args.bin`, a pickle that holds `hub_token`);
+        a Hub failure warns and the next save retries, and nothing is written at the top of `output_dir`."""
         if self.is_world_process_zero() and self.args.hub_strategy != "end":
-            self.push_to_hub(commit_message=f"Training in progress, step {self.state.global_step}")
+            from .hub import push_checkpoint
+
+            push_checkpoint(
+                checkpoint_folder,
+                self.args.hub_model_id or Path(self.args.output_dir).resolve().name,
+                step=self.state.global_step,
+                token=self.args.hub_token,
+                private=bool(self.args.hub_private_repo),
+            )
 
     def create_model_card(self, output_dir: str | None = None, **kwargs) -> None:
         """Write README.md (the adapter's model card) beside the adapter."""

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from hf_lorafa import LoRAFATrainer, LoRAFATrainingArguments
 from hf_lorafa.data import resolve_model
-from hf_lorafa.dataprep import load_raw_dataset, pad_collator, tokenize_for_causal_lm
+from hf_lorafa.dataprep import load_raw_dataset, pad_collator, take_rows, tokenize_for_causal_lm
 
 
 @dataclass
@@ -39,9 +39,7 @@ def main() -> None:
         script_args.text_column,
         script_args.max_length,
     )
-    train = data["train"]
-    if script_args.max_train_samples:
-        train = train.select(range(min(len(train), script_args.max_train_samples)))
+    train = take_rows(data["train"], script_args.max_train_samples, "--max_train_samples")
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
 
     trainer = LoRAFATrainer(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 import torch
 from conftest import BAD_TOKEN, TOKEN, tiny_llama
 from datasets import Dataset, DatasetDict
+from fixtures.tiny_folder import build_tokenizer
 from safetensors.torch import load_file
 
 from hf_lorafa import LoRAFAConfig, LoRAFATrainer, LoRAFATrainingArguments, inject_adapters, load_adapter, save_adapter
@@ -72,6 +74,36 @@ def damaged(tmp_path: Path, how: str) -> Path:
         (folder / "adapter_config.json").unlink()
         IA3Config(target_modules=["q_proj"], feedforward_modules=[]).save_pretrained(str(folder))
     return folder
+
+
+def tampered(tmp_path: Path, config: dict | None = None, weights=None, facts: str | None = None,
+             raw_config: str | None = None) -> Path:
+    """A saved adapter with its config updated by `config`, its tensors edited by `weights(dict)`, or a file
+    replaced by raw text."""
+    from safetensors.torch import save_file
+
+    folder = adapter_dir(tmp_path)
+    path = folder / "adapter_config.json"
+    path.write_text(raw_config if raw_config is not None else json.dumps({**json.loads(path.read_text()),
+                                                                          **(config or {})}))
+    if weights is not None:
+        tensors = load_file(folder / "adapter_model.safetensors")
+        weights(tensors)
+        save_file(tensors, folder / "adapter_model.safetensors")
+    if facts is not None:
+        (folder / "hf_lorafa.json").write_text(facts)
+    return folder
+
+
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def with_key(key: str, shape: tuple[int, ...], value: float = 0.0):
+    return lambda tensors: tensors.update({key: torch.full(shape, value)})
+
+
+def poisoned(value: float):
+    return lambda tensors: tensors[f"{Q0}.lora_B.weight"].view(-1).__setitem__(0, value)
 
 
 def rows(tmp_path: Path, name: str, text: str) -> str:
@@ -170,6 +202,24 @@ CASES = [
          ["`--label_column` 'label' must hold integer class ids", "'good'", "Map the labels to integers"]),
     Case("data-label-negative", lambda t: tokenize_for_classification(splits(text=["a"], label=[-1]), None),
          ValueError, ["`--label_column`", "class ids start at 0"]),
+    Case("data-list-answer",
+         lambda t: tokenize_for_causal_lm(splits(question=["a", "b"], answer=[["x", "y"], ["z"]]), None), ValueError,
+         ["`--dataset` train row 0, column 'answer' holds a list (['x', 'y']), not text", "join a list first"]),
+    Case("data-bad-turn",
+         lambda t: tokenize_for_causal_lm(splits(messages=[[{"role": "user", "text": "hi"}]]), None), ValueError,
+         ["`--dataset` train row 0, column 'messages' has the turn", "'role': str, 'content': str"]),
+    Case("data-all-null",
+         lambda t: tokenize_for_causal_lm(splits(question=[None, " "], answer=["a", "b"]), None), ValueError,
+         ["no usable train rows: all 2 were skipped (2 with a null or blank 'question')"]),
+    Case("data-max-length-zero", lambda t: tokenize_for_causal_lm(splits(text=["a"]), None, max_length=0),
+         ValueError, ["`--max_length` must be a positive number of tokens", "got 0"]),
+    Case("data-max-length-negative",
+         lambda t: tokenize_for_classification(splits(text=["a"], label=[0]), None, max_length=-5), ValueError,
+         ["`--max_length` must be a positive number of tokens", "got -5"]),
+    Case("data-all-too-long",
+         lambda t: tokenize_for_causal_lm(splits(question=["what is the sky"] * 3, answer=["blue"] * 3),
+                                          build_tokenizer(), max_length=4), ValueError,
+         ["every train row was dropped", "within `--max_length` 4", "Raise --max_length"]),
     # Adapters
     Case("adapter-wrong-base-layers", lambda t: load_adapter(tiny_llama(layers=1), adapter_dir(t)), ValueError,
          ["`adapter` was trained for another base", "has no module 'model.layers.1", "Load the matching base model"]),
@@ -185,6 +235,59 @@ CASES = [
          ["adapter_model.bin, a pickle", "safe_serialization=True", "`allow_pickle=True`"]),
     Case("adapter-not-lora", lambda t: load_adapter(tiny_llama(), damaged(t, "ia3")), ValueError,
          ["`adapter` is a", "IA3", "loads LoRA adapters only"]),
+    Case("adapter-base-weight-key",
+         lambda t: load_adapter(tiny_llama(), tampered(t, {"modules_to_save": ["lm_head"]},
+                                                       with_key("base_model.model.model.embed_tokens.weight",
+                                                                (256, 64)))), ValueError,
+         ["holds 'base_model.model.model.embed_tokens.weight'", "neither a lora_A/lora_B weight nor",
+          "['lm_head']", "never lets an adapter overwrite base weights"]),
+    Case("adapter-base-layer-key",
+         lambda t: load_adapter(tiny_llama(), tampered(t, {"modules_to_save": ["q_proj"]},
+                                                       with_key(f"{Q0}.base_layer.weight", (64, 64)))), ValueError,
+         [f"holds '{Q0}.base_layer.weight'", "never lets an adapter overwrite base weights"]),
+    Case("adapter-rank-broadcast",
+         lambda t: load_adapter(tiny_llama(), tampered(t, weights=with_key(f"{Q0}.lora_B.weight", (64, 1)))),
+         ValueError, ["has lora_A of rank 4 but lora_B of rank 1", "same rank"]),
+    Case("adapter-nan", lambda t: load_adapter(tiny_llama(), tampered(t, weights=poisoned(float("nan")))),
+         ValueError, [f"`adapter` tensor '{Q0}.lora_B.weight'", "holds NaN or inf values"]),
+    Case("adapter-inf", lambda t: load_adapter(tiny_llama(), tampered(t, weights=poisoned(float("inf")))),
+         ValueError, ["holds NaN or inf values", "earlier checkpoint"]),
+    Case("adapter-dora", lambda t: load_adapter(tiny_llama(), tampered(t, {"use_dora": True})), ValueError,
+         ["uses DoRA", "`use_dora`=True", "adapter_config.json", "merge_and_unload()"]),
+    Case("adapter-lora-bias", lambda t: load_adapter(tiny_llama(), tampered(t, {"lora_bias": True})), ValueError,
+         ["uses a trained bias on lora_B", "`lora_bias`=True"]),
+    Case("adapter-trained-biases", lambda t: load_adapter(tiny_llama(), tampered(t, {"bias": "all"})), ValueError,
+         ["uses trained base-layer biases", "`bias`='all'"]),
+    Case("adapter-config-rank", lambda t: load_adapter(tiny_llama(), tampered(t, {"r": 8})), ValueError,
+         ["has rank 4 tensors but adapter_config.json gives it r=8", "disagree"]),
+    Case("adapter-missing-lora-B",
+         lambda t: load_adapter(tiny_llama(), tampered(t, weights=lambda w: w.pop(f"{Q0}.lora_B.weight"))),
+         ValueError, [f"has no {Q0}.lora_B.weight", "adapter_model.safetensors", "incomplete"]),
+    Case("adapter-lora-on-norm",
+         lambda t: load_adapter(tiny_llama(), tampered(t, weights=with_key("base_model.model.model.norm.lora_A.weight",
+                                                                           (4, 64)))),
+         ValueError, ["targets 'model.norm' (LlamaRMSNorm)", "linear layers only"]),
+    Case("adapter-lora-on-embedding",
+         lambda t: load_adapter(tiny_llama(), tampered(
+             t, weights=with_key("base_model.model.model.embed_tokens.lora_B.weight", (64, 4)))),
+         ValueError, ["targets 'model.embed_tokens' (Embedding)", "linear layers only"]),
+    Case("adapter-config-not-json", lambda t: load_adapter(tiny_llama(), tampered(t, raw_config="{r: 4")), ValueError,
+         ["`adapter` file", "adapter_config.json' is not valid JSON", "save or download the adapter again"]),
+    Case("adapter-config-not-object", lambda t: load_adapter(tiny_llama(), tampered(t, raw_config="[4]")),
+         ValueError, ["adapter_config.json' must hold a JSON object; it holds a list"]),
+    Case("adapter-config-bad-rank", lambda t: load_adapter(tiny_llama(), tampered(t, {"r": "four"})), ValueError,
+         ["adapter_config.json' has 'r'='four'; it must be a positive int"]),
+    Case("adapter-config-bad-alpha-pattern",
+         lambda t: load_adapter(tiny_llama(), tampered(t, {"alpha_pattern": {"q_proj": "big"}})), ValueError,
+         ["has 'alpha_pattern'={'q_proj': 'big'}", "positive numbers"]),
+    Case("adapter-facts-not-json", lambda t: load_adapter(tiny_llama(), tampered(t, facts="{'method': 1")),
+         ValueError, ["hf_lorafa.json' is not valid JSON"]),
+    Case("adapter-facts-config-not-object",
+         lambda t: load_adapter(tiny_llama(), tampered(t, facts='{"config": 3}')), ValueError,
+         ["hf_lorafa.json' has 'config'=3", "must be an object"]),
+    Case("adapter-facts-config-invalid",
+         lambda t: load_adapter(tiny_llama(), tampered(t, facts='{"config": {"method": "qlora"}}')), ValueError,
+         ["hf_lorafa.json' key 'config'", "`method`"]),
     Case("adapter-missing-path", lambda t: load_adapter(tiny_llama(), str(t / "missing")), ValueError,
          ["neither an adapter folder nor a Hub repo id", "check the path"]),
     Case("adapter-hub-offline", lambda t: load_adapter(tiny_llama(), "someone/adapter"), ValueError,
@@ -259,6 +362,75 @@ def test_pickle_adapter_loads_when_the_user_opts_in(tmp_path):
         load_adapter(tiny_llama(), folder, allow_pickle=True)
 
 
+def test_rows_with_nothing_to_learn_are_skipped_and_counted(caplog):
+    """Null/blank cells never become the text "None", a conversation ending on a user turn is not trained as the
+    answer, and a prompt that fills max_length is dropped, each counted in the log."""
+    tokenizer = build_tokenizer()
+    qa = splits(question=["what is the sun", None, "who are you", "what " * 12, ""],
+                answer=["red", "yes", None, "no", "the sky"])
+    with caplog.at_level("WARNING"):
+        data = tokenize_for_causal_lm(qa, tokenizer, max_length=10)
+    texts = [tokenizer.decode(ids) for ids in data["train"]["input_ids"]]
+    assert texts == ["<user> what is the sun <eos> <assistant> red <eos>"], texts
+    log = caplog.text
+    assert "train: skipped 3 of 5 rows (2 with a null or blank 'question', 1 with a null or blank 'answer')" in log
+    assert "train: dropped 1 of 2 rows whose prompt fills --max_length 10" in log
+    chats = splits(messages=[
+        [{"role": "user", "content": "who are you"}, {"role": "assistant", "content": "a cat"}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"},
+         {"role": "user", "content": "no"}],
+    ])  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        data = tokenize_for_causal_lm(chats, tokenizer)
+    assert [tokenizer.decode(ids) for ids in data["train"]["input_ids"]] == [
+        "<user> who are you <eos> <assistant> a cat <eos>"
+    ]
+    assert "skipped 1 of 2 rows (1 whose messages do not end on an assistant turn)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        data = tokenize_for_classification(splits(text=["good day", None], label=[1, 0]), tokenizer)
+    assert data["train"]["labels"] == [1] and "1 with a null or blank 'text'" in caplog.text
+
+
+PEFT_SCALINGS = {
+    "rslora": {"use_rslora": True},
+    "alpha-pattern": {"alpha_pattern": {"q_proj": 32, "model.layers.1.mlp.down_proj": 2}},
+    "rank-and-alpha-pattern": {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"v_proj": 16}},
+}
+
+
+@pytest.mark.parametrize("options", PEFT_SCALINGS.values(), ids=PEFT_SCALINGS)
+def test_peft_scaling_options_load_with_peft_logits(options, tmp_path):
+    """rsLoRA and alpha/rank patterns give PEFT another scaling per layer; loaded here, the logits are PEFT's, and
+    saved again they load in PEFT with the same logits."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    targets = ["q_proj", "v_proj", "down_proj"]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **options)
+    reference = get_peft_model(tiny_llama(), config).eval()
+    reference.save_pretrained(tmp_path / "peft")
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        loaded = load_adapter(tiny_llama(), tmp_path / "peft").eval()
+        torch.testing.assert_close(loaded(ids).logits, expected)
+        assert not torch.allclose(tiny_llama()(ids).logits, expected)  # the adapter does change the output
+        save_adapter(loaded, tmp_path / "ours")
+        again = PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
+        torch.testing.assert_close(again(ids).logits, expected)
+
+
+def test_modules_to_save_still_load(tmp_path):
+    """The declared head (a classifier trained with the adapter) still loads; only undeclared keys are refused."""
+    reference = inject_adapters(tiny_llama(), LoRAFAConfig(r=4, modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(2)
+    save_adapter(reference, tmp_path / "adapter")
+    loaded = load_adapter(tiny_llama(), tmp_path / "adapter")
+    torch.testing.assert_close(loaded.lm_head.weight, reference.lm_head.weight)
+
+
 def test_merge_replaces_the_output_only_when_complete(tmp_path, monkeypatch):
     from hf_lorafa import cli
 
@@ -272,9 +444,84 @@ def test_merge_replaces_the_output_only_when_complete(tmp_path, monkeypatch):
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
     # No tokenizer in the base folder: the merge fails after the model is merged, before anything is renamed.
-    assert cli.main(["merge", str(folder), str(out)]) == 1
+    assert cli.main(["merge", str(folder), str(out), "--overwrite"]) == 1
     assert (out / "model.safetensors").read_bytes() == b"earlier good merge"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
+
+
+@pytest.fixture(scope="module")
+def merge_inputs(tmp_path_factory):
+    """A tiny Llama folder (with tokenizer) and a saved adapter for it."""
+    from fixtures.tiny_folder import build_tiny_llama_folder
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("merge")
+    base = build_tiny_llama_folder(root / "base")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    save_adapter(inject_adapters(model, LoRAFAConfig(method="lorafa", r=4)), root / "adapter")
+    return base, root / "adapter"
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+MERGE_REFUSALS = {
+    # what a user typed: (adapter location inside the work folder, OUT_DIR, needles of the error)
+    "into-the-cwd-holding-the-adapter": ("run", ".", ["is or contains the adapter folder"]),
+    "into-the-adapter-itself": ("run", "run", ["is or contains the adapter folder", "run-merged"]),
+    "into-a-parent-of-the-adapter": ("work/run", "work", ["is or contains the adapter folder"]),
+    "into-a-folder-with-other-files": ("run", "notes", ["is not empty (it holds keep.txt)", "--overwrite"]),
+}
+
+
+@pytest.mark.parametrize("adapter_at, out, needles", MERGE_REFUSALS.values(), ids=MERGE_REFUSALS)
+def test_merge_never_deletes_a_users_files(adapter_at, out, needles, merge_inputs, tmp_path, monkeypatch, capsys):
+    from hf_lorafa import cli
+
+    shutil.copytree(merge_inputs[1], tmp_path / adapter_at)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    before = tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["merge", adapter_at, out, "--base-model", str(merge_inputs[0])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("hf-lorafa merge: error: `OUT_DIR`"), err
+    assert all(needle in err[-1] for needle in needles), err[-1]
+    assert tree(tmp_path) == before  # nothing deleted, nothing written
+
+
+@pytest.mark.parametrize("config_file, needle", [
+    ("adapter_config.json", "adapter_config.json' is not valid JSON"),
+    ("hf_lorafa.json", "hf_lorafa.json' is not valid JSON"),
+])  # fmt: skip
+def test_merge_of_an_adapter_with_a_broken_config_is_one_error(config_file, needle, merge_inputs, tmp_path, capsys):
+    from hf_lorafa import cli
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(merge_inputs[1], adapter)
+    (adapter / config_file).write_text('{"r": 4,')
+    assert cli.main(["merge", str(adapter), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert needle in err.strip().splitlines()[-1] and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_overwrite_replaces_the_model_files_and_keeps_the_rest(merge_inputs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_lorafa import cli
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"a shard of an earlier merge")
+    (out / "config.json").write_text("{}")
+    assert cli.main(["merge", str(merge_inputs[1]), str(out), "--overwrite"]) == 0
+    assert (out / "keep.txt").read_text() == "mine"
+    assert not (out / "model-00001-of-00002.safetensors").exists()
+    AutoModelForCausalLM.from_pretrained(out)  # a complete model, not a mix of two merges
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no staging folder left beside it
 
 
 @dataclass
@@ -293,6 +540,15 @@ CLI_CASES = [
     CliCase("train-missing-column",
             ["train", "--dataset", "{tmp}/body.jsonl", "--text_column", "text", "--output_dir", "{tmp}/out"],
             ["`--text_column` 'text' is not a column", "body"]),
+    CliCase("train-max-length-zero", ["train", "--max_length", "0", "--output_dir", "{tmp}/out"],
+            ["hf-lorafa train: error: `--max_length` must be a positive number of tokens (e.g. 256); got 0."]),
+    CliCase("train-max-length-negative", ["train", "--max_length", "-5", "--output_dir", "{tmp}/out"],
+            ["`--max_length` must be a positive number of tokens", "got -5"]),
+    CliCase("train-max-train-samples-zero", ["train", "--max_train_samples", "0", "--output_dir", "{tmp}/out"],
+            ["`--max_train_samples` must be at least 1 (leave it unset to use every row); got 0."]),
+    CliCase("train-all-rows-too-long",
+            ["train", "--dataset", "{tmp}/long.jsonl", "--max_length", "16", "--output_dir", "{tmp}/out"],
+            ["hf-lorafa train: error: every train row was dropped", "`--max_length` 16"]),
     CliCase("merge-missing-adapter", ["merge", "{tmp}/no-adapter", "{tmp}/out"],
             ["hf-lorafa merge: error:", "neither an adapter folder nor a Hub repo id"]),
     CliCase("push-unsaved-folder", ["push", "{tmp}", "user/run"],
@@ -304,6 +560,8 @@ CLI_CASES = [
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c.name for c in CLI_CASES])
 def test_cli_bad_input_exits_non_zero_with_the_error_last(case, tmp_path):
     (tmp_path / "body.jsonl").write_text("\n".join(json.dumps({"body": f"row {i}"}) for i in range(8)))
+    long = [{"question": "why is the sky blue " * 20, "answer": "light"}] * 8
+    (tmp_path / "long.jsonl").write_text("\n".join(json.dumps(row) for row in long))
     argv = [a.format(tmp=tmp_path) for a in case.argv]
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     result = subprocess.run(
@@ -316,4 +574,4 @@ def test_cli_bad_input_exits_non_zero_with_the_error_last(case, tmp_path):
     assert "Traceback" not in result.stderr
     if case.name == "unknown-command":
         assert lines[0].startswith("usage: hf-lorafa")  # the usage first, the error last
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["body.jsonl"]  # no output, no partial folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["body.jsonl", "long.jsonl"]  # no output, no partial folder

@@ -184,6 +184,9 @@ def test_32_concurrent_clients_all_answered(server):
         (("   ",), "The prompt is empty"),
         (("1234567890" * 19,), "exceeds the model's context of 128 tokens"),
         (("Hi", "tiny-adapter", MAX_NEW + 1, 0), f"greater than maximum value {MAX_NEW}"),
+        (("Hi", "tiny-adapter", "nan", 0), f"max_new_tokens must be a whole number between 1 and {MAX_NEW}"),
+        (("Hi", "tiny-adapter", 2.5, 0), f"max_new_tokens must be a whole number between 1 and {MAX_NEW}"),
+        (("Hi", "tiny-adapter", 8, "inf"), "temperature must be a number between 0 and 2"),
         (("Hi", "/etc/passwd", 8, 0), "not in the list of choices"),  # no paths from the page
     ],
 )

@@ -15,6 +15,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,3 +218,196 @@ def test_push_to_hub_flag_trains_pushes_the_adapter_and_no_token(tmp_path, monke
     for folder in (Path(args.output_dir), *Path(args.output_dir).glob("checkpoint-*")):
         assert not (folder / "training_args.bin").exists()
     assert all(b"SECRET" not in content for content in served.values())
+
+
+def tiny_trainer(output_dir: Path, max_steps: int = 4, **overrides) -> LoRAFATrainer:
+    ids = torch.randint(0, 256, (16, 12), generator=torch.Generator().manual_seed(0)).tolist()
+    values = dict(
+        output_dir=str(output_dir), max_steps=max_steps, save_steps=2, per_device_train_batch_size=4,
+        logging_steps=1, report_to="none", lora_r=4, use_cpu=True, disable_tqdm=True, activation_savers=False,
+    )  # fmt: skip
+    args = LoRAFATrainingArguments(**{**values, **overrides})
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    return LoRAFATrainer(model=tiny_llama(), args=args, train_dataset=data)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A run with checkpoint-2 and checkpoint-4 (optimizer, scheduler, RNG and trainer state in each)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    tiny_trainer(out).train()
+    assert [c.name for c in complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    return out
+
+
+CHECKPOINT_FILES = ["optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", TRAINING_STATE_FILE]
+
+
+@pytest.mark.parametrize("name", CHECKPOINT_FILES)
+@pytest.mark.parametrize("how", ["truncated", "emptied"])
+def test_a_damaged_checkpoint_file_is_one_error_naming_it_and_the_previous_checkpoint(
+    name, how, finished_run, tmp_path
+):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    damaged = out / "checkpoint-4" / name
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[: len(data) // 2] if how == "truncated" else b"")
+    for resume in (True, "last", str(out / "checkpoint-4")):
+        with pytest.raises(ValueError) as info:
+            tiny_trainer(out, max_steps=6).train(resume_from_checkpoint=resume)
+        message = str(info.value)
+        assert f"{damaged}' is truncated or corrupt" in message, message
+        assert f"resume from the previous complete checkpoint '{out / 'checkpoint-2'}' instead" in message, message
+    resumed = tiny_trainer(out, max_steps=6)
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))  # the named way out works
+    assert resumed.state.global_step == 6
+
+
+def test_cli_resume_true_and_last_pick_the_newest_complete_checkpoint(tiny, tmp_path, capsys):
+    from hf_lorafa.cli import main
+
+    out = tmp_path / "run"
+    argv = flags(tiny, out)
+    argv[argv.index("--max_steps") + 1] = "4"
+    assert main(["train", *argv]) == 0
+    (out / "checkpoint-4" / "optimizer.pt").write_bytes(b"PK\x03\x04 cut short")
+    capsys.readouterr()
+    assert main(["train", *argv, "--resume_from_checkpoint", "last"]) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hf-lorafa train: error: `resume_from_checkpoint`:") and "Traceback" not in err
+    assert f"{out / 'checkpoint-4' / 'optimizer.pt'}' is truncated or corrupt" in last, last
+    assert f"previous complete checkpoint '{out / 'checkpoint-2'}'" in last, last
+    shutil.rmtree(out / "checkpoint-4")
+    # A marker in checkpoint-2's history shows the run continued from it rather than starting over.
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    state["log_history"].append({"step": 2, "resume_marker": 1})
+    (out / "checkpoint-2" / "trainer_state.json").write_text(json.dumps(state))
+    argv[argv.index("--max_steps") + 1] = "6"
+    assert main(["train", *argv, "--resume_from_checkpoint", "True"]) == 0
+    history = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    assert {"step": 2, "resume_marker": 1} in history
+
+
+@pytest.mark.parametrize("entry", ["scripts/finetune.py", "cli"])
+def test_sigterm_saves_a_checkpoint_and_resuming_gives_the_uninterrupted_adapter(entry, tiny, tmp_path):
+    """A real SIGTERM at step 2 of 6, long before the first `save_steps` checkpoint: checkpoint-2 is written, the
+    process exits 143 without a traceback, and resuming from it ends with exactly the uninterrupted adapter."""
+    out = tmp_path / "run"
+    argv = flags(tiny, out)
+    argv[argv.index("--save_steps") + 1] = "100"
+    target = ["scripts/finetune.py"] if entry != "cli" else ["-m", "hf_lorafa.cli", "train"]
+    env = {**os.environ, "HF_LORAFA_PAUSE_AT_STEP": "2", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen(
+        [sys.executable, "tests/fixtures/pause_probe.py", *target, *argv], cwd=REPO, env=env,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    output = []
+    try:
+        for line in process.stdout:
+            output.append(line)
+            if line.startswith("PAUSED step-2"):
+                process.send_signal(signal.SIGTERM)
+            if line.startswith("hf-lorafa: SIGTERM received"):
+                process.stdin.write("\n")  # the handler ran: let step 2 end
+                process.stdin.flush()
+        process.wait(timeout=120)
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    text = "".join(output)
+    assert process.returncode == 143, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert f"stopped by SIGTERM at step 2 of 6; saved {out / 'checkpoint-2'}" in text, text[-3000:]
+    assert "--resume_from_checkpoint last" in text
+    assert [c.name for c in complete_checkpoints(out)] == ["checkpoint-2"]
+    assert not (out / "adapter_model.safetensors").exists()  # no top-level adapter that looks finished
+
+    if entry == "cli":  # the job evaluates before training: compare with the same job run straight through
+        from safetensors.torch import load_file
+
+        from hf_lorafa.cli import main
+
+        assert main(["train", *flags(tiny, out), "--resume_from_checkpoint", "last"]) == 0
+        assert main(["train", *flags(tiny, tmp_path / "straight")]) == 0
+        got, expected = (load_file(d / "adapter_model.safetensors") for d in (out, tmp_path / "straight"))
+        assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
+    else:
+        resumed = job_trainer(flags(tiny, out))
+        resumed.train(resume_from_checkpoint="last")
+        straight = job_trainer(flags(tiny, tmp_path / "straight"))
+        straight.train()
+        expected, got = adapter_tensors(straight.model), adapter_tensors(resumed.model)
+        assert resumed.state.global_step == 6
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("when, saved", [
+    ("on_step_end", ["checkpoint-1"]),  # mid-run: saved at the end of that step
+    ("on_train_end", ["checkpoint-2", "checkpoint-3"]),  # after the last step, which had no checkpoint yet
+])  # fmt: skip
+def test_sigterm_in_process_raises_training_preempted_and_restores_the_handler(when, saved, tmp_path):
+    from hf_lorafa.preemption import TrainingPreempted
+
+    class SendSigterm(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if when == "on_step_end" and state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if when == "on_train_end":
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    trainer = tiny_trainer(tmp_path / "run", max_steps=3)
+    trainer.add_callback(SendSigterm())
+    with pytest.raises(TrainingPreempted) as info:
+        trainer.train()
+    assert info.value.code == 143
+    assert [c.name for c in complete_checkpoints(tmp_path / "run")] == saved
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_hub_500_during_checkpoint_pushes_warns_training_goes_on_and_the_final_push_reports(
+    tmp_path, monkeypatch, caplog
+):
+    import huggingface_hub.constants
+
+    from hf_lorafa.hub import HubUploadError
+
+    class FlakyHub(TrainerCallback):
+        """The Hub answers 500 to the commits of step 1's save; it recovers before step 2's."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                assert not (Path(args.output_dir) / "adapter_model.safetensors").exists()
+                hub.state.fail = None
+
+    with HubServer() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        trainer = tiny_trainer(
+            tmp_path / "out", max_steps=3, save_steps=1, push_to_hub=True, hub_model_id="user/flaky",
+            hub_token="hf_testSECRETd8Kq2LmZ7xVbN4wRy6TfPj3s",
+        )  # fmt: skip
+        trainer.add_callback(FlakyHub())
+        hub.state.fail = (500, "/commit/")
+        with caplog.at_level("WARNING", logger="hf_lorafa.hub"):
+            trainer.train()
+        assert trainer.state.global_step == 3  # the run went on
+        warnings = [r.getMessage() for r in caplog.records if r.name == "hf_lorafa.hub"]
+        assert len(warnings) == 1 and "HTTP 500" in warnings[0], warnings
+        assert "Training goes on; the next checkpoint save pushes again" in warnings[0]
+        repo = hub.state.repos["user/flaky"]
+        served = repo["commits"][repo["branches"]["main"]]
+        latest = Path(trainer.args.output_dir) / "checkpoint-3" / "adapter_model.safetensors"
+        assert served["adapter_model.safetensors"] == latest.read_bytes()  # the retry pushed the newest adapter
+        hub.state.fail = (500, "/commit/")
+        with pytest.raises(HubUploadError, match=r"failed while uploading the files: the Hub answered with a server "
+                                                 r"error \(HTTP 500\)"):
+            trainer.push_to_hub()
+        assert all("SECRET" not in w for w in warnings)

@@ -1,0 +1,100 @@
+"""Which checkpoint to resume from, and whether its files can be read, decided before `Trainer` touches them.
+
+`Trainer` would load a truncated `optimizer.pt` or `trainer_state.json` half-way into resuming and stop with a
+`PytorchStreamReader`/`JSONDecodeError` traceback. Here every state file of the chosen checkpoint is read first, with
+the loader transformers itself uses (`torch.load(weights_only=True)`, json, safetensors), and a damaged one is one
+`ValueError` naming the file and the newest earlier checkpoint that reads cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .callbacks import TRAINING_STATE_FILE, complete_checkpoints
+
+# `--resume_from_checkpoint` arrives as text from the command line; these mean "the newest complete checkpoint".
+NEWEST = ("true", "last")
+TORCH_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth")
+
+
+def damaged_file(folder: Path) -> tuple[str, str] | None:
+    """`(file name, what is wrong)` for the first state file of `folder` that does not load, else `None`."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers.trainer_pt_utils import safe_globals  # the numpy types transformers allows in rng_state.pth
+
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+            return "trainer_state.json", "it holds no trainer state (no integer 'global_step')"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return "trainer_state.json", f"{type(err).__name__}: {err}"
+    try:
+        load_file(folder / TRAINING_STATE_FILE)
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ...: every failure is "cannot be read"
+        return TRAINING_STATE_FILE, f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    for pattern in TORCH_FILES:
+        for path in sorted(folder.glob(pattern)):
+            try:
+                with safe_globals():
+                    torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
+                detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else "no detail"
+                return path.name, f"{type(err).__name__}: {detail}"
+    return None
+
+
+def check_checkpoint(folder: Path) -> None:
+    """Raise one `ValueError` naming the damaged file of `folder` and the checkpoint to resume from instead."""
+    problem = damaged_file(folder)
+    if problem is None:
+        return
+    earlier = [c for c in complete_checkpoints(folder.parent) if _step(c) < _step(folder)]
+    previous = next((c for c in reversed(earlier) if damaged_file(c) is None), None)
+    instead = (
+        f"resume from the previous complete checkpoint {str(previous)!r} instead (--resume_from_checkpoint "
+        f"{previous}), or delete {folder.name}"
+        if previous is not None
+        else "there is no earlier complete checkpoint: train from scratch (drop --resume_from_checkpoint)"
+    )
+    raise ValueError(
+        f"`resume_from_checkpoint`: {str(folder / problem[0])!r} is truncated or corrupt ({problem[1]}); {instead}."
+    )
+
+
+def _step(folder: Path) -> int:
+    step = folder.name.rsplit("-", 1)[-1]
+    return int(step) if step.isdigit() else -1
+
+
+def resolve_resume(value: str | bool | None, output_dir: str | os.PathLike) -> str | None:
+    """The checkpoint folder `Trainer.train(resume_from_checkpoint=value)` should load, checked; `None`: start over.
+
+    `True`, `"true"` and `"last"` (any case, as the command line passes them) pick the newest complete
+    `checkpoint-N` of `output_dir`; `"false"` means none; a path must be a complete checkpoint.
+    """
+    if isinstance(value, str) and not Path(value).is_dir():
+        lowered = value.strip().lower()
+        value = True if lowered in NEWEST else None if lowered in ("false", "none", "") else value
+    if value is None or value is False:
+        return None
+    if value is True:
+        complete = complete_checkpoints(output_dir)
+        if not complete:
+            raise ValueError(
+                f"`resume_from_checkpoint`=True but {str(output_dir)!r} has no complete checkpoint-N folder; "
+                "train from scratch (drop the flag) or point it at a checkpoint folder."
+            )
+        folder = complete[-1]
+    else:
+        folder = Path(value)
+        good = complete_checkpoints(folder.parent)
+        if folder not in good:
+            raise ValueError(
+                f"`resume_from_checkpoint`={str(value)!r} is not a complete checkpoint (missing, or its save was "
+                f"interrupted); resume from {str(good[-1]) if good else 'a complete checkpoint-N'}."
+            )
+    check_checkpoint(folder)
+    return str(folder)
