@@ -64,7 +64,10 @@ def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device, d
 
 
 class FrozenAAdapterFunction(torch.autograd.Function):
-    """`y = base(x) + s · B (S) A dropout(x)` with A frozen, keeping only `z = A·dropout(x)` for backward.
+    """`y = base(x) + s · (B (S) − C) A dropout(x)` with A frozen, keeping only `z = A·dropout(x)` for backward.
+
+    `offset` C (d_out×r, frozen, optional) is LaMDA's principal part `B₀S₀` taken off the base, so the residual base
+    `W − s·C A` is never stored: the base weight (dense or quantized) is left as it is.
 
     Backward: `dB = s·gᵀ(Sz)`, `dS = s·(gB)ᵀz`, `dx = Wᵀg + dropout'(Aᵀ Sᵀ s Bᵀg)` with W from `base_weight` and the
     dropout mask regenerated from a seed drawn in forward (an int on `ctx`, not a tensor). Everything saved goes
@@ -72,7 +75,7 @@ class FrozenAAdapterFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, lora_S, b_grad_transform, base_layer, scaling, p, training):
+    def forward(ctx, x, lora_A, lora_B, lora_S, b_grad_transform, base_layer, scaling, p, training, offset=None):
         with torch.no_grad():
             result = base_layer(x)
         h = x.to(lora_A.dtype)
@@ -83,14 +86,17 @@ class FrozenAAdapterFunction(torch.autograd.Function):
             h = h * dropout_mask(h.shape, p, seed, h.device, h.dtype)
         z = h @ lora_A.t()
         u = z if lora_S is None else z @ lora_S.t()
-        result = result + (scaling * (u @ lora_B.t())).to(result.dtype)
-        ctx.save_for_backward(z, lora_A, lora_B, lora_S, b_grad_transform)
+        out = u @ lora_B.t()
+        if offset is not None:
+            out = out - z @ offset.t()
+        result = result + (scaling * out).to(result.dtype)
+        ctx.save_for_backward(z, lora_A, lora_B, lora_S, b_grad_transform, offset)
         ctx.base_layer, ctx.scaling, ctx.p, ctx.seed = base_layer, scaling, p, seed
         return result
 
     @staticmethod
     def backward(ctx, grad_out):
-        z, lora_A, lora_B, lora_S, b_grad_transform = ctx.saved_tensors
+        z, lora_A, lora_B, lora_S, b_grad_transform, offset = ctx.saved_tensors
         g = grad_out.to(lora_A.dtype)
         r = z.shape[-1]
         grad_x = grad_B = grad_S = None
@@ -107,11 +113,13 @@ class FrozenAAdapterFunction(torch.autograd.Function):
             weight = base_weight(ctx.base_layer)
             grad_x = grad_out @ weight.to(grad_out.dtype)
             gz = gu if lora_S is None else gu @ lora_S
+            if offset is not None:
+                gz = gz - ctx.scaling * (g @ offset)
             gh = gz @ lora_A
             if ctx.seed is not None:
                 gh = gh * dropout_mask(gh.shape, ctx.p, ctx.seed, gh.device, gh.dtype)
             grad_x = grad_x + gh.to(grad_x.dtype)
-        return grad_x, None, grad_B, grad_S, None, None, None, None, None
+        return grad_x, None, grad_B, grad_S, None, None, None, None, None, None
 
 
 class AdapterLayer(nn.Module):

@@ -21,7 +21,7 @@ from .arguments import LoRAFATrainingArguments
 from .callbacks import TRAINING_STATE_FILE, LaMDAScheduleCallback, MemoryCallback, complete_checkpoints
 from .injection import adapter_layers, count_parameters, has_adapters, inject_adapters
 from .memory_log import MemoryTracker
-from .optim import lorafa_param_groups
+from .optim import boosted_lr, lorafa_param_groups
 from .run_facts import is_quantized, run_facts
 from .saving import atomic_write, save_adapter
 
@@ -151,16 +151,15 @@ class LoRAFATrainer(Trainer):
             target.hf_lorafa_loss_only = False
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        """`args.optim`'s optimizer over trainable parameters; LoRA-FA's B gets `lorafa_lr_ratio` × the lr."""
-        config = self.lorafa_config
-        ratio = config.lorafa_lr_ratio if config.method == "lorafa" else 1.0
+        """`args.optim`'s optimizer over trainable parameters; LoRA-FA's B, LaMDA's S and B at a multiple of lr."""
+        ratio, boosted = boosted_lr(self.lorafa_config)
         opt_model = self.model if model is None else model
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         special = {"params", "model", "optimizer_dict"} & set(optimizer_kwargs)
         if self.optimizer is not None or ratio == 1.0 or special or not isinstance(optimizer_cls, type):
             return super().create_optimizer(model)
         decay = set(self.get_decay_parameter_names(opt_model))
-        groups = lorafa_param_groups(opt_model, decay, self.args.learning_rate, self.args.weight_decay, ratio)
+        groups = lorafa_param_groups(opt_model, decay, self.args.learning_rate, self.args.weight_decay, ratio, boosted)
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
