@@ -33,8 +33,9 @@ class LoRAFAArguments:
 
     Adapter fields (`adapter_method`, `lora_r`, `lora_alpha`, `lora_dropout`, `lora_target_modules`,
     `lora_modules_to_save`, `lorafa_gradient_correction`, `lorafa_lr_ratio`, `lamda_freeze_fraction`,
-    `lamda_freeze_order`, `lamda_rank_budget`) map onto [`LoRAFAConfig`]; see its docstring for their meaning.
-    `hub_base_model_id` names the base model on the Hub when it was loaded from a local folder.
+    `lamda_freeze_order`, `lamda_init`, `lamda_lr_ratio`, `lamda_rank_budget`) map onto [`LoRAFAConfig`]; see its
+    docstring for their meaning. `hub_base_model_id` names the base model on the Hub when it was loaded from a local
+    folder.
     """
 
     # Adapter
@@ -73,6 +74,17 @@ class LoRAFAArguments:
             "help": "LaMDA: 'ascending' (freeze B's columns from the smallest singular value) or 'all'.",
             "metavar": "{ascending,all}",
         },
+    )
+    lamda_init: str = field(
+        default=LoRAFAConfig.lamda_init,
+        metadata={
+            "help": "LaMDA: 'residual' (SVD over the residual base), 'svd' (S = 0) or 'published' (random A).",
+            "metavar": "{residual,svd,published}",
+        },
+    )
+    lamda_lr_ratio: float = field(
+        default=LoRAFAConfig.lamda_lr_ratio,
+        metadata={"help": "Learning-rate multiplier of LaMDA's S and B."},
     )
     lamda_rank_budget: int | None = field(
         default=None, metadata={"help": "LaMDA++: total rank over all adapted layers (default r × layers)."}
@@ -152,6 +164,8 @@ class LoRAFAArguments:
             lorafa_lr_ratio=self.lorafa_lr_ratio,
             lamda_freeze_fraction=self.lamda_freeze_fraction,
             lamda_freeze_order=self.lamda_freeze_order,
+            lamda_init=self.lamda_init,
+            lamda_lr_ratio=self.lamda_lr_ratio,
             lamda_rank_budget=self.lamda_rank_budget,
             init_seed=self.seed,
         )

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 METHODS = ("lora", "lorafa", "lamda", "lamda++")
 Method = Literal["lora", "lorafa", "lamda", "lamda++"]
+LAMDA_INITS = ("residual", "svd", "published")
 
 
 @dataclass
@@ -45,6 +46,13 @@ class LoRAFAConfig:
         lamda_freeze_order (`str`, *optional*, defaults to `"ascending"`):
             Order in which B's columns freeze: `"ascending"` singular value first (the least important directions
             stop moving first), or `"all"` (the whole of B at the end of the freezing window).
+        lamda_init (`str`, *optional*, defaults to `"residual"`):
+            How LaMDA starts (`hf_lorafa/lamda.py` says which parts are the paper's): `"residual"` (A = V_rᵀ,
+            B = U_r, S = diag(σ_r)/s over the residual base W − U_r Σ_r V_rᵀ, so S and B both get gradient from the
+            first step), `"svd"` (A = V_rᵀ, B = U_r·diag(σ_r), S = 0: B gets no gradient until S moves) or
+            `"published"` (the authors' code: random orthonormal A, B = 0, S at nn.Linear's default init).
+        lamda_lr_ratio (`float`, *optional*, defaults to `1.0`):
+            Learning-rate multiplier of LaMDA's `lora_S` and `lora_B`, applied by the trainer's optimizer.
         lamda_rank_budget (`int`, *optional*):
             LaMDA++ total rank over all adapted layers; defaults to `r` × the number of adapted layers.
         lamda_min_rank (`int`, *optional*, defaults to `2`):
@@ -71,6 +79,8 @@ class LoRAFAConfig:
     lorafa_lr_ratio: float = 2.0
     lamda_freeze_fraction: float = 0.1
     lamda_freeze_order: Literal["ascending", "all"] = "ascending"
+    lamda_init: Literal["residual", "svd", "published"] = "residual"
+    lamda_lr_ratio: float = 1.0
     lamda_rank_budget: int | None = None
     lamda_min_rank: int = 2
     init_seed: int = 0
@@ -114,6 +124,10 @@ class LoRAFAConfig:
             )
         if self.lamda_freeze_order not in ("ascending", "all"):
             raise ValueError(f"`lamda_freeze_order` must be 'ascending' or 'all'; got {self.lamda_freeze_order!r}.")
+        if self.lamda_init not in LAMDA_INITS:
+            raise ValueError(f"`lamda_init` must be one of {', '.join(LAMDA_INITS)}; got {self.lamda_init!r}.")
+        if self.lamda_lr_ratio <= 0:
+            raise ValueError(f"`lamda_lr_ratio` must be positive (1.0 = the learning rate); got {self.lamda_lr_ratio}")
         if self.lamda_rank_budget is not None and self.lamda_rank_budget <= 0:
             raise ValueError(
                 f"`lamda_rank_budget` must be a positive total rank or None; got {self.lamda_rank_budget}."

@@ -72,7 +72,7 @@ def build_layer(config: LoRAFAConfig, base: nn.Module, r: int) -> AdapterLayer:
         return LoRALayer(base, r, config.alpha, config.dropout)
     if config.method == "lorafa":
         return LoRAFALayer(base, r, config.alpha, config.dropout, config.lorafa_gradient_correction)
-    return LaMDALayer(base, r, config.alpha, config.dropout)
+    return LaMDALayer(base, r, config.alpha, config.dropout, config.lamda_init)
 
 
 def inject_adapters(model: nn.Module, config: LoRAFAConfig, *, init_weights: bool = True) -> nn.Module:

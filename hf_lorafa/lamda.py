@@ -1,25 +1,33 @@
 """LaMDA and LaMDA++: spectrally initialised low-dimensional adaptation.
 
 Azizi, Kundu & Pedram, 2024, "LaMDA: Large Model Fine-Tuning via Spectrally Decomposed Low-Dimensional
-Adaptation" (arXiv:2406.12832):
+Adaptation" (arXiv:2406.12832). What is the paper's and what is ours:
 
-- §3.1: `y = W x + s·B S A x` with the projection matrix A (PMA, r×d_in) frozen, a trained r×r low-dimensional
-  adapter S, and the projection matrix B (PMB, d_out×r) trained only early on. A and B come from the SVD of the
-  pretrained W: A = V_rᵀ (top-r right singular vectors, orthonormal rows), B = U_r·diag(σ_r) (top-r left singular
-  vectors weighted by their singular values, so B A is W's rank-r principal part). The paper leaves B's scale open;
-  with columns of norm σ_i an Adam step on S moves W by about `s·lr·σ_i` along u_i v_jᵀ, the size of a LoRA step.
-  Normalising by σ_1 (columns of norm ≤ 1, this module's first choice) made S's steps σ_1/σ_i times smaller
-  (2-30x on MiniLM and SmolLM2); measured on chatterbot, 15 steps: held-out loss 2.92 with it, 2.36 without
-  (LoRA 1.90). At LoRA's learning rate LaMDA still trains slowly (BENCHMARKS.md). S = 0, so the output at step 0
-  is the base model's.
-- §3.2: PMB is frozen gradually during early training, so that afterwards only S (r² per layer) trains. The paper
-  freezes it over an early window; here the window is `lamda_freeze_fraction` of the total steps and, with the
-  default order `"ascending"`, B's columns freeze one by one from the smallest singular value up (the least
-  important directions settle first), linearly in progress; `"all"` freezes B whole at the window's end.
-- §3.3 (LaMDA++): ranks per layer from a normalized spectrum analysis of each W, using singular values only. A
-  layer's score is the share of its energy (Σσ²) *outside* its top-r directions at the mean rank r: layers whose
-  top singular values hold less of the energy get more rank. Ranks are proportional to the score, at least
-  `lamda_min_rank`, and sum exactly to the budget (largest-remainder rounding).
+- §3.1 (the paper's): `y = W x + s·B S A x` with the projection matrix A (PMA, r×d_in) frozen, a trained r×r
+  low-dimensional adapter S, and the projection matrix B (PMB, d_out×r) trained only early on. The paper's text takes
+  the projections "from singular vectors" of W; its published code instead uses a random frozen A, B = 0 and S at
+  nn.Linear's default init, with no SVD.
+- Initialisation, `lamda_init` (ours; chosen by the ablation in BENCHMARKS.md):
+  - `"residual"` (default): A = V_rᵀ, B = U_r (orthonormal, like A's rows), S = diag(σ_r)/s, over the residual
+    base W − U_r Σ_r V_rᵀ, the way PiSSA (Meng et al., 2024) starts LoRA. B's gradient `s·gᵀ(S z)` and S's
+    `s·(gB)ᵀz` are both non-zero from the first step, and the output at step 0 is the base model's. The residual
+    base is implicit: the principal part C = B₀S₀ is subtracted inside the adapter (`FrozenAAdapterFunction`'s
+    `offset`), so the stored base weight, dense or 4-/8-bit, never changes. The export folds it in exactly:
+    PEFT's B' = B S − C over the same A (rank r, where PEFT's PiSSA conversion needs 2r because its A moves).
+  - `"svd"` (this module's earlier reading): A = V_rᵀ, B = U_r·diag(σ_r), S = 0. B's gradient is exactly zero
+    while S ≈ 0, so B's early window trains nothing.
+  - `"published"`: the authors' code: A random with orthonormal rows (LoRA-FA's init), B = 0, S at nn.Linear's
+    default init (kaiming-uniform): B gets gradient from step 1, S from step 2.
+- `lamda_lr_ratio` (ours): S and B at that multiple of the learning rate (an S step moves W by `s·lr` per
+  singular direction, a LoRA B step by about `s·lr·√d_out/√3`).
+- §3.2 (the paper's): PMB is frozen gradually during early training, so that afterwards only S (r² per layer)
+  trains. The window (`lamda_freeze_fraction` of the total steps) and the order are ours: with `"ascending"`, B's
+  columns freeze one by one from the smallest singular value up (for `"published"`, from the last column),
+  linearly in progress; `"all"` freezes B whole at the window's end.
+- §3.3 (LaMDA++): ranks per layer from a "normalized spectrum analysis" of each W, singular values only. The rule is
+  our reading: a layer's score is the share of its energy (Σσ²) *outside* its top-r directions at the mean rank r,
+  so layers whose top singular values hold less of the energy get more rank. Ranks are proportional to the score,
+  at least `lamda_min_rank`, and sum exactly to the budget (largest-remainder rounding).
 
 Frozen columns are kept fixed against optimizer momentum and weight decay by restoring them after each step from
 a snapshot (`lamda_schedule_step`), so any `torch.optim` optimizer can be used.
@@ -45,33 +53,58 @@ class LaMDALayer(AdapterLayer):
 
     method = "lamda"
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(
+        self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, init: str = "residual"
+    ) -> None:
         super().__init__(base_layer, r, alpha, dropout)
+        self.lamda_init = init
         self.lora_S = nn.Linear(r, r, bias=False, device=self.lora_A.weight.device, dtype=self.lora_A.weight.dtype)
         self.lora_A.weight.requires_grad_(False)
         # 1 = column of B still trains; B's columns are in decreasing singular-value order.
         self.register_buffer("lamda_column_mask", torch.ones(1, r, dtype=self.lora_A.weight.dtype), persistent=False)
         self.register_buffer("lamda_frozen_B", None, persistent=False)
+        # The principal part C = B₀S₀ the residual init takes off the base; recomputed from W, so not saved.
+        self.register_buffer("lamda_offset", None, persistent=False)
 
     def init_lora(self, seed: int) -> None:
+        if self.lamda_init == "published":
+            super().init_lora(seed)
+            generator = torch.Generator().manual_seed(seed + 1)
+            bound = 1.0 / math.sqrt(self.r)  # nn.Linear's default (kaiming-uniform, a=√5) for an r×r weight
+            with torch.no_grad():
+                self.lora_S.weight.copy_(torch.rand(self.r, self.r, generator=generator) * 2 * bound - bound)
+            return
         weight = base_weight(self.base_layer).detach().double()
         u, sigma, vh = torch.linalg.svd(weight, full_matrices=False)
+        u, sigma = u[:, : self.r], sigma[: self.r]
         with torch.no_grad():
             self.lora_A.weight.copy_(vh[: self.r])
-            self.lora_B.weight.copy_(u[:, : self.r] * sigma[: self.r])
-            self.lora_S.weight.zero_()
+            if self.lamda_init == "svd":
+                self.lora_B.weight.copy_(u * sigma)
+                self.lora_S.weight.zero_()
+                return
+            self.lora_B.weight.copy_(u)
+            self.lora_S.weight.copy_(torch.diag(sigma / self.scaling))
+            self.lamda_offset = (u * (sigma / self.scaling)).to(self.lora_B.weight.dtype)
+
+    def folded_B(self, lora_B: torch.Tensor, lora_S: torch.Tensor) -> torch.Tensor:
+        """`B S − C`: with A, the whole adapter, as PEFT's `lora_B` over the original base."""
+        folded = lora_B @ lora_S
+        return folded if self.lamda_offset is None else folded - self.lamda_offset
 
     def delta_weight(self) -> torch.Tensor:
-        return self.scaling * (self.lora_B.weight @ self.lora_S.weight @ self.lora_A.weight)
+        return self.scaling * (self.folded_B(self.lora_B.weight, self.lora_S.weight) @ self.lora_A.weight)
 
     def peft_weights(self, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        # Folded on save: B' = B S, so PEFT's `s·B'A` is exactly this adapter.
+        # Folded on save: B' = B S − C, so PEFT's `s·B'A` over the original W is exactly this adapter.
         t = tensors or self.adapter_tensors()
-        return {"lora_A.weight": t["lora_A.weight"], "lora_B.weight": t["lora_B.weight"] @ t["lora_S.weight"]}
+        return {"lora_A.weight": t["lora_A.weight"], "lora_B.weight": self.folded_B(t["lora_B.weight"],
+                                                                                    t["lora_S.weight"])}
 
     def load_peft_weights(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         """A folded adapter resumes as S = I over B' = B S, with B frozen: only S trains, as after the schedule."""
         super().load_peft_weights(lora_A, lora_B)
+        self.lamda_offset = None  # a folded adapter already holds the principal part it took off the base
         with torch.no_grad():
             self.lora_S.weight.copy_(torch.eye(self.r))
         self.set_frozen_columns(self.r)
@@ -116,6 +149,7 @@ class LaMDALayer(AdapterLayer):
             self.scaling,
             self.dropout,
             self.training,
+            self.lamda_offset,
         )
 
 

@@ -73,7 +73,10 @@ def _common_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
 
 
 class FrozenAAdapterFunction(torch.autograd.Function):
-    """`y = base(x) + s · B (S) A dropout(x)` with A frozen, keeping only `z = A·dropout(x)` for backward.
+    """`y = base(x) + s · (B (S) − C) A dropout(x)` with A frozen, keeping only `z = A·dropout(x)` for backward.
+
+    `offset` C (d_out×r, frozen, optional) is LaMDA's principal part `B₀S₀` taken off the base, so the residual base
+    `W − s·C A` is never stored: the base weight (dense or quantized) is left as it is.
 
     Backward: `dB = s·gᵀ(Sz)`, `dS = s·(gB)ᵀz`, `dx = Wᵀg + dropout'(Aᵀ Sᵀ s Bᵀg)` with W from `base_weight` and the
     dropout mask regenerated from a seed drawn in forward (an int on `ctx`, not a tensor). Everything saved goes
@@ -81,7 +84,7 @@ class FrozenAAdapterFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, lora_S, b_grad_transform, base_layer, scaling, p, training):
+    def forward(ctx, x, lora_A, lora_B, lora_S, b_grad_transform, base_layer, scaling, p, training, offset=None):
         with torch.no_grad():
             result = base_layer(x)
         dtype = _common_dtype(lora_A, lora_B, lora_S)
@@ -93,20 +96,24 @@ class FrozenAAdapterFunction(torch.autograd.Function):
             h = h * dropout_mask(h.shape, p, seed, h.device, h.dtype)
         z = h @ lora_A.to(dtype).t()
         u = z if lora_S is None else z @ lora_S.to(dtype).t()
-        result = result + (scaling * (u @ lora_B.to(dtype).t())).to(result.dtype)
-        ctx.save_for_backward(z, lora_A, lora_B, lora_S, b_grad_transform)
+        out = u @ lora_B.to(dtype).t()
+        if offset is not None:
+            out = out - z @ offset.to(dtype).t()
+        result = result + (scaling * out).to(result.dtype)
+        ctx.save_for_backward(z, lora_A, lora_B, lora_S, b_grad_transform, offset)
         ctx.base_layer, ctx.scaling, ctx.p, ctx.seed = base_layer, scaling, p, seed
         return result
 
     @staticmethod
     def backward(ctx, grad_out):
-        z, lora_A, lora_B, lora_S, b_grad_transform = ctx.saved_tensors
+        z, lora_A, lora_B, lora_S, b_grad_transform, offset = ctx.saved_tensors
         # Under autocast the forward's products ran in half precision (z is bf16/fp16, and is kept so: half the
         # bytes); the parameter gradients are computed in the adapter's own dtype, as autograd does for LoRA.
         dtype = _common_dtype(lora_A, lora_B, lora_S)
         z, g, lora_A, lora_B = (t.to(dtype) for t in (z, grad_out, lora_A, lora_B))
-        lora_S = None if lora_S is None else lora_S.to(dtype)
-        b_grad_transform = None if b_grad_transform is None else b_grad_transform.to(dtype)
+        lora_S, b_grad_transform, offset = (
+            None if t is None else t.to(dtype) for t in (lora_S, b_grad_transform, offset)
+        )
         r = z.shape[-1]
         grad_x = grad_B = grad_S = None
         gu = ctx.scaling * (g @ lora_B)
@@ -122,11 +129,13 @@ class FrozenAAdapterFunction(torch.autograd.Function):
             weight = base_weight(ctx.base_layer)
             grad_x = grad_out @ weight.to(grad_out.dtype)
             gz = gu if lora_S is None else gu @ lora_S
+            if offset is not None:
+                gz = gz - ctx.scaling * (g @ offset)
             gh = gz @ lora_A
             if ctx.seed is not None:
                 gh = gh * dropout_mask(gh.shape, ctx.p, ctx.seed, gh.device, gh.dtype)
             grad_x = grad_x + gh.to(grad_x.dtype)
-        return grad_x, None, grad_B, grad_S, None, None, None, None, None
+        return grad_x, None, grad_B, grad_S, None, None, None, None, None, None
 
 
 class AdapterLayer(nn.Module):

@@ -1,14 +1,30 @@
-"""LoRA-FA's optimizer parameter groups: B at `lorafa_lr_ratio` times the learning rate, weight decay as Trainer's."""
+"""Optimizer parameter groups: LoRA-FA's B, or LaMDA's S and B, at a multiple of the learning rate."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from .config import LoRAFAConfig
+
+
+def boosted_lr(config: LoRAFAConfig) -> tuple[float, tuple[str, ...]]:
+    """`(ratio, parameter names)`: `lorafa_lr_ratio` for LoRA-FA's `lora_B`, `lamda_lr_ratio` for LaMDA's S and B."""
+    if config.method == "lorafa":
+        return config.lorafa_lr_ratio, ("lora_B",)
+    if config.method in ("lamda", "lamda++"):
+        return config.lamda_lr_ratio, ("lora_S", "lora_B")
+    return 1.0, ()
+
 
 def lorafa_param_groups(
-    model: nn.Module, decay: set[str], learning_rate: float, weight_decay: float, ratio: float
+    model: nn.Module,
+    decay: set[str],
+    learning_rate: float,
+    weight_decay: float,
+    ratio: float,
+    boosted: tuple[str, ...] = ("lora_B",),
 ) -> list[dict]:
-    """Trainable parameters in up to four groups: (decayed or not) × (LoRA-FA's B at `ratio` × lr, or the rest).
+    """Trainable parameters in up to four groups: (decayed or not) × (named in `boosted`, at `ratio` × lr, or not).
 
     Example:
 
@@ -18,16 +34,16 @@ def lorafa_param_groups(
     ```
     """
     groups = []
-    for boosted in (False, True):
+    for is_boosted in (False, True):
         for decayed in (True, False):
             params = [
                 p
                 for n, p in model.named_parameters()
-                if p.requires_grad and (n in decay) == decayed and ("lora_B" in n) == boosted
+                if p.requires_grad and (n in decay) == decayed and any(b in n for b in boosted) == is_boosted
             ]
             if params:
                 group = {"params": params, "weight_decay": weight_decay if decayed else 0.0}
-                if boosted:
+                if is_boosted:
                     group["lr"] = learning_rate * ratio
                 groups.append(group)
     return groups

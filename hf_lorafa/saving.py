@@ -77,7 +77,7 @@ def _full_tensors(model: nn.Module, state_dict: dict[str, torch.Tensor] | None) 
 
 
 def adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The adapter (and `modules_to_save`) weights under PEFT's key names; LaMDA folded (`B' = B S`).
+    """The adapter (and `modules_to_save`) weights under PEFT's key names; LaMDA folded (`B' = B S − C`).
 
     `state_dict` supplies full tensors by the model's parameter names when the model holds shards (FSDP, ZeRO-3).
     """
@@ -234,7 +234,7 @@ def load_adapter(
     """Put a saved adapter (ours or a plain PEFT LoRA one) into `model`, ready to train or evaluate.
 
     A plain PEFT LoRA adapter continues as LoRA-FA (A frozen) unless `method="lora"`; a LaMDA adapter (saved
-    folded) continues with S = I over B' = B S, training only S.
+    folded) continues with S = I over B' = B S − C, training only S.
 
     Args:
         model (`nn.Module`): the base model the adapter was trained on (no adapters yet).
@@ -280,6 +280,7 @@ def load_adapter(
         modules_to_save=peft_config.modules_to_save,
         lorafa_gradient_correction=saved.lorafa_gradient_correction if saved else True,
         lorafa_lr_ratio=saved.lorafa_lr_ratio if saved else LoRAFAConfig.lorafa_lr_ratio,
+        lamda_lr_ratio=saved.lamda_lr_ratio if saved else LoRAFAConfig.lamda_lr_ratio,
         rank_pattern={n: r for n, r in ranks.items() if r != peft_config.r},
     )
     inject_adapters(model, config, init_weights=False)

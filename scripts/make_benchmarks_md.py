@@ -6,9 +6,7 @@
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -18,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from accuracy import DEFAULT_RATIO, PLANS, run_name  # noqa: E402
+from accuracy_tables import accuracy_part  # noqa: E402
 
 BENCH = ROOT / "benchmarks"
 MiB = 1024 * 1024
@@ -141,79 +139,6 @@ def plots(report: dict, tag: str) -> list[str]:
     return out
 
 
-def reading_guide() -> list[str]:
-    """How much of a difference the drug-review test split can show: the binomial standard error at 70%."""
-    rows = [json.loads(p.read_text()).get("eval_rows") for p in (BENCH / "accuracy").glob("drugreview-*.json")]
-    n = next((r for r in rows if r), None)
-    if n is None:
-        return []
-    se = 100 * (0.7 * 0.3 / n) ** 0.5
-    from collections import Counter
-
-    from hf_lorafa.data import drugreview_split
-
-    counts = Counter(row["label"] for row in drugreview_split("test"))
-    share = max(counts.values()) / sum(counts.values())
-    return [f"Reading the drug-review table: with {n} test rows one run's accuracy has a standard error of about "
-            f"{se:.1f} points, so differences under ~{2 * se:.0f} points between single seeds are noise; macro-F1 "
-            "(which weighs the minority classes) and the losses are the clearer signals. The LoRA-FA rows at B ratios "
-            "1 and 4 show under- and over-fitting around the default. LaMDA's rows come from its current "
-            "initialisation (B = U_r·diag(σ_r), `hf_lorafa/lamda.py`; runs with the earlier σ_1-normalised B were "
-            f"withdrawn). A model that answers the majority class for every row scores {100 * share:.1f}% "
-            f"accuracy and macro-F1 {2 * share / (1 + share) / len(counts):.3f} here: at the shared learning rate "
-            "LaMDA and LaMDA++ stay there on drug-review (training r² parameters per layer needs its own, larger "
-            "learning rate, not tuned here)."]
-
-
-def ratio_label(ratio: float | None) -> str:
-    return "–" if ratio is None else f"{ratio:g}" + (" (default)" if ratio == DEFAULT_RATIO else "")
-
-
-def accuracy_section() -> tuple[list[str], dict]:
-    runs = [json.loads(p.read_text()) for p in sorted((BENCH / "accuracy").glob("*.json"))]
-    if not runs:
-        return ["No accuracy runs finished yet."], {}
-    groups = defaultdict(list)
-    for r in runs:
-        groups[(r["task"], r["impl"], r["method"], r.get("lorafa_lr_ratio"))].append(r)
-    out = []
-    summary = {}
-    for task in ("drugreview", "chatterbot"):
-        rows = [(k, v) for k, v in groups.items() if k[0] == task]
-        if not rows:
-            continue
-        spec = next((rs[0] for k, rs in rows if k[1] != "full"), rows[0][1][0])  # the adapters' learning rate
-        out += [f"### {task}: {spec['model']}, {spec['max_steps']} steps (batch {spec['batch']}, "
-                f"{spec['epochs'] if task == 'drugreview' else '–'} epochs, max length {spec['max_length']}), "
-                f"r={spec['r']}, alpha={spec['alpha']}, lr {spec['learning_rate'] if spec['impl'] != 'full' else '–'}",
-                "", "| implementation | method | B lr ratio | seeds | accuracy | macro-F1 | eval loss | train loss | "
-                "train s | trainable |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for (_, impl, method, ratio), rs in sorted(rows, key=lambda kv: (kv[0][1], kv[0][2], str(kv[0][3]))):
-            def stat(key, scale=1.0, digits=3, rs=rs):
-                vals = [r[key] * scale for r in rs if r.get(key) is not None]
-                if not vals:
-                    return "–"
-                sd = f" ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else ""
-                return f"{statistics.mean(vals):.{digits}f}{sd}"
-            summary[(task, impl, method, ratio)] = {k: [r.get(k) for r in rs] for k in
-                                                    ("eval_accuracy", "eval_macro_f1", "eval_loss")}
-            out.append(f"| {impl} | {method} | {ratio_label(ratio)} | "
-                       f"{', '.join(str(r['seed']) for r in rs)} | {stat('eval_accuracy', 100, 1)} | "
-                       f"{stat('eval_macro_f1')} | {stat('eval_loss')} | {stat('train_loss')} | "
-                       f"{stat('train_seconds', digits=0)} | {rs[0]['trainable_parameters']:,} |")
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for (_, impl, method, ratio), rs in rows:
-            r = rs[0]
-            steps, losses = zip(*r["loss_curve"]) if r["loss_curve"] else ((), ())
-            label = f"{impl} {method}" + (f" ratio {ratio:g}" if ratio else "") + f" seed {r['seed']}"
-            ax.plot(steps, losses, label=label)
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.set_title(f"Loss curves: {task}")
-        out += ["", save_figure(fig, ax, f"loss-{task}.png", f"loss curves {task}", legend_size=7), ""]
-    return out, summary
-
-
 def goal(name: str, value: float | None, target: float, higher: bool, fmt: str = "{:.3f}") -> str:
     if value is None:
         return f"| {name} | {'≥' if higher else '≤'} {target:g} | not measured | – |"
@@ -223,7 +148,7 @@ def goal(name: str, value: float | None, target: float, higher: bool, fmt: str =
     return f"| {name} | {'≥' if higher else '≤'} {target:g} | {fmt.format(value)} | {verdict} |"
 
 
-def goals_section(cpu: dict | None, gpu: dict | None, acc: dict) -> list[str]:
+def goals_section(cpu: dict | None, gpu: dict | None) -> list[str]:
     r = (cpu or {}).get("ratios", {}).get("bfloat16-dropout0.05", {})
     g = (gpu or {}).get("ratios", {}).get("bfloat16-dropout0.05", {})
     out = ["| goal (LoRA-FA, dropout 0.05) | target | measured | |", "|---|---|---|---|",
@@ -236,34 +161,14 @@ def goals_section(cpu: dict | None, gpu: dict | None, acc: dict) -> list[str]:
            goal("GPU peak: PEFT LoRA / ours", g.get("peft_lora_peak_over_lorafa"), 1.6, True),
            goal("GPU peak: PEFT LoRA / ours with the default activation savers",
                 g.get("peft_lora_peak_over_lorafa_savers"), 1.6, True)]
-
-    def mean(key, impl, method, task="drugreview"):
-        ratio = DEFAULT_RATIO if method == "lorafa" else None  # LoRA-FA at the shipped default
-        vals = [v for v in acc.get((task, impl, method, ratio), {}).get(key, []) if v is not None]
-        return statistics.mean(vals) if vals else None
-
-    for ref_impl in ("ours", "peft"):
-        a, b = mean("eval_accuracy", ref_impl, "lora"), mean("eval_accuracy", "ours", "lorafa")
-        f, h = mean("eval_macro_f1", ref_impl, "lora"), mean("eval_macro_f1", "ours", "lorafa")
-        out.append(goal(f"accuracy: {ref_impl} LoRA − LoRA-FA (points)", None if a is None or b is None
-                        else 100 * (a - b), 1.0, False, "{:+.1f}"))
-        out.append(goal(f"macro-F1: {ref_impl} LoRA − LoRA-FA (points)", None if f is None or h is None
-                        else 100 * (f - h), 1.0, False, "{:+.1f}"))
-    la, lf = (mean("eval_loss", "ours", m) for m in ("lora", "lorafa"))
-    out.append(goal("drug-review held-out loss: LoRA-FA / LoRA − 1 (%)", None if la is None or lf is None
-                    else 100 * (lf / la - 1), 2.0, False, "{:+.2f}"))
-    la, lf = (mean("eval_loss", "ours", m, task="chatterbot") for m in ("lora", "lorafa"))
-    out.append(goal("chatterbot held-out loss: LoRA-FA / LoRA − 1 (%)", None if la is None or lf is None
-                    else 100 * (lf / la - 1), 2.0, False, "{:+.2f}"))
     return out
 
 
 def main() -> int:
     cpu, gpu = load("cpu.json"), load("gpu.json")
-    acc_lines, acc = accuracy_section()
     lines = ["# Benchmarks", "", "Generated by `python scripts/make_benchmarks_md.py` from the JSON under "
              "`benchmarks/`; every number below comes from those files.", "", "## Goals (issue 7)", "",
-             *goals_section(cpu, gpu, acc), "", CLAIMS, "", "## Memory and speed", ""]
+             *goals_section(cpu, gpu), "", CLAIMS, "", "## Memory and speed", ""]
     for report, tag in ((cpu, "cpu"), (gpu, "gpu")):
         if report:
             lines += memory_section(report, tag) + [""] + plots(report, tag)
@@ -272,16 +177,7 @@ def main() -> int:
         lines += ["No GPU run yet: on a lent GPU, `hf-lorafa bench --preset gpu --output benchmarks/gpu.json` "
                   "(TinyLlama-1.1B architecture, random init, bf16, 2 × 2048 tokens, plus 4-bit), then rerun this "
                   "script.", ""]
-    lines += ["## Accuracy at equal budgets", "", "Command: `python scripts/accuracy.py sweep --plan design` "
-              "(each run in its own process, `nice -n 5` on a shared 2-core machine). Same data, steps, batch, rank "
-              "and learning rate for every adapter (LoRA-FA's B at the ratio shown); full fine-tuning at a 10x lower "
-              "rate. `train s` is wall time on that shared machine, other jobs and benchmark pauses included: not a "
-              "speed measure (the memory tables are).", "", *reading_guide(), "", *acc_lines]
-    done = {p.stem for p in (BENCH / "accuracy").glob("*.json")}
-    missing = [run_name(*run) for run in PLANS["design"] if run_name(*run) not in done]
-    if missing:
-        lines += ["", "Planned in `--plan design` but not finished when this page was generated: "
-                  f"{', '.join(missing)}."]
+    lines += ["## Accuracy at equal budgets (issue 13)", "", *accuracy_part(save_figure)]
     lines += ["", "## Estimating before training", "",
               "`hf-lorafa estimate --model smollm2 --method all --batch 4 --seq 256 [--load-in-4bit] "
               "[--dropout 0.05]` "

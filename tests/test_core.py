@@ -49,11 +49,12 @@ def test_training_changes_adapter_only(method, llama, input_ids):
     assert_only_adapter_trained(model, before, a_trains=method == "lora")
 
 
-def reference_forward(x, A, B, S, W, bias, scaling, mask):
-    """Plain-autograd float64 reference of `W x + b + s·B S A (mask ⊙ x)`."""
+def reference_forward(x, A, B, S, W, bias, scaling, mask, C=None):
+    """Plain-autograd float64 reference of `W x + b + s·(B S − C) A (mask ⊙ x)`."""
     h = x * mask
     u = h @ A.t() if S is None else h @ A.t() @ S.t()
-    return x @ W.t() + bias + scaling * (u @ B.t())
+    offset = 0 if C is None else h @ A.t() @ C.t()
+    return x @ W.t() + bias + scaling * (u @ B.t() - offset)
 
 
 @pytest.mark.parametrize("with_core", [False, True])
@@ -82,7 +83,9 @@ def test_custom_backward_matches_float64_autograd(with_core, p):
     x_ref = x.detach().clone().requires_grad_(True)
     B = layer.lora_B.weight.detach().clone().requires_grad_(True)
     S = layer.lora_S.weight.detach().clone().requires_grad_(True) if with_core else None
-    y_ref = reference_forward(x_ref, layer.lora_A.weight, B, S, base.weight, base.bias, layer.scaling, mask)
+    C = layer.lamda_offset if with_core else None  # LaMDA's default (residual) init subtracts its principal part
+    assert (C is not None) == with_core
+    y_ref = reference_forward(x_ref, layer.lora_A.weight, B, S, base.weight, base.bias, layer.scaling, mask, C)
     y_ref.backward(grad_out)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(x.grad, x_ref.grad)

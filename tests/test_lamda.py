@@ -1,0 +1,113 @@
+"""LaMDA's initialisations (lamda.py): step-0 output, first-step gradients, schedule, export, lr groups."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import assert_only_adapter_trained, perturb_adapters, train_steps
+
+from hf_lorafa import LoRAFAConfig, inject_adapters, load_adapter, merge_adapters, save_adapter
+from hf_lorafa.lamda import LaMDALayer, lamda_schedule_step
+from hf_lorafa.optim import boosted_lr, lorafa_param_groups
+
+# init → (B gets gradient on the window's first step, S gets gradient on the first step)
+INITS = {"residual": (True, True), "svd": (False, True), "published": (True, False)}
+
+
+def lamda_model(base, init: str, method: str = "lamda", **kwargs):
+    config = LoRAFAConfig(method=method, r=4, lamda_init=init, **kwargs)
+    return inject_adapters(copy.deepcopy(base), config)
+
+
+def first_step_grads(model, input_ids) -> dict[str, list[float]]:
+    model.train()
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    return {part: [p.grad.abs().max().item() for n, p in model.named_parameters() if part in n]
+            for part in ("lora_B", "lora_S")}
+
+
+@pytest.mark.parametrize("method", ["lamda", "lamda++"])
+@pytest.mark.parametrize("init", list(INITS))
+def test_output_unchanged_at_step_0_and_first_step_gradients(init, method, llama, input_ids):
+    model = lamda_model(llama, init, method)
+    torch.testing.assert_close(model(input_ids).logits, llama(input_ids).logits, rtol=0, atol=1e-5)
+    grads = first_step_grads(model, input_ids)
+    b_moves, s_moves = INITS[init]
+    # Every layer, not just one: a single zero means that layer's B or S is idle on the first step.
+    assert all(g > 0 for g in grads["lora_B"]) == b_moves and (min(grads["lora_B"]) == 0) != b_moves
+    assert all(g > 0 for g in grads["lora_S"]) == s_moves and (min(grads["lora_S"]) == 0) != s_moves
+
+
+def test_residual_init_is_the_principal_part_over_an_untouched_base(llama):
+    model = lamda_model(llama, "residual")
+    layer = model.model.layers[0].self_attn.q_proj
+    weight = llama.model.layers[0].self_attn.q_proj.weight.double()
+    u, sigma, vh = torch.linalg.svd(weight)
+    principal = (u[:, :4] * sigma[:4]) @ vh[:4]
+    # s·B S A is W's rank-4 principal part, taken off again by the offset (the adapter adds nothing at step 0);
+    # the stored base weight is bit-identical to the original.
+    torch.testing.assert_close(layer.delta_weight(), torch.zeros(64, 64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer.scaling * (layer.lora_B.weight @ layer.lora_S.weight @ layer.lora_A.weight),
+                               principal.float(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(layer.base_layer.weight, llama.model.layers[0].self_attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("init", list(INITS))
+def test_schedule_ends_with_r_squared_and_export_matches_peft_on_the_original_base(init, llama, input_ids, tmp_path):
+    from peft import PeftModel
+
+    model = lamda_model(llama, init, lamda_freeze_fraction=0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(1, 5):
+        model.train()(input_ids=input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        trainable = lamda_schedule_step(model, progress=step / 4)
+    layers = [m for m in model.modules() if isinstance(m, LaMDALayer)]
+    assert trainable == sum(m.r**2 for m in layers) == 16 * len(layers)
+    assert_only_adapter_trained(model, before, a_trains=False)
+    expected = model.eval()(input_ids).logits
+    assert not torch.allclose(expected, llama(input_ids).logits, atol=1e-3)  # it learned something to export
+    save_adapter(model, tmp_path)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(llama), str(tmp_path)).eval()
+    torch.testing.assert_close(peft_model(input_ids).logits, expected, rtol=1e-5, atol=1e-5)
+    reloaded = load_adapter(copy.deepcopy(llama), tmp_path).eval()
+    torch.testing.assert_close(reloaded(input_ids).logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merge_adapters(model)(input_ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_residual_offset_is_recomputed_not_saved(llama):
+    model = lamda_model(llama, "residual")
+    perturb_adapters(model)
+    assert not any("lamda_offset" in k for k in model.state_dict())
+    again = lamda_model(llama, "residual")
+    for a, b in zip(model.modules(), again.modules()):
+        if isinstance(a, LaMDALayer):
+            assert torch.equal(a.lamda_offset, b.lamda_offset)
+
+
+@pytest.mark.parametrize(
+    "method, ratio, boosted",
+    [("lamda", 4.0, {"lora_S", "lora_B"}), ("lamda++", 4.0, {"lora_S", "lora_B"}), ("lorafa", 2.0, {"lora_B"}),
+     ("lora", 1.0, set())],
+)
+def test_learning_rate_groups(method, ratio, boosted, llama):
+    config = LoRAFAConfig(method=method, r=4, lamda_lr_ratio=4.0, lorafa_lr_ratio=2.0)
+    model = inject_adapters(copy.deepcopy(llama), config)
+    got_ratio, names = boosted_lr(model.hf_lorafa_config)
+    assert got_ratio == ratio and set(names) == boosted
+    groups = lorafa_param_groups(model, set(), 1e-3, 0.0, got_ratio, names)
+    fast = {id(p) for g in groups if g.get("lr") == 1e-3 * ratio and ratio != 1.0 for p in g["params"]}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert (id(param) in fast) == any(b in name for b in boosted), name
+
+
+def test_residual_lamda_trains_without_touching_the_base(llama, input_ids):
+    model = lamda_model(llama, "residual", dropout=0.05)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_steps(model.train(), input_ids)
+    assert_only_adapter_trained(model, before, a_trains=False)
