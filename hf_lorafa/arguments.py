@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import TrainingArguments
 
-from .config import LoRAFAConfig
+from .config import METHODS, LoRAFAConfig
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +25,22 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
-ADAPTER_METHODS = "{lora,lorafa,lamda,lamda++}"
+ADAPTER_METHODS = "{" + ",".join(METHODS) + "}"
+
+
+def _config_help(name: str) -> str:
+    """The first sentence LoRAFAConfig's docstring gives field `name`, on one line (`%` escaped for argparse)."""
+    entry = re.search(rf"^ {{8}}{re.escape(name)} \(.*?\):\n((?: {{12}}.*\n)+)", LoRAFAConfig.__doc__ or "", re.M)
+    if entry is None:
+        raise AssertionError(f"LoRAFAConfig's docstring does not describe `{name}`")
+    text = " ".join(line.strip() for line in entry.group(1).splitlines())
+    return re.split(r"(?<=[.)])\s(?=[A-Z`])", text, maxsplit=1)[0].replace("%", "%%")
+
+
+def adapter_field(name: str, *, help_suffix: str = "", **metadata: str) -> Any:
+    """A training-argument field whose default and help are those of `LoRAFAConfig.<name>`."""
+    default = LoRAFAConfig.__dataclass_fields__[name].default
+    return field(default=default, metadata={"help": _config_help(name) + help_suffix, **metadata})
 
 
 @dataclass
@@ -38,57 +55,20 @@ class LoRAFAArguments:
     folder.
     """
 
-    # Adapter
-    adapter_method: str = field(
-        default="lorafa",
-        metadata={"help": "Adapter method: lora, lorafa, lamda or lamda++.", "metavar": ADAPTER_METHODS},
-    )
-    lora_r: int = field(default=16, metadata={"help": "Adapter rank (LaMDA++: the mean rank)."})
-    lora_alpha: float = field(default=32, metadata={"help": "Adapter scaling numerator: output × alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1)."})
-    lora_target_modules: str = field(
-        default="all-linear",
-        metadata={
-            "help": "'all-linear' (every linear layer but the output head), comma-separated module names "
-            "(q_proj,v_proj) or a regular expression over full module names."
-        },
-    )
-    lora_modules_to_save: str | None = field(
-        default=None,
-        metadata={"help": "Comma-separated modules trained in full and saved with the adapter (e.g. classifier)."},
-    )
-    lorafa_gradient_correction: bool = field(
-        default=True, metadata={"help": "LoRA-FA v2: precondition B's gradient by (A Aᵀ)⁻¹ / s²."}
-    )
-    lorafa_lr_ratio: float = field(
-        default=LoRAFAConfig.lorafa_lr_ratio,
-        metadata={"help": "Learning-rate multiplier of LoRA-FA's B (A is frozen, so B takes larger steps)."},
-    )
-    lamda_freeze_fraction: float = field(
-        default=LoRAFAConfig.lamda_freeze_fraction,
-        metadata={"help": "LaMDA: fraction of the training steps over which B (PMB) is frozen."},
-    )
-    lamda_freeze_order: str = field(
-        default="ascending",
-        metadata={
-            "help": "LaMDA: 'ascending' (freeze B's columns from the smallest singular value) or 'all'.",
-            "metavar": "{ascending,all}",
-        },
-    )
-    lamda_init: str = field(
-        default=LoRAFAConfig.lamda_init,
-        metadata={
-            "help": "LaMDA: 'residual' (SVD over the residual base), 'svd' (S = 0) or 'published' (random A).",
-            "metavar": "{residual,svd,published}",
-        },
-    )
-    lamda_lr_ratio: float = field(
-        default=LoRAFAConfig.lamda_lr_ratio,
-        metadata={"help": "Learning-rate multiplier of LaMDA's S and B."},
-    )
-    lamda_rank_budget: int | None = field(
-        default=None, metadata={"help": "LaMDA++: total rank over all adapted layers (default r × layers)."}
-    )
+    # Adapter: defaults and help come from LoRAFAConfig (one source); the CLI takes lists comma-separated.
+    adapter_method: str = adapter_field("method", metavar=ADAPTER_METHODS)
+    lora_r: int = adapter_field("r")
+    lora_alpha: float = adapter_field("alpha")
+    lora_dropout: float = adapter_field("dropout")
+    lora_target_modules: str = adapter_field("target_modules", help_suffix=" Names comma-separated: q_proj,v_proj.")
+    lora_modules_to_save: str | None = adapter_field("modules_to_save", help_suffix=" Comma-separated.")
+    lorafa_gradient_correction: bool = adapter_field("lorafa_gradient_correction")
+    lorafa_lr_ratio: float = adapter_field("lorafa_lr_ratio")
+    lamda_freeze_fraction: float = adapter_field("lamda_freeze_fraction")
+    lamda_freeze_order: str = adapter_field("lamda_freeze_order", metavar="{ascending,all}")
+    lamda_init: str = adapter_field("lamda_init", metavar="{residual,svd,published}")
+    lamda_lr_ratio: float = adapter_field("lamda_lr_ratio")
+    lamda_rank_budget: int | None = adapter_field("lamda_rank_budget")
 
     # Quantization of the base model (bitsandbytes)
     load_in_4bit: bool = field(default=False, metadata={"help": "Quantize the base model to 4 bits (QLoRA-FA)."})

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import is_adapter_tensor
+
 INSTALL_HINT = 'pip install "hf-lorafa[quant]"'
 # Module paths of other quantization libraries' layers: their weights are not dense tensors we could read.
 FOREIGN_QUANTIZED = ("torch.ao.nn.quantized", "auto_gptq", "gptqmodel", "awq", "optimum.quanto", "hqq", "torchao")
@@ -207,7 +209,8 @@ def prepare_kbit_model(model: nn.Module, use_gradient_checkpointing: bool = Fals
 def _plain_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's non-quantized, non-adapter weights (its embeddings, as a rule); fp32 if none."""
     for name, param in model.named_parameters():
-        if param.is_floating_point() and type(param).__module__ == "torch.nn.parameter" and "lora_" not in name:
+        plain = type(param).__module__ == "torch.nn.parameter"
+        if param.is_floating_point() and plain and not is_adapter_tensor(name):
             return param.dtype
     return torch.float32
 

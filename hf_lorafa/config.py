@@ -6,9 +6,17 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-METHODS = ("lora", "lorafa", "lamda", "lamda++")
+METHODS = ("lora", "lorafa", "lamda", "lamda++")  # each described in full by `hf_lorafa.methods.METHODS`
+# Adapter parameters keep PEFT's `lora_` prefix (lora_A, lora_B, LaMDA's lora_S): state dicts map 1:1 to PEFT's.
+ADAPTER_PREFIX = "lora_"
 Method = Literal["lora", "lorafa", "lamda", "lamda++"]
 LAMDA_INITS = ("residual", "svd", "published")
+
+
+
+def is_adapter_tensor(name: str) -> bool:
+    """Whether parameter or state-dict key `name` (`…q_proj.lora_B.weight`) belongs to an adapter."""
+    return ADAPTER_PREFIX in name
 
 
 @dataclass

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from .memory import current_rss_bytes, format_bytes
+from .methods import METHODS as ADAPTER_METHODS
 
-METHODS = ("none", "full", "lora", "lorafa", "lamda", "lamda++")
+METHODS = ("none", "full", *ADAPTER_METHODS)
 OPTIMIZER_STATES = {"adamw": 2.0, "adamw-8bit": 0.5, "sgd": 0.0}  # state bytes per trainable parameter byte
 _NF4_BYTES = 0.5 + 4 / 64  # packed 4-bit values plus one float32 absmax per block of 64
 
@@ -203,19 +204,12 @@ def estimate_memory(
     base_bytes = int(linear_numel * (_NF4_BYTES if load_in_4bit else b)) + other_numel * b
 
     # Adapter parameters (float32) and what is trained at the step's peak (LaMDA trains B early, then S only).
-    lamda = method in ("lamda", "lamda++")
-    adapter_numel = L * sum(r * (i + o) + (r * r if lamda else 0) for i, o in linears)
-    adapter_numel = 0 if method in ("none", "full") else adapter_numel
+    adapter = ADAPTER_METHODS.get(method)
+    adapter_numel = L * sum(adapter.adapter_numel(i, o, r) for i, o in linears) if adapter else 0
     if method == "full":
         trainable_bytes, trainable = (linear_numel + other_numel) * b, linear_numel + other_numel
     else:
-        trainable = {
-            "none": 0,
-            "lora": adapter_numel,
-            "lorafa": L * sum(r * o for _, o in linears),
-            "lamda": L * sum(r * o + r * r for _, o in linears),
-            "lamda++": L * sum(r * o + r * r for _, o in linears),
-        }[method]
+        trainable = L * sum(adapter.trainable_numel(i, o, r) for i, o in linears) if adapter else 0
         trainable_bytes = 4 * trainable
 
     # Activations: the frozen floor, then what each method adds (see the module docstring for the count).
@@ -224,7 +218,7 @@ def estimate_memory(
     per_sequence = 2 * seq * s["hd"] * b  # cos and sin, shared by every layer and sequence
     if method == "full":
         per_token += L * (4 * H + I) * b + 2 * H * b + 8
-    elif method == "lora":
+    elif adapter is not None and adapter.keeps_input:
         inputs = sum(i for i, _ in linears)
         if dropout > 0:
             per_token += L * inputs * (4 + (4 if device == "cpu" else 1))

@@ -10,8 +10,9 @@ from torch import nn
 
 from .bnb import check_base_layer, check_quantization
 from .config import LoRAFAConfig
-from .lamda import LaMDALayer, lamda_plus_plus_ranks
-from .layers import AdapterLayer, LoRAFALayer, LoRALayer, base_weight
+from .lamda import lamda_plus_plus_ranks
+from .layers import AdapterLayer, base_weight
+from .methods import METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +69,7 @@ def find_target_modules(model: nn.Module, config: LoRAFAConfig) -> dict[str, nn.
 
 
 def build_layer(config: LoRAFAConfig, base: nn.Module, r: int) -> AdapterLayer:
-    if config.method == "lora":
-        return LoRALayer(base, r, config.alpha, config.dropout)
-    if config.method == "lorafa":
-        return LoRAFALayer(base, r, config.alpha, config.dropout, config.lorafa_gradient_correction)
-    return LaMDALayer(base, r, config.alpha, config.dropout, config.lamda_init)
+    return METHODS[config.method].build(config, base, r)
 
 
 def inject_adapters(model: nn.Module, config: LoRAFAConfig, *, init_weights: bool = True) -> nn.Module:

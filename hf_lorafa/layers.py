@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .bnb import dequantize_weight, is_bnb_layer
+from .config import ADAPTER_PREFIX
 
 # PEFT's default A (kaiming-uniform, a=√5) has rows of squared norm 1/3; our orthonormal A keeps that scale.
 A_ROW_NORM = 1.0 / math.sqrt(3.0)
@@ -171,7 +172,7 @@ class AdapterLayer(nn.Module):
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """The adapter's own parameters by local name (`lora_A.weight`, `lora_B.weight`, ...)."""
-        return {name: p for name, p in self.named_parameters() if name.startswith("lora_")}
+        return {name: p for name, p in self.named_parameters() if name.startswith(ADAPTER_PREFIX)}
 
     def peft_weights(self, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """This adapter in PEFT's LoRA format (`lora_A.weight`, `lora_B.weight`).

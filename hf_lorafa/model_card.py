@@ -17,49 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from .memory import format_bytes
+from .methods import METHODS, AdapterMethod
 from .redact import drop_secrets, scrub_secrets
 
 TEMPLATE_PACKAGE = "hf_lorafa.model_cards"
 TEMPLATE_NAME = "adapter_card.md"
 
-# method → (display name, Hub tag, arXiv id, paper title, two sentences)
-METHODS: dict[str, tuple[str, str, str, str, str]] = {
-    "lora": (
-        "LoRA",
-        "lora",
-        "2106.09685",
-        "LoRA: Low-Rank Adaptation of Large Language Models",
-        "LoRA freezes the pretrained weight W and learns a low-rank update s·B·A beside it, with B = 0 at the start. "
-        "Both A and B are trained, so only r·(d_in + d_out) values per adapted layer change.",
-    ),
-    "lorafa": (
-        "LoRA-FA",
-        "lora-fa",
-        "2308.03303",
-        "LoRA-FA: Memory-efficient Low-rank Adaptation for Large Language Models Fine-tuning",
-        "LoRA-FA keeps LoRA's update s·B·A but freezes the projection-down A after its random orthonormal "
-        "initialisation and trains only B. Backward then needs only the r-dimensional A·x per token instead of the "
-        "full input x, which cuts the activation memory of every adapted layer.",
-    ),
-    "lamda": (
-        "LaMDA",
-        "lamda",
-        "2406.12832",
-        "LaMDA: Large Model Fine-Tuning via Spectrally Decomposed Low-Dimensional Adaptation",
-        "LaMDA adapts each layer with s·B·S·A, where A and B come from the weight's singular vectors and A stays "
-        "frozen; B is frozen gradually early in training so that only the r×r core S keeps training. It trains far "
-        "fewer parameters than LoRA and keeps only r values per token for backward.",
-    ),
-    "lamda++": (
-        "LaMDA++",
-        "lamda-plus-plus",
-        "2406.12832",
-        "LaMDA: Large Model Fine-Tuning via Spectrally Decomposed Low-Dimensional Adaptation",
-        "LaMDA++ is LaMDA with per-layer ranks chosen from a normalized spectrum analysis of each pretrained weight: "
-        "layers whose top singular values hold less of the energy get more rank. The ranks sum to the same total "
-        "budget as a uniform rank would.",
-    ),
-}
 TASKS = {  # PEFT task type → (pipeline_tag, transformers auto class)
     "CAUSAL_LM": ("text-generation", "AutoModelForCausalLM"),
     "SEQ_CLS": ("text-classification", "AutoModelForSequenceClassification"),
@@ -119,19 +82,11 @@ def _target_modules(adapter_config: dict[str, Any]) -> str:
     return shown + (f", … ({len(modules)} in total)" if len(modules) > 8 else "")
 
 
-def _method_options(method: str, config: dict[str, Any]) -> list[tuple[str, str]]:
-    rows = []
-    if method in ("lorafa", "lamda", "lamda++"):
-        rows.append(("A (projection-down)", "frozen"))
-    if method == "lorafa":
-        rows.append(("B gradient correction (LoRA-FA v2)", _fmt(config.get("lorafa_gradient_correction", "n/a"))))
-    if method.startswith("lamda"):
-        rows.append(("B frozen over the first", f"{_fmt(config.get('lamda_freeze_fraction', 'n/a'))} of training"))
-        rows.append(("B freeze order", _fmt(config.get("lamda_freeze_order", "n/a"))))
-    if method == "lamda++" and config.get("lamda_rank_budget"):
-        rows.append(("Total rank budget", _fmt(config["lamda_rank_budget"])))
-    if method != "lora" and "lorafa_lr_ratio" in config:
-        rows.append(("Learning-rate multiplier of the trained factor", _fmt(config["lorafa_lr_ratio"])))
+def _method_options(method: AdapterMethod, config: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = [] if method.trains_a else [("A (projection-down)", "frozen")]
+    for label, key, suffix in method.card_options:
+        if config.get(key) is not None:
+            rows.append((label, _fmt(config[key]) + suffix))
     return rows
 
 
@@ -229,7 +184,10 @@ def write_model_card(folder: str | os.PathLike, *, extra: dict[str, Any] | None 
     info = drop_secrets({**_read_json(directory / "hf_lorafa.json"), **(extra or {})})
     config = info.get("config") if isinstance(info.get("config"), dict) else {}
     method = info.get("method") or config.get("method") or "lora"
-    name, tag, paper_id, paper_title, summary = METHODS.get(method, METHODS["lora"])
+    spec = METHODS.get(method, METHODS["lora"])
+    name, tag, paper_id, paper_title, summary = (
+        spec.display_name, spec.hub_tag, spec.paper_id, spec.paper_title, spec.summary
+    )
     base_model = info.get("base_model") or adapter_config.get("base_model_name_or_path")
     # Only Hub ids are named: the Hub validates them, and a local path means nothing to readers (and may be private).
     base_id = _hub_id(base_model)
@@ -262,7 +220,7 @@ def write_model_card(folder: str | os.PathLike, *, extra: dict[str, Any] | None 
         alpha=_fmt(adapter_config.get("lora_alpha", "n/a")),
         dropout=_fmt(adapter_config.get("lora_dropout", "n/a")),
         target_modules=_target_modules(adapter_config),
-        method_options=_method_options(method, config),
+        method_options=_method_options(spec, config),
         trainable=_trainable(info, directory),
         quantization=_quantization(info.get("quantization")),
         dataset=_dataset_label(dataset),

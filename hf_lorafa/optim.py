@@ -5,15 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from .config import LoRAFAConfig
+from .methods import METHODS
 
 
 def boosted_lr(config: LoRAFAConfig) -> tuple[float, tuple[str, ...]]:
-    """`(ratio, parameter names)`: `lorafa_lr_ratio` for LoRA-FA's `lora_B`, `lamda_lr_ratio` for LaMDA's S and B."""
-    if config.method == "lorafa":
-        return config.lorafa_lr_ratio, ("lora_B",)
-    if config.method in ("lamda", "lamda++"):
-        return config.lamda_lr_ratio, ("lora_S", "lora_B")
-    return 1.0, ()
+    """`(ratio, parameter names)` of `config.method` (`hf_lorafa.methods`): LoRA-FA's B, LaMDA's S and B."""
+    method = METHODS[config.method]
+    return method.lr_ratio(config), method.boosted
 
 
 def lorafa_param_groups(

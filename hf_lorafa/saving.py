@@ -25,7 +25,7 @@ from .adapter_checks import (
     read_lora_config,
     split_adapter_tensors,
 )
-from .config import LoRAFAConfig
+from .config import LoRAFAConfig, is_adapter_tensor
 from .injection import adapter_layers, has_adapters, inject_adapters, matches_targets
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -67,7 +67,9 @@ def _full_tensors(model: nn.Module, state_dict: dict[str, torch.Tensor] | None) 
     own = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     full = {name: (state_dict or {}).get(name, tensor) for name, tensor in own.items()}
     # FSDP2 shards are DTensors; a ZeRO-3 partitioned parameter carries `ds_numel` (its full size) and holds none.
-    sharded = [n for n, t in full.items() if "lora_" in n and (hasattr(t, "full_tensor") or hasattr(t, "ds_numel"))]
+    sharded = [
+        n for n, t in full.items() if is_adapter_tensor(n) and (hasattr(t, "full_tensor") or hasattr(t, "ds_numel"))
+    ]
     if sharded:
         raise ValueError(
             f"`state_dict` is needed to save a sharded adapter ({sharded[0]!r} is only this rank's shard): pass the "

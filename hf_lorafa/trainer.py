@@ -23,6 +23,7 @@ from .callbacks import TRAINING_STATE_FILE, LaMDAScheduleCallback, MemoryCallbac
 from .checkpoints import resolve_resume
 from .chunked_loss import loss_only
 from .compat import forget_accelerate_prepared
+from .config import is_adapter_tensor
 from .injection import adapter_layers, count_parameters
 from .memory_log import MemoryTracker
 from .optim import boosted_lr, lorafa_param_groups
@@ -156,7 +157,7 @@ class LoRAFATrainerMixin:
         trainable = {
             n: (full or {}).get(n, p).detach().contiguous().clone()
             for n, p in model.named_parameters()
-            if "lora_" in n or p.requires_grad
+            if is_adapter_tensor(n) or p.requires_grad
         }
         atomic_write(Path(output_dir) / TRAINING_STATE_FILE, lambda tmp: save_file(trainable, tmp))
         if self.processing_class is not None:
@@ -174,7 +175,7 @@ class LoRAFATrainerMixin:
         model = self.accelerator.unwrap_model(self.model)
         state = load_file(path)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or any("lora_" in k for k in missing):
+        if unexpected or any(is_adapter_tensor(k) for k in missing):
             raise ValueError(
                 f"`resume_from_checkpoint`={checkpoint!r} holds an adapter for another model or configuration "
                 f"({(unexpected or missing)[0]!r} does not match); resume with the same model and adapter arguments."
