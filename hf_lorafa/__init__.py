@@ -22,11 +22,16 @@ _EXPORTS = {
     "lamda_plus_plus_ranks": "lamda",
     "lamda_schedule_step": "lamda",
     "load_adapter": "saving",
+    "load_raw_dataset": "dataprep",
     "load_base_model": "loading",
     "merge_adapters": "merge",
+    "pad_collator": "dataprep",
     "push_adapter": "hub",
+    "resolve_model": "data",
     "save_adapter": "saving",
     "saved_tensor_bytes": "memory",
+    "take_rows": "dataprep",
+    "tokenize_for_causal_lm": "dataprep",
     "write_model_card": "model_card",
 }
 __all__ = sorted(_EXPORTS)  # one table: what is exported is what is lazily importable
@@ -34,6 +39,8 @@ __all__ = sorted(_EXPORTS)  # one table: what is exported is what is lazily impo
 if TYPE_CHECKING:
     from .arguments import LoRAFAArguments, LoRAFATrainingArguments
     from .config import LoRAFAConfig
+    from .data import resolve_model
+    from .dataprep import load_raw_dataset, pad_collator, take_rows, tokenize_for_causal_lm
     from .estimate import estimate_memory
     from .hub import HubUploadError, push_adapter
     from .injection import count_parameters, inject_adapters

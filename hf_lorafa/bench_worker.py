@@ -18,7 +18,8 @@ def _build(spec: dict):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from . import LoRAFAConfig, inject_adapters
+    from .config import LoRAFAConfig
+    from .injection import inject_adapters
 
     dtype, device = getattr(torch, spec["dtype"]), spec["device"]
     torch.manual_seed(0)

@@ -11,9 +11,15 @@ from dataclasses import dataclass, field
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
-from hf_lorafa import LoRAFATrainer, LoRAFATrainingArguments
-from hf_lorafa.data import resolve_model
-from hf_lorafa.dataprep import load_raw_dataset, pad_collator, take_rows, tokenize_for_causal_lm
+from hf_lorafa import (
+    LoRAFATrainer,
+    LoRAFATrainingArguments,
+    load_raw_dataset,
+    pad_collator,
+    resolve_model,
+    take_rows,
+    tokenize_for_causal_lm,
+)
 
 
 @dataclass
