@@ -88,12 +88,12 @@ def read_lora_config(path: Path):
                 f"`adapter` uses {what} (`{key}`={raw[key]!r} in {str(path)!r}), which hf-lorafa does not "
                 f"implement: its outputs would differ from PEFT's. {PEFT_FIX}"
             )
-    if not isinstance(raw.get("r", 8), int) or isinstance(raw.get("r"), bool) or raw.get("r", 8) < 1:
+    if not _is_rank(raw.get("r", 8)):
         raise _bad_key(path, "r", raw.get("r"), "a positive int")
     if not _is_number(raw.get("lora_alpha", 8)):
         raise _bad_key(path, "lora_alpha", raw.get("lora_alpha"), "a positive number")
     for key, check, expected in (
-        ("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "positive ints"),
+        ("rank_pattern", _is_rank, "positive ints"),
         ("alpha_pattern", _is_number, "positive numbers"),
     ):
         pattern = raw.get(key) or {}
@@ -107,6 +107,10 @@ def read_lora_config(path: Path):
         return LoraConfig(**known)
     except (TypeError, ValueError) as err:
         raise ValueError(f"`adapter` file {str(path)!r} is not a valid LoRA config: {err}") from None
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _is_number(value: Any) -> bool:

@@ -35,11 +35,12 @@ class PreemptionCallback(TrainerCallback):
         self.received = False
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._any_rank_received(args):
+        if self.any_rank_received(args):
             control.should_save = True
             control.should_training_stop = True
 
-    def _any_rank_received(self, args) -> bool:
+    def any_rank_received(self, args) -> bool:
+        """Whether SIGTERM reached this process or, in a distributed run, any other (a collective: call on all)."""
         import torch
         import torch.distributed as dist
 
@@ -74,7 +75,8 @@ def preemptible(trainer: Any) -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, previous)
         trainer.remove_callback(callback)
-    if callback.received:
+    # Asked on every rank at the same point: the rank that got the signal and the ones it stopped all exit alike.
+    if callback.any_rank_received(trainer.args):
         _raise_preempted(trainer)
 
 

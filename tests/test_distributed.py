@@ -145,3 +145,24 @@ def test_fsdp2_sharded_parameters_give_the_one_process_adapter(tmp_path):
         # Saving the shards without the gathered state dict is refused before anything is written.
         assert "`state_dict` is needed" in (tmp_path / f"fsdp-shard-error-{method}.txt").read_text()
         assert not (tmp_path / f"fsdp-unsaved-{method}").exists()
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoint(tiny, tmp_path):
+    """An eviction that reaches rank 1 only: both ranks save checkpoint-2 together and exit 143, instead of rank 0
+    training on alone and waiting forever for rank 1's gradients."""
+    out = tmp_path / "run"
+    env = {
+        **os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+        "HF_LORAFA_SIGTERM_AT_STEP": "2", "HF_LORAFA_SIGTERM_RANK": "1",
+    }  # fmt: skip
+    argv = flags(tiny, out, 2, "lorafa", 6)
+    argv[argv.index("--save_steps") + 1] = "100"
+    result = subprocess.run(
+        [*TORCHRUN, "tests/fixtures/pause_probe.py", "scripts/finetune.py", *argv],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env=env,
+    )  # fmt: skip
+    assert result.returncode != 0, result.stderr[-3000:]  # the run did not finish: torchrun reports the 143s
+    assert "exitcode  : 143" in result.stderr or "exitcode: 143" in result.stderr, result.stderr[-3000:]
+    assert f"stopped by SIGTERM at step 2 of 6; saved {out / 'checkpoint-2'}" in result.stderr, result.stderr[-3000:]
+    assert [c.name for c in complete_checkpoints(out)] == ["checkpoint-2"]
+    assert not (out / "adapter_model.safetensors").exists()
