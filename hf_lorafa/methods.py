@@ -75,7 +75,15 @@ _LAMDA_SUMMARY = (
     "frozen; B is frozen gradually early in training so that only the r×r core S keeps training. It trains far "
     "fewer parameters than LoRA and keeps only r values per token for backward."
 )
-_LAMDA_PAPER = ("2406.12832", "LaMDA: Large Model Fine-Tuning via Spectrally Decomposed Low-Dimensional Adaptation")
+# What LaMDA and LaMDA++ share (Azizi et al., 2024, arXiv:2406.12832): the layer, its tensors, the lr rule, the paper.
+_LAMDA = dict(
+    paper_id="2406.12832",
+    paper_title="LaMDA: Large Model Fine-Tuning via Spectrally Decomposed Low-Dimensional Adaptation",
+    build=_lamda,
+    tensors=("lora_A", "lora_S", "lora_B"),
+    lr_ratio_field="lamda_lr_ratio",
+    boosted=("lora_S", "lora_B"),
+)
 
 METHODS: dict[str, AdapterMethod] = {
     method.name: method
@@ -111,33 +119,17 @@ METHODS: dict[str, AdapterMethod] = {
                 ("Learning-rate multiplier of B", "lorafa_lr_ratio", ""),
             ),
         ),
-        AdapterMethod(
-            name="lamda",
-            display_name="LaMDA",
-            hub_tag="lamda",
-            paper_id=_LAMDA_PAPER[0],
-            paper_title=_LAMDA_PAPER[1],
-            summary=_LAMDA_SUMMARY,
-            build=_lamda,
-            tensors=("lora_A", "lora_S", "lora_B"),
-            lr_ratio_field="lamda_lr_ratio",
-            boosted=("lora_S", "lora_B"),
-            card_options=_LAMDA_CARD,
-        ),
+        AdapterMethod(name="lamda", display_name="LaMDA", hub_tag="lamda", summary=_LAMDA_SUMMARY,
+                      card_options=_LAMDA_CARD, **_LAMDA),
         AdapterMethod(
             name="lamda++",
             display_name="LaMDA++",
             hub_tag="lamda-plus-plus",
-            paper_id=_LAMDA_PAPER[0],
-            paper_title=_LAMDA_PAPER[1],
             summary="LaMDA++ is LaMDA with per-layer ranks chosen from a normalized spectrum analysis of each "
             "pretrained weight: layers whose top singular values hold less of the energy get more rank. The ranks "
             "sum to the same total budget as a uniform rank would.",
-            build=_lamda,
-            tensors=("lora_A", "lora_S", "lora_B"),
-            lr_ratio_field="lamda_lr_ratio",
-            boosted=("lora_S", "lora_B"),
             card_options=(*_LAMDA_CARD, ("Total rank budget", "lamda_rank_budget", "")),
+            **_LAMDA,
         ),
     )
 }

@@ -25,21 +25,23 @@ def token_dataset(n: int = 32, length: int = 16, vocab: int = 256) -> Dataset:
     return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * length] * n, "labels": ids})
 
 
+# A short, quiet, CPU run: what every trainer test starts from (TRL's tests reuse it).
+QUICK_RUN = dict(
+    max_steps=4,
+    per_device_train_batch_size=4,
+    learning_rate=1e-2,
+    logging_steps=1,
+    save_strategy="no",
+    report_to="none",
+    lora_r=4,
+    seed=0,
+    disable_tqdm=True,
+    use_cpu=True,
+)
+
+
 def make_args(tmp_path, **overrides) -> LoRAFATrainingArguments:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        lora_r=4,
-        seed=0,
-        disable_tqdm=True,
-        activation_savers=False,
-        use_cpu=True,
-    )
+    values = dict(output_dir=str(tmp_path / "out"), activation_savers=False, **QUICK_RUN)
     values.update(overrides)
     return LoRAFATrainingArguments(**values)
 

@@ -11,6 +11,7 @@ import torch
 from conftest import METHODS, assert_only_adapter_trained, tiny_llama
 from datasets import Dataset
 from safetensors.torch import load_file
+from test_trainer import QUICK_RUN
 from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 
 from hf_lorafa.data import smollm2_path
@@ -30,20 +31,7 @@ def pairs(n: int = 32) -> Dataset:
 
 
 def sft_args(tmp_path, **overrides) -> LoRAFASFTConfig:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        lora_r=4,
-        seed=0,
-        max_length=64,
-        disable_tqdm=True,
-        use_cpu=True,
-    )
+    values = dict(output_dir=str(tmp_path / "out"), max_length=64, **QUICK_RUN)
     values.update(overrides)
     return LoRAFASFTConfig(**values)
 
