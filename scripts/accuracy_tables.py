@@ -148,9 +148,9 @@ def task_tables(runs: list[dict], save_figure) -> list[str]:
     return out
 
 
-def ablation_section(runs: list[dict]) -> list[str]:
+def ablation_section(runs: list[dict], old: list[dict]) -> list[str]:
     """LaMDA's initialisations × S/B learning-rate ratio on chatterbot, against ours LoRA at the same budget."""
-    groups = grouped(runs)
+    groups, old_groups = grouped(runs), grouped(old)
     lora = values(groups.get(("chatterbot", "ours", "lora", ()), []), "eval_loss")
     out = ["### LaMDA ablation (chatterbot, main job's defaults)", "",
            "| method | lamda_init | lamda_lr_ratio | seeds | eval loss | vs ours LoRA | train loss |",
@@ -165,8 +165,16 @@ def ablation_section(runs: list[dict]) -> list[str]:
         gap = f"{100 * (statistics.mean(loss) / statistics.mean(lora) - 1):+.1f}%" if lora else "–"
         out.append(f"| {method} | {opts[0][1]} | {opts[1][1]:g} | {seeds_cell(rs)} | {stat(loss)} | {gap} | "
                    f"{stat(values(rs, 'train_loss'))} |")
-    return out + ["", f"Ours LoRA: eval loss {stat(lora)} (`python scripts/accuracy.py run --task chatterbot --impl "
-                  "ours --method lora --seed 0`); each LaMDA row's command is in the chatterbot table above."]
+    out += ["", f"Ours LoRA: eval loss {stat(lora)} (`python scripts/accuracy.py run --task chatterbot --impl "
+            "ours --method lora --seed 0`); each LaMDA row's command is in the chatterbot table above."]
+    old_lamda = values(old_groups.get(("chatterbot", "ours", "lamda", ()), []), "eval_loss")
+    old_lora = values(old_groups.get(("chatterbot", "ours", "lora", ()), []), "eval_loss")
+    if old_lamda and old_lora:
+        out += ["", f"The earlier init (`svd`, S = 0) under protocol 1 (`v1/`: 15 steps, r=8, seed 0): eval loss "
+                f"{stat(old_lamda)} against ours LoRA's {stat(old_lora)} "
+                f"({100 * (statistics.mean(old_lamda) / statistics.mean(old_lora) - 1):+.1f}%), a different budget "
+                "from the rows above."]
+    return out
 
 
 def done_when(runs: list[dict]) -> list[str]:
@@ -217,7 +225,7 @@ def accuracy_part(save_figure) -> list[str]:
            f"about {se:.1f} points; a model answering the majority class scores {100 * share:.1f}% accuracy and "
            f"macro-F1 {2 * share / (1 + share) / len(majority):.3f}.", "",
            "#### Done when (issue 13)", "", *done_when(runs), "", *protocol_section(old, runs), "",
-           *ablation_section(runs), "", *task_tables(runs, save_figure)]
+           *ablation_section(runs, old), "", *task_tables(runs, save_figure)]
     done = {p.stem for p in RESULTS.glob("*.json")}
     missing = [run_name(*r) for r in PLANS["issue13"] if run_name(*r) not in done]
     if missing:
