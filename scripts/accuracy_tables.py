@@ -200,7 +200,7 @@ def done_when(runs: list[dict]) -> list[str]:
             continue
         gap = 100 * (statistics.mean(values(rs, "eval_loss")) / statistics.mean(values(chat_ref, "eval_loss")) - 1)
         ok = "reached" if gap <= 1.5 and len(rs) >= 3 and len(chat_ref) >= 3 else (
-            "within, but < 3 seeds" if gap <= 1.5 else f"missed by {gap - 1.5:.1f} points")
+            "within, but < 3 seeds" if gap <= 1.5 else f"missed by {gap - 1.5:.1f} percentage points")
         out.append(f"| chatterbot eval loss: {method} / ours LoRA − 1 | {len(chat_ref)} vs {len(rs)} | {gap:+.1f}% | "
                    f"≤ 1.5% | {ok} |")
     return out
