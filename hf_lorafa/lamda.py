@@ -7,9 +7,11 @@ Adaptation" (arXiv:2406.12832). What is the paper's and what is ours:
   low-dimensional adapter S, and the projection matrix B (PMB, d_out×r) trained only early on. The paper's text takes
   the projections "from singular vectors" of W; its published code instead uses a random frozen A, B = 0 and S at
   nn.Linear's default init, with no SVD.
-- Initialisation, `lamda_init` (ours; chosen by the ablation in BENCHMARKS.md):
-  - `"residual"` (default): A = V_rᵀ, B = U_r (orthonormal, like A's rows), S = diag(σ_r)/s, over the residual
-    base W − U_r Σ_r V_rᵀ, the way PiSSA (Meng et al., 2024) starts LoRA. B's gradient `s·gᵀ(S z)` and S's
+- Initialisation, `lamda_init` (ours; the ablation in BENCHMARKS.md compares them, and at LoRA's budget none has
+  reached LoRA's held-out loss yet):
+  - `"residual"` (default: the one where B and S both get gradient at step 1 with the output unchanged):
+    A = V_rᵀ, B = U_r (orthonormal, like A's rows), S = diag(σ_r)/s, over the residual base W − U_r Σ_r V_rᵀ,
+    the way PiSSA (Meng et al., 2024) starts LoRA. B's gradient `s·gᵀ(S z)` and S's
     `s·(gB)ᵀz` are both non-zero from the first step, and the output at step 0 is the base model's. The residual
     base is implicit: the principal part C = B₀S₀ is subtracted inside the adapter (`FrozenAAdapterFunction`'s
     `offset`), so the stored base weight, dense or 4-/8-bit, never changes. The export folds it in exactly:

@@ -62,10 +62,10 @@ FULL_LR_FACTOR = 0.1  # full fine-tuning diverges at an adapter learning rate; 1
 OPTION_NAMES = {"lorafa_lr_ratio": "ratio", "lamda_init": "init-", "lamda_lr_ratio": "lr"}
 LORAFA = (("lorafa_lr_ratio", LoRAFAConfig.lorafa_lr_ratio),)
 LAMDA = (("lamda_init", LoRAFAConfig.lamda_init), ("lamda_lr_ratio", LoRAFAConfig.lamda_lr_ratio))
-# LaMDA's initialisation ablation (lamda.py): today's, the published code's, the residual SVD init, each at lr x1,
-# the residual one also with S and B at 4x the learning rate.
+# LaMDA's initialisation ablation (lamda.py): the residual SVD init at lr x1 and with S and B at 4x the learning
+# rate, the published code's init, and the earlier S = 0 one ("svd").
 ABLATION = [(("lamda_init", init), ("lamda_lr_ratio", ratio))
-            for init, ratio in (("svd", 1.0), ("published", 1.0), ("residual", 1.0), ("residual", 4.0))]
+            for init, ratio in (("residual", 1.0), ("residual", 4.0), ("published", 1.0), ("svd", 1.0))]
 _BASELINES = [("peft", "lora", ()), ("peft", "lorafa", ()), ("ours", "lora", ()), ("ours", "lorafa", LORAFA)]
 PLANS = {
     # (task, impl, method, seed, options) in priority order: the protocol check (PEFT LoRA's spread over seeds) and

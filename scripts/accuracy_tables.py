@@ -87,9 +87,26 @@ def protocol_section(old: list[dict], new: list[dict]) -> list[str]:
             means[(tag, impl)] = acc
             out.append(f"| {tag} | {warmup} | {impl} LoRA | {seeds_cell(rs)} | {' / '.join(f'{a:.1f}' for a in acc)} "
                        f"| {stat(acc, 1)} | {stat(values(rs, 'eval_macro_f1'))} | {stat(values(rs, 'eval_loss'))} |")
+    pairs = {(r["impl"], r["seed"]): r for r in old if r["task"] == "drugreview" and r["method"] == "lora"}
+    same_seed = [abs(pairs[("ours", s)]["eval_accuracy"] - pairs[("peft", s)]["eval_accuracy"]) * 100
+                 for impl, s in pairs if impl == "peft" and ("ours", s) in pairs]
     ind_acc, ind_f1 = INDEPENDENT["accuracy"], INDEPENDENT["macro_f1"]
     out += [f"| independent (issue 13, not run here) | ? | PEFT LoRA | 3 | {' / '.join(map(str, ind_acc))} | "
             f"{stat(list(ind_acc), 1)} | {stat(list(ind_f1))} | – |", ""]
+    if same_seed:
+        accs = [r["eval_accuracy"] * 100 for r in pairs.values()]
+        first = max(abs(pairs[("ours", s)]["loss_curve"][0][1] - pairs[("peft", s)]["loss_curve"][0][1])
+                    for impl, s in pairs if impl == "peft" and ("ours", s) in pairs)
+        out += [f"Diagnosis. Under protocol 1, ours LoRA and PEFT LoRA at the same seed (same head init, data order "
+                f"and dropout, each its own random A; first logged losses within {first:.0e}, B being 0 at first)"
+                f" end up to {max(same_seed):.1f} accuracy points apart, and the six runs span "
+                f"{min(accs):.1f}-{max(accs):.1f}: the end point of a run is hypersensitive to small perturbations, "
+                "whoever implements LoRA. The test split is the same 379 rows in every run, so this is training "
+                "variance, not evaluation sampling. With 5 warmup steps at 5e-4 the adapters' first Adam steps "
+                "(±lr on every entry, whatever the gradient's size) follow the gradient of a classifier head that "
+                "is still random, which is where small differences grow. Protocol 2 warms up over 10% of the steps "
+                "(31). Whether that brings the std under 1.5 points needs 3 seeds: the rows above say how many ran.",
+                ""]
     new_peft = means.get(("2", "peft"))
     if new_peft:
         gap = statistics.mean(new_peft) - statistics.mean(ind_acc)
@@ -131,9 +148,9 @@ def task_tables(runs: list[dict], save_figure) -> list[str]:
     return out
 
 
-def ablation_section(runs: list[dict]) -> list[str]:
+def ablation_section(runs: list[dict], old: list[dict]) -> list[str]:
     """LaMDA's initialisations × S/B learning-rate ratio on chatterbot, against ours LoRA at the same budget."""
-    groups = grouped(runs)
+    groups, old_groups = grouped(runs), grouped(old)
     lora = values(groups.get(("chatterbot", "ours", "lora", ()), []), "eval_loss")
     out = ["### LaMDA ablation (chatterbot, main job's defaults)", "",
            "| method | lamda_init | lamda_lr_ratio | seeds | eval loss | vs ours LoRA | train loss |",
@@ -148,8 +165,16 @@ def ablation_section(runs: list[dict]) -> list[str]:
         gap = f"{100 * (statistics.mean(loss) / statistics.mean(lora) - 1):+.1f}%" if lora else "–"
         out.append(f"| {method} | {opts[0][1]} | {opts[1][1]:g} | {seeds_cell(rs)} | {stat(loss)} | {gap} | "
                    f"{stat(values(rs, 'train_loss'))} |")
-    return out + ["", f"Ours LoRA: eval loss {stat(lora)} (`python scripts/accuracy.py run --task chatterbot --impl "
-                  "ours --method lora --seed 0`); each LaMDA row's command is in the chatterbot table above."]
+    out += ["", f"Ours LoRA: eval loss {stat(lora)} (`python scripts/accuracy.py run --task chatterbot --impl "
+            "ours --method lora --seed 0`); each LaMDA row's command is in the chatterbot table above."]
+    old_lamda = values(old_groups.get(("chatterbot", "ours", "lamda", ()), []), "eval_loss")
+    old_lora = values(old_groups.get(("chatterbot", "ours", "lora", ()), []), "eval_loss")
+    if old_lamda and old_lora:
+        out += ["", f"The earlier init (`svd`, S = 0) under protocol 1 (`v1/`: 15 steps, r=8, seed 0): eval loss "
+                f"{stat(old_lamda)} against ours LoRA's {stat(old_lora)} "
+                f"({100 * (statistics.mean(old_lamda) / statistics.mean(old_lora) - 1):+.1f}%), a different budget "
+                "from the rows above."]
+    return out
 
 
 def done_when(runs: list[dict]) -> list[str]:
@@ -175,7 +200,7 @@ def done_when(runs: list[dict]) -> list[str]:
             continue
         gap = 100 * (statistics.mean(values(rs, "eval_loss")) / statistics.mean(values(chat_ref, "eval_loss")) - 1)
         ok = "reached" if gap <= 1.5 and len(rs) >= 3 and len(chat_ref) >= 3 else (
-            "within, but < 3 seeds" if gap <= 1.5 else f"missed by {gap - 1.5:.1f} points")
+            "within, but < 3 seeds" if gap <= 1.5 else f"missed by {gap - 1.5:.1f} percentage points")
         out.append(f"| chatterbot eval loss: {method} / ours LoRA − 1 | {len(chat_ref)} vs {len(rs)} | {gap:+.1f}% | "
                    f"≤ 1.5% | {ok} |")
     return out
@@ -200,7 +225,7 @@ def accuracy_part(save_figure) -> list[str]:
            f"about {se:.1f} points; a model answering the majority class scores {100 * share:.1f}% accuracy and "
            f"macro-F1 {2 * share / (1 + share) / len(majority):.3f}.", "",
            "#### Done when (issue 13)", "", *done_when(runs), "", *protocol_section(old, runs), "",
-           *ablation_section(runs), "", *task_tables(runs, save_figure)]
+           *ablation_section(runs, old), "", *task_tables(runs, save_figure)]
     done = {p.stem for p in RESULTS.glob("*.json")}
     missing = [run_name(*r) for r in PLANS["issue13"] if run_name(*r) not in done]
     if missing:
