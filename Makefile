@@ -33,6 +33,7 @@ test: setup browser
 
 lint: setup
 	$(BIN)/ruff check hf_lorafa scripts spaces_demo tests
+	$(BIN)/ruff format --check hf_lorafa scripts spaces_demo tests
 
 bench: setup
 	$(BIN)/python scripts/benchmark.py --preset cpu --output benchmarks/cpu.json

@@ -157,8 +157,11 @@ def split_adapter_tensors(
                 f"`adapter` was trained for another base: this model has no module {match['module']!r} "
                 f"(adapter base: {config.base_model_name_or_path!r}). Load the matching base model."
             )
-        elif name is not None and ".lora_" not in name and ".base_layer." not in name and _saved_module(
-            name, modules, to_save
+        elif (
+            name is not None
+            and ".lora_" not in name
+            and ".base_layer." not in name
+            and _saved_module(name, modules, to_save)
         ):
             extra[name] = tensor
         else:

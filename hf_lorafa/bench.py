@@ -26,32 +26,92 @@ from concurrent.futures import ThreadPoolExecutor
 PRESETS = {
     # Seconds: the test's preset. A tiny Llama, the methods that matter for the invariants.
     "cpu-small": {
-        "model": {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                  "num_attention_heads": 4, "num_key_value_heads": 2},
-        "batch": 2, "seq": 32, "r": 4, "steps": 2, "dtype": "bfloat16", "device": "cpu",
-        "methods": ["floor", "peft-lora", "lorafa"], "dropouts": [0.05], "quant": [False],
-        "seq_sweep": [], "jobs": 3,
+        "model": {
+            "vocab_size": 256,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        "batch": 2,
+        "seq": 32,
+        "r": 4,
+        "steps": 2,
+        "dtype": "bfloat16",
+        "device": "cpu",
+        "methods": ["floor", "peft-lora", "lorafa"],
+        "dropouts": [0.05],
+        "quant": [False],
+        "seq_sweep": [],
+        "jobs": 3,
     },
     # Minutes on 2 cores: a 32k-vocabulary Llama (33M parameters), batch 4 × 256 tokens.
     "cpu": {
-        "model": {"vocab_size": 32000, "hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 6,
-                  "num_attention_heads": 6, "num_key_value_heads": 2},
-        "batch": 4, "seq": 256, "r": 16, "steps": 7, "dtype": "bfloat16", "device": "cpu",
-        "methods": ["floor", "full", "peft-lora", "peft-lorafa", "lora", "lorafa", "lamda", "lamda++",
-                    "lorafa+savers"],
-        "dropouts": [0.0, 0.05], "quant": [False, True], "seq_sweep": [64, 128, 256, 512], "jobs": 1,
+        "model": {
+            "vocab_size": 32000,
+            "hidden_size": 384,
+            "intermediate_size": 1024,
+            "num_hidden_layers": 6,
+            "num_attention_heads": 6,
+            "num_key_value_heads": 2,
+        },
+        "batch": 4,
+        "seq": 256,
+        "r": 16,
+        "steps": 7,
+        "dtype": "bfloat16",
+        "device": "cpu",
+        "methods": [
+            "floor",
+            "full",
+            "peft-lora",
+            "peft-lorafa",
+            "lora",
+            "lorafa",
+            "lamda",
+            "lamda++",
+            "lorafa+savers",
+        ],
+        "dropouts": [0.0, 0.05],
+        "quant": [False, True],
+        "seq_sweep": [64, 128, 256, 512],
+        "jobs": 1,
         # 2 cores: dropout 0 and 4-bit only for the configurations the goals compare.
         "dropout0_methods": ["peft-lora", "peft-lorafa", "lora", "lorafa"],
         "quant_methods": ["floor", "peft-lora", "lora", "lorafa"],
     },
     # A lent H100/H200: TinyLlama-1.1B's architecture, random init, bf16, 2 × 2048 tokens, plus 4-bit.
     "gpu": {
-        "model": {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
-                  "num_attention_heads": 32, "num_key_value_heads": 4},
-        "batch": 2, "seq": 2048, "r": 16, "steps": 5, "dtype": "bfloat16", "device": "cuda",
-        "methods": ["floor", "full", "peft-lora", "peft-lorafa", "lora", "lorafa", "lamda", "lamda++",
-                    "lorafa+savers"],
-        "dropouts": [0.0, 0.05], "quant": [False, True], "seq_sweep": [512, 1024, 2048, 4096], "jobs": 1,
+        "model": {
+            "vocab_size": 32000,
+            "hidden_size": 2048,
+            "intermediate_size": 5632,
+            "num_hidden_layers": 22,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+        },
+        "batch": 2,
+        "seq": 2048,
+        "r": 16,
+        "steps": 5,
+        "dtype": "bfloat16",
+        "device": "cuda",
+        "methods": [
+            "floor",
+            "full",
+            "peft-lora",
+            "peft-lorafa",
+            "lora",
+            "lorafa",
+            "lamda",
+            "lamda++",
+            "lorafa+savers",
+        ],
+        "dropouts": [0.0, 0.05],
+        "quant": [False, True],
+        "seq_sweep": [512, 1024, 2048, 4096],
+        "jobs": 1,
     },
 }
 NO_DROPOUT = ("floor", "full")  # configurations without adapters measure once, at "dropout 0"
@@ -95,7 +155,10 @@ def device_info() -> dict:
 def _worker(spec: dict, timeout: float, env: dict, *extra: str) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "hf_lorafa.bench_worker", json.dumps(spec), *extra],
-        capture_output=True, text=True, env=env, timeout=timeout,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -148,13 +211,15 @@ def ratios(results: list[dict], preset: dict) -> dict:
             if peft:
                 r["lorafa_saved_over_peft_lora"] = ours["saved_bytes"] / peft["saved_bytes"]
                 r["peft_lora_peak_over_lorafa"] = (peft[peak] - peft.get("overhead_bytes", 0)) / max(
-                    ours[peak] - ours.get("overhead_bytes", 0), 1)
+                    ours[peak] - ours.get("overhead_bytes", 0), 1
+                )
                 r["peft_lora_step_time_over_lorafa"] = peft["step_seconds"] / ours["step_seconds"]
             savers = _find(results, "lorafa+savers", dropout, quant)
             if peft and savers:  # LoRA-FA as LoRAFATrainer runs it by default (activation_savers=True)
                 r["lorafa_savers_saved_over_peft_lora"] = savers["saved_bytes"] / peft["saved_bytes"]
                 r["peft_lora_peak_over_lorafa_savers"] = (peft[peak] - peft.get("overhead_bytes", 0)) / max(
-                    savers[peak] - savers.get("overhead_bytes", 0), 1)
+                    savers[peak] - savers.get("overhead_bytes", 0), 1
+                )
                 r["peft_lora_step_time_over_lorafa_savers"] = peft["step_seconds"] / savers["step_seconds"]
             if peft_fa:
                 r["peft_lorafa_step_time_over_lorafa"] = peft_fa["step_seconds"] / ours["step_seconds"]
@@ -162,11 +227,13 @@ def ratios(results: list[dict], preset: dict) -> dict:
                 r["lora_saved_over_lorafa"] = lora["saved_bytes"] / ours["saved_bytes"]
             if lamda and lora:
                 r["lora_over_lamda_updated_parameters"] = lora["trainable_parameters"] / max(
-                    lamda.get("trainable_parameters_after_freeze", lamda["trainable_parameters"]), 1)
+                    lamda.get("trainable_parameters_after_freeze", lamda["trainable_parameters"]), 1
+                )
             full = _find(results, "full", 0.0, False)
             if full:
                 r["full_peak_over_lorafa"] = (full[peak] - full.get("overhead_bytes", 0)) / max(
-                    ours[peak] - ours.get("overhead_bytes", 0), 1)
+                    ours[peak] - ours.get("overhead_bytes", 0), 1
+                )
             out[key] = {k: round(v, 4) for k, v in r.items()}
     return out
 
@@ -175,8 +242,10 @@ def _table(results: list[dict], device: str) -> str:
     from .memory import format_bytes
 
     peak = "peak_cuda_bytes" if device == "cuda" else "peak_rss_bytes"
-    head = f"{'method':<14}{'drop':>5}{'quant':>6}{'saved':>12}{'retained':>12}{'peak':>12}{'est. peak':>12}" \
-           f"{'step s':>9}{'tok/s':>9}{'trainable':>12}"
+    head = (
+        f"{'method':<14}{'drop':>5}{'quant':>6}{'saved':>12}{'retained':>12}{'peak':>12}{'est. peak':>12}"
+        f"{'step s':>9}{'tok/s':>9}{'trainable':>12}"
+    )
     lines = [head, "-" * len(head)]
     for r in results:
         if "error" in r:
@@ -221,19 +290,32 @@ def main(argv: list[str] | None = None) -> int:
     specs = []
     for config in configurations(preset):
         sweep = not config["load_in_4bit"] and (config["dropout"] > 0 or config["method"] in NO_DROPOUT)
-        specs.append({**{k: preset[k] for k in ("model", "batch", "seq", "r", "steps", "dtype", "device")}, **config,
-                      "seq_sweep": preset["seq_sweep"] if sweep else []})
+        specs.append(
+            {
+                **{k: preset[k] for k in ("model", "batch", "seq", "r", "steps", "dtype", "device")},
+                **config,
+                "seq_sweep": preset["seq_sweep"] if sweep else [],
+            }
+        )
     started = time.time()
     # Parallel workers only where timings are not the point (the test's preset): memory is per process anyway.
     with ThreadPoolExecutor(max_workers=args.jobs or preset["jobs"]) as pool:
         results = list(pool.map(run_configuration, specs))
     for r in results:
-        print(f"[bench] {r['method']} dropout={r['dropout']:g} 4bit={r['load_in_4bit']}: "
-              f"{r.get('error') or 'ok'} ({r.get('wall_seconds', 0)} s)", flush=True)
+        print(
+            f"[bench] {r['method']} dropout={r['dropout']:g} 4bit={r['load_in_4bit']}: "
+            f"{r.get('error') or 'ok'} ({r.get('wall_seconds', 0)} s)",
+            flush=True,
+        )
     report = {
-        "preset": args.preset, "settings": preset, "device": device_info(), "notes": notes,
+        "preset": args.preset,
+        "settings": preset,
+        "device": device_info(),
+        "notes": notes,
         "command": "hf-lorafa bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "seconds": round(time.time() - started, 1), "jobs": args.jobs or preset["jobs"], "results": results,
+        "seconds": round(time.time() - started, 1),
+        "jobs": args.jobs or preset["jobs"],
+        "results": results,
         "ratios": ratios(results, preset),
     }
     print(_table(results, preset["device"]))

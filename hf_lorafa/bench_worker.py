@@ -41,8 +41,9 @@ def _build(spec: dict):
     if method.startswith("peft-"):
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=spec["dropout"],
-                                                 target_modules="all-linear"))
+        model = get_peft_model(
+            model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=spec["dropout"], target_modules="all-linear")
+        )
         if method == "peft-lorafa":
             from peft.optimizers import create_lorafa_optimizer
 
@@ -62,8 +63,9 @@ def _prepare(spec: dict):
 
     model, optimizer = _build(spec)
     model.train()
-    ids = torch.randint(0, spec["model"]["vocab_size"], (spec["batch"], spec["seq"]),
-                        generator=torch.Generator().manual_seed(1)).to(spec["device"])
+    ids = torch.randint(
+        0, spec["model"]["vocab_size"], (spec["batch"], spec["seq"]), generator=torch.Generator().manual_seed(1)
+    ).to(spec["device"])
     return model, optimizer, ids
 
 
@@ -124,8 +126,14 @@ def measure(spec: dict) -> dict:
     step(out)
     del out
     peak = proc_status_bytes("VmHWM") if reset else process_peak_bytes()
-    result = {**spec, "saved_bytes": saved, "retained_rss_bytes": retained, "overhead_bytes": overhead,
-              "peak_rss_bytes": peak, "peak_source": "VmHWM" if reset else "ru_maxrss"}
+    result = {
+        **spec,
+        "saved_bytes": saved,
+        "retained_rss_bytes": retained,
+        "overhead_bytes": overhead,
+        "peak_rss_bytes": peak,
+        "peak_source": "VmHWM" if reset else "ru_maxrss",
+    }
     if cuda:
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
     if cuda:  # on CPU this process's allocator setting distorts timings: `time_steps` runs in another process
@@ -162,9 +170,18 @@ def estimate_for(spec: dict, overhead: int) -> dict | None:
     name = {"floor": "none", "peft-lora": "lora", "peft-lorafa": "lora"}.get(spec["method"], spec["method"])
     if name.endswith("+savers"):
         return None
-    est = estimate_memory(LlamaConfig(**spec["model"]), name, spec["batch"], spec["seq"], r=spec["r"],
-                          dtype=getattr(torch, spec["dtype"]), load_in_4bit=spec["load_in_4bit"],
-                          dropout=spec["dropout"], device=spec["device"], overhead=overhead)
+    est = estimate_memory(
+        LlamaConfig(**spec["model"]),
+        name,
+        spec["batch"],
+        spec["seq"],
+        r=spec["r"],
+        dtype=getattr(torch, spec["dtype"]),
+        load_in_4bit=spec["load_in_4bit"],
+        dropout=spec["dropout"],
+        device=spec["device"],
+        overhead=overhead,
+    )
     return est.to_dict()
 
 

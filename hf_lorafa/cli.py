@@ -152,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             return bench_main(rest) or 0
         else:
             # argparse's order: the usage, then the error as the last line, where the eye lands.
-            print(f"{USAGE}\nhf-lorafa: error: unknown command {command!r}; choose one of the commands above.",
-                  file=sys.stderr)
+            print(
+                f"{USAGE}\nhf-lorafa: error: unknown command {command!r}; choose one of the commands above.",
+                file=sys.stderr,
+            )
             return 2
     except (ValueError, TypeError, ImportError, OSError, RuntimeError) as err:
         print(f"hf-lorafa {command}: error: {err}", file=sys.stderr)

@@ -13,7 +13,6 @@ Method = Literal["lora", "lorafa", "lamda", "lamda++"]
 LAMDA_INITS = ("residual", "svd", "published")
 
 
-
 def is_adapter_tensor(name: str) -> bool:
     """Whether parameter or state-dict key `name` (`…q_proj.lora_B.weight`) belongs to an adapter."""
     return ADAPTER_PREFIX in name

@@ -153,8 +153,10 @@ def tokenize_for_classification(
 
     for split in data.values():
         for i, label in enumerate(split[label_column]):
-            if isinstance(label, bool) or not isinstance(label, int) and not (
-                isinstance(label, float) and label.is_integer()
+            if (
+                isinstance(label, bool)
+                or not isinstance(label, int)
+                and not (isinstance(label, float) and label.is_integer())
             ):
                 raise ValueError(
                     f"`--label_column` {label_column!r} must hold integer class ids (0, 1, ...); row {i} has "

@@ -89,8 +89,16 @@ def process_overhead() -> int:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1))
+    tiny = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     ids = torch.zeros(1, 8, dtype=torch.long)
     for dtype in (torch.float32, torch.bfloat16):
         tiny.to(dtype)(input_ids=ids, labels=ids).loss.backward()
@@ -265,11 +273,21 @@ def main(argv: list[str] | None = None) -> int:
     config = _config(args.model)
     for method in methods:
         est = estimate_memory(
-            config, method, args.batch, args.seq, r=args.r, dtype=getattr(torch, args.dtype),
-            load_in_4bit=args.load_in_4bit, optimizer=args.optimizer, dropout=args.dropout, device=args.device,
+            config,
+            method,
+            args.batch,
+            args.seq,
+            r=args.r,
+            dtype=getattr(torch, args.dtype),
+            load_in_4bit=args.load_in_4bit,
+            optimizer=args.optimizer,
+            dropout=args.dropout,
+            device=args.device,
             overhead=overhead,
         )
-        print(f"\n{args.model}: {method}, batch {args.batch} × seq {args.seq}, r={args.r}, {args.dtype}"
-              f"{', 4-bit' if args.load_in_4bit else ''}, {args.optimizer}")
+        print(
+            f"\n{args.model}: {method}, batch {args.batch} × seq {args.seq}, r={args.r}, {args.dtype}"
+            f"{', 4-bit' if args.load_in_4bit else ''}, {args.optimizer}"
+        )
         print(est.table())
     return 0

@@ -100,8 +100,10 @@ class LaMDALayer(AdapterLayer):
     def peft_weights(self, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         # Folded on save: B' = B S − C, so PEFT's `s·B'A` over the original W is exactly this adapter.
         t = tensors or self.adapter_tensors()
-        return {"lora_A.weight": t["lora_A.weight"], "lora_B.weight": self.folded_B(t["lora_B.weight"],
-                                                                                    t["lora_S.weight"])}
+        return {
+            "lora_A.weight": t["lora_A.weight"],
+            "lora_B.weight": self.folded_B(t["lora_B.weight"], t["lora_S.weight"]),
+        }
 
     def load_peft_weights(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         """A folded adapter resumes as S = I over B' = B S, with B frozen: only S trains, as after the schedule."""

@@ -119,8 +119,14 @@ METHODS: dict[str, AdapterMethod] = {
                 ("Learning-rate multiplier of B", "lorafa_lr_ratio", ""),
             ),
         ),
-        AdapterMethod(name="lamda", display_name="LaMDA", hub_tag="lamda", summary=_LAMDA_SUMMARY,
-                      card_options=_LAMDA_CARD, **_LAMDA),
+        AdapterMethod(
+            name="lamda",
+            display_name="LaMDA",
+            hub_tag="lamda",
+            summary=_LAMDA_SUMMARY,
+            card_options=_LAMDA_CARD,
+            **_LAMDA,
+        ),
         AdapterMethod(
             name="lamda++",
             display_name="LaMDA++",

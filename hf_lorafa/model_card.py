@@ -186,7 +186,11 @@ def write_model_card(folder: str | os.PathLike, *, extra: dict[str, Any] | None 
     method = info.get("method") or config.get("method") or "lora"
     spec = METHODS.get(method, METHODS["lora"])
     name, tag, paper_id, paper_title, summary = (
-        spec.display_name, spec.hub_tag, spec.paper_id, spec.paper_title, spec.summary
+        spec.display_name,
+        spec.hub_tag,
+        spec.paper_id,
+        spec.paper_title,
+        spec.summary,
     )
     base_model = info.get("base_model") or adapter_config.get("base_model_name_or_path")
     # Only Hub ids are named: the Hub validates them, and a local path means nothing to readers (and may be private).

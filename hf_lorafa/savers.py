@@ -29,6 +29,7 @@ from .compat import replace_forward
 
 logger = logging.getLogger(__name__)
 
+
 def _rmsnorm(x, weight, eps, unit_offset):
     """transformers' RMSNorm, op for op: Llama `w * (x̂).to(dtype)`, Gemma `(x̂ * (1 + w)).to(dtype)`, x̂ in fp32."""
     xf = x.float()

@@ -50,12 +50,30 @@ RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "accuracy"
 # idle 2-core machine. chatterbot: what `hf-lorafa train` runs with no flags (JOB_DEFAULTS, r=16, alpha=32, 64 rows
 # held out).
 TASKS = {
-    "drugreview": {"model": "minilm", "epochs": 8, "max_steps": -1, "lr": 5e-4, "batch": 16, "max_length": 128,
-                   "r": 8, "alpha": 16, "scheduler": "linear", "warmup": 0.1},
-    "chatterbot": {"model": "smollm2", "epochs": 1, "max_steps": JOB_DEFAULTS["max_steps"],
-                   "lr": JOB_DEFAULTS["learning_rate"], "batch": JOB_DEFAULTS["per_device_train_batch_size"],
-                   "max_length": 256, "r": 16, "alpha": 32, "scheduler": JOB_DEFAULTS["lr_scheduler_type"],
-                   "warmup": JOB_DEFAULTS["warmup_steps"]},
+    "drugreview": {
+        "model": "minilm",
+        "epochs": 8,
+        "max_steps": -1,
+        "lr": 5e-4,
+        "batch": 16,
+        "max_length": 128,
+        "r": 8,
+        "alpha": 16,
+        "scheduler": "linear",
+        "warmup": 0.1,
+    },
+    "chatterbot": {
+        "model": "smollm2",
+        "epochs": 1,
+        "max_steps": JOB_DEFAULTS["max_steps"],
+        "lr": JOB_DEFAULTS["learning_rate"],
+        "batch": JOB_DEFAULTS["per_device_train_batch_size"],
+        "max_length": 256,
+        "r": 16,
+        "alpha": 32,
+        "scheduler": JOB_DEFAULTS["lr_scheduler_type"],
+        "warmup": JOB_DEFAULTS["warmup_steps"],
+    },
 }
 FULL_LR_FACTOR = 0.1  # full fine-tuning diverges at an adapter learning rate; 10x lower is the usual choice
 # Options a run sets on LoRAFAConfig, and their short names in run names: a change of a default never mixes results.
@@ -64,8 +82,10 @@ LORAFA = (("lorafa_lr_ratio", LoRAFAConfig.lorafa_lr_ratio),)
 LAMDA = (("lamda_init", LoRAFAConfig.lamda_init), ("lamda_lr_ratio", LoRAFAConfig.lamda_lr_ratio))
 # LaMDA's initialisation ablation (lamda.py): the residual SVD init at lr x1 and with S and B at 4x the learning
 # rate, the published code's init, and the earlier S = 0 one ("svd").
-ABLATION = [(("lamda_init", init), ("lamda_lr_ratio", ratio))
-            for init, ratio in (("residual", 1.0), ("residual", 4.0), ("published", 1.0), ("svd", 1.0))]
+ABLATION = [
+    (("lamda_init", init), ("lamda_lr_ratio", ratio))
+    for init, ratio in (("residual", 1.0), ("residual", 4.0), ("published", 1.0), ("svd", 1.0))
+]
 _BASELINES = [("peft", "lora", ()), ("peft", "lorafa", ()), ("ours", "lora", ()), ("ours", "lorafa", LORAFA)]
 PLANS = {
     # (task, impl, method, seed, options) in priority order: the protocol check (PEFT LoRA's spread over seeds) and
@@ -82,8 +102,16 @@ PLANS = {
         ("chatterbot", "ours", "lorafa", 0, LORAFA),
         ("drugreview", "ours", "lamda++", 0, LAMDA),
         *[("drugreview", "ours", "lamda", seed, LAMDA) for seed in (1, 2)],
-        *[("chatterbot", impl, method, seed, opts) for seed in (1, 2) for impl, method, opts in
-          (("ours", "lora", ()), ("ours", "lamda", LAMDA), ("ours", "lamda++", LAMDA), ("ours", "lorafa", LORAFA))],
+        *[
+            ("chatterbot", impl, method, seed, opts)
+            for seed in (1, 2)
+            for impl, method, opts in (
+                ("ours", "lora", ()),
+                ("ours", "lamda", LAMDA),
+                ("ours", "lamda++", LAMDA),
+                ("ours", "lorafa", LORAFA),
+            )
+        ],
         *[("drugreview", impl, method, seed, opts) for seed in (0, 1, 2) for impl, method, opts in _BASELINES[1:]],
         *[("drugreview", "ours", "lamda++", seed, LAMDA) for seed in (1, 2)],
     ],
@@ -92,8 +120,9 @@ PLANS = {plan: list(dict.fromkeys(runs)) for plan, runs in PLANS.items()}  # a r
 
 
 def run_name(task: str, impl: str, method: str, seed: int, options: tuple = ()) -> str:
-    suffix = "".join(f"-{OPTION_NAMES[k]}{v:g}" if isinstance(v, float) else f"-{OPTION_NAMES[k]}{v}"
-                     for k, v in options)
+    suffix = "".join(
+        f"-{OPTION_NAMES[k]}{v:g}" if isinstance(v, float) else f"-{OPTION_NAMES[k]}{v}" for k, v in options
+    )
     return f"{task}-{impl}-{method.replace('+', 'p')}{suffix}-seed{seed}"
 
 
@@ -142,8 +171,13 @@ def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: P
     data = dict(train_dataset=train, eval_dataset=test, data_collator=collator, compute_metrics=metrics)
     if impl == "ours":
         args = LoRAFATrainingArguments(
-            **common, adapter_method=method, lora_r=spec["r"], lora_alpha=spec["alpha"],
-            lora_modules_to_save=",".join(head) if head else None, log_memory=False, **dict(options),
+            **common,
+            adapter_method=method,
+            lora_r=spec["r"],
+            lora_alpha=spec["alpha"],
+            lora_modules_to_save=",".join(head) if head else None,
+            log_memory=False,
+            **dict(options),
         )
         trainer = LoRAFATrainer(model=model, args=args, **data)
         effective = {k: getattr(trainer.lorafa_config, k) for k in OPTION_NAMES}
@@ -154,8 +188,14 @@ def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: P
         if impl == "peft":
             from peft import LoraConfig, get_peft_model
 
-            config = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0, target_modules="all-linear",
-                                modules_to_save=head, task_type="SEQ_CLS" if head else "CAUSAL_LM")
+            config = LoraConfig(
+                r=spec["r"],
+                lora_alpha=spec["alpha"],
+                lora_dropout=0.0,
+                target_modules="all-linear",
+                modules_to_save=head,
+                task_type="SEQ_CLS" if head else "CAUSAL_LM",
+            )
             model = get_peft_model(model, config)
             if method == "lorafa":  # PEFT's own LoRA-FA: A frozen, B's gradient projected (LoRA-FA v2)
                 from peft.optimizers import create_lorafa_optimizer
@@ -170,19 +210,35 @@ def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: P
     trainable, total = count_parameters(trainer.model)
     history = trainer.state.log_history
     result = {
-        "task": task, "impl": impl, "method": method, "seed": seed, "options": dict(options),
-        "effective_options": effective, "protocol": 2, "command": " ".join(["python scripts/accuracy.py run",
-                                                                             *run_argv(task, impl, method, seed,
-                                                                                       options)]),
-        "model": spec["model"], "r": spec["r"], "alpha": spec["alpha"], "learning_rate": lr,
-        "scheduler": spec["scheduler"], "warmup": spec["warmup"], "epochs": spec["epochs"],
-        "max_steps": trainer.state.max_steps, "batch": spec["batch"], "max_length": spec["max_length"],
-        "train_rows": len(train), "eval_rows": len(test), "train_seconds": round(wall, 1),
-        "trainable_parameters": trainable, "total_parameters": total,
+        "task": task,
+        "impl": impl,
+        "method": method,
+        "seed": seed,
+        "options": dict(options),
+        "effective_options": effective,
+        "protocol": 2,
+        "command": " ".join(["python scripts/accuracy.py run", *run_argv(task, impl, method, seed, options)]),
+        "model": spec["model"],
+        "r": spec["r"],
+        "alpha": spec["alpha"],
+        "learning_rate": lr,
+        "scheduler": spec["scheduler"],
+        "warmup": spec["warmup"],
+        "epochs": spec["epochs"],
+        "max_steps": trainer.state.max_steps,
+        "batch": spec["batch"],
+        "max_length": spec["max_length"],
+        "train_rows": len(train),
+        "eval_rows": len(test),
+        "train_seconds": round(wall, 1),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
         "train_loss": next((h["train_loss"] for h in history if "train_loss" in h), None),
         **{k: v for k, v in final.items() if k in ("eval_loss", "eval_accuracy", "eval_macro_f1")},
         "loss_curve": [[h["step"], h["loss"]] for h in history if "loss" in h],
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
@@ -227,8 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--impl", choices=["ours", "peft", "full"], required=True)
     one.add_argument("--method", default="lorafa", help="lora, lorafa, lamda, lamda++ (ours); lora, lorafa (peft)")
     one.add_argument("--seed", type=int, default=0)
-    one.add_argument("--opt", type=parse_option, action="append", default=[],
-                     help=f"an adapter option KEY=VALUE ({', '.join(OPTION_NAMES)}); named in the run's file name")
+    one.add_argument(
+        "--opt",
+        type=parse_option,
+        action="append",
+        default=[],
+        help=f"an adapter option KEY=VALUE ({', '.join(OPTION_NAMES)}); named in the run's file name",
+    )
     one.add_argument("--out", type=Path, default=RESULTS)
     many = sub.add_parser("sweep", help="a plan of runs, one subprocess each")
     many.add_argument("--plan", choices=sorted(PLANS), default="issue13")

@@ -72,48 +72,71 @@ def grouped(runs: list[dict]) -> dict[tuple, list[dict]]:
 
 def protocol_section(old: list[dict], new: list[dict]) -> list[str]:
     """PEFT LoRA on drug-review under protocol 1 and 2, seed by seed, against the independent figures."""
-    out = ["### Protocol: the drug-review baseline", "",
-           "| protocol | warmup | implementation | seeds | accuracy per seed | accuracy | macro-F1 | eval loss |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "### Protocol: the drug-review baseline",
+        "",
+        "| protocol | warmup | implementation | seeds | accuracy per seed | accuracy | macro-F1 | eval loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     means = {}
     for tag, runs in (("1 (`v1/`)", old), ("2", new)):
         for impl in ("peft", "ours"):
-            rs = sorted((r for r in runs if r["task"] == "drugreview" and r["impl"] == impl and r["method"] == "lora"),
-                        key=lambda r: r["seed"])
+            rs = sorted(
+                (r for r in runs if r["task"] == "drugreview" and r["impl"] == impl and r["method"] == "lora"),
+                key=lambda r: r["seed"],
+            )
             if not rs:
                 continue
             warmup = warmup_label(rs[0].get("warmup", 5))
             acc = values(rs, "eval_accuracy", 100)
             means[(tag, impl)] = acc
-            out.append(f"| {tag} | {warmup} | {impl} LoRA | {seeds_cell(rs)} | {' / '.join(f'{a:.1f}' for a in acc)} "
-                       f"| {stat(acc, 1)} | {stat(values(rs, 'eval_macro_f1'))} | {stat(values(rs, 'eval_loss'))} |")
+            out.append(
+                f"| {tag} | {warmup} | {impl} LoRA | {seeds_cell(rs)} | {' / '.join(f'{a:.1f}' for a in acc)} "
+                f"| {stat(acc, 1)} | {stat(values(rs, 'eval_macro_f1'))} | {stat(values(rs, 'eval_loss'))} |"
+            )
     pairs = {(r["impl"], r["seed"]): r for r in old if r["task"] == "drugreview" and r["method"] == "lora"}
-    same_seed = [abs(pairs[("ours", s)]["eval_accuracy"] - pairs[("peft", s)]["eval_accuracy"]) * 100
-                 for impl, s in pairs if impl == "peft" and ("ours", s) in pairs]
+    same_seed = [
+        abs(pairs[("ours", s)]["eval_accuracy"] - pairs[("peft", s)]["eval_accuracy"]) * 100
+        for impl, s in pairs
+        if impl == "peft" and ("ours", s) in pairs
+    ]
     ind_acc, ind_f1 = INDEPENDENT["accuracy"], INDEPENDENT["macro_f1"]
-    out += [f"| independent (issue 13, not run here) | ? | PEFT LoRA | 3 | {' / '.join(map(str, ind_acc))} | "
-            f"{stat(list(ind_acc), 1)} | {stat(list(ind_f1))} | – |", ""]
+    out += [
+        f"| independent (issue 13, not run here) | ? | PEFT LoRA | 3 | {' / '.join(map(str, ind_acc))} | "
+        f"{stat(list(ind_acc), 1)} | {stat(list(ind_f1))} | – |",
+        "",
+    ]
     if same_seed:
         accs = [r["eval_accuracy"] * 100 for r in pairs.values()]
-        first = max(abs(pairs[("ours", s)]["loss_curve"][0][1] - pairs[("peft", s)]["loss_curve"][0][1])
-                    for impl, s in pairs if impl == "peft" and ("ours", s) in pairs)
-        out += [f"Diagnosis. Under protocol 1, ours LoRA and PEFT LoRA at the same seed (same head init, data order "
-                f"and dropout, each its own random A; first logged losses within {first:.0e}, B being 0 at first)"
-                f" end up to {max(same_seed):.1f} accuracy points apart, and the six runs span "
-                f"{min(accs):.1f}-{max(accs):.1f}: the end point of a run is hypersensitive to small perturbations, "
-                "whoever implements LoRA. The test split is the same 379 rows in every run, so this is training "
-                "variance, not evaluation sampling. With 5 warmup steps at 5e-4 the adapters' first Adam steps "
-                "(±lr on every entry, whatever the gradient's size) follow the gradient of a classifier head that "
-                "is still random, which is where small differences grow. Protocol 2 warms up over 10% of the steps "
-                "(31). Whether that brings the std under 1.5 points needs 3 seeds: the rows above say how many ran.",
-                ""]
+        first = max(
+            abs(pairs[("ours", s)]["loss_curve"][0][1] - pairs[("peft", s)]["loss_curve"][0][1])
+            for impl, s in pairs
+            if impl == "peft" and ("ours", s) in pairs
+        )
+        out += [
+            f"Diagnosis. Under protocol 1, ours LoRA and PEFT LoRA at the same seed (same head init, data order "
+            f"and dropout, each its own random A; first logged losses within {first:.0e}, B being 0 at first)"
+            f" end up to {max(same_seed):.1f} accuracy points apart, and the six runs span "
+            f"{min(accs):.1f}-{max(accs):.1f}: the end point of a run is hypersensitive to small perturbations, "
+            "whoever implements LoRA. The test split is the same 379 rows in every run, so this is training "
+            "variance, not evaluation sampling. With 5 warmup steps at 5e-4 the adapters' first Adam steps "
+            "(±lr on every entry, whatever the gradient's size) follow the gradient of a classifier head that "
+            "is still random, which is where small differences grow. Protocol 2 warms up over 10% of the steps "
+            "(31). Whether that brings the std under 1.5 points needs 3 seeds: the rows above say how many ran.",
+            "",
+        ]
     new_peft = means.get(("2", "peft"))
     if new_peft:
         gap = statistics.mean(new_peft) - statistics.mean(ind_acc)
         spread = statistics.stdev(new_peft) if len(new_peft) > 1 else None
-        out.append(f"Protocol 2's PEFT LoRA mean is {gap:+.1f} points from the independent mean"
-                   + (f"; its std over {len(new_peft)} seeds is {spread:.1f} points (target ≤ 1.5)." if spread
-                      is not None else " (one seed so far: no std)."))
+        out.append(
+            f"Protocol 2's PEFT LoRA mean is {gap:+.1f} points from the independent mean"
+            + (
+                f"; its std over {len(new_peft)} seeds is {spread:.1f} points (target ≤ 1.5)."
+                if spread is not None
+                else " (one seed so far: no std)."
+            )
+        )
     return out
 
 
@@ -126,16 +149,22 @@ def task_tables(runs: list[dict], save_figure) -> list[str]:
             continue
         spec = rows[0][1][0]
         epochs = f"{spec['epochs']} epochs, " if task == "drugreview" else ""
-        out += [f"### {task}: {spec['model']}, {spec['max_steps']} steps ({epochs}batch {spec['batch']}, max length "
-                f"{spec['max_length']}), r={spec['r']}, alpha={spec['alpha']}, lr {spec['learning_rate']}, "
-                f"{spec['scheduler']} schedule, warmup {warmup_label(spec['warmup'])}", "",
-                "| implementation | method | options | seeds | accuracy | macro-F1 | eval loss | train loss | "
-                "train s | trainable | command (first seed) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += [
+            f"### {task}: {spec['model']}, {spec['max_steps']} steps ({epochs}batch {spec['batch']}, max length "
+            f"{spec['max_length']}), r={spec['r']}, alpha={spec['alpha']}, lr {spec['learning_rate']}, "
+            f"{spec['scheduler']} schedule, warmup {warmup_label(spec['warmup'])}",
+            "",
+            "| implementation | method | options | seeds | accuracy | macro-F1 | eval loss | train loss | "
+            "train s | trainable | command (first seed) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for (_, impl, method, options), rs in rows:
-            out.append(f"| {impl} | {method} | {label(options)} | {seeds_cell(rs)} | "
-                       f"{stat(values(rs, 'eval_accuracy', 100), 1)} | {stat(values(rs, 'eval_macro_f1'))} | "
-                       f"{stat(values(rs, 'eval_loss'))} | {stat(values(rs, 'train_loss'))} | "
-                       f"{stat(values(rs, 'train_seconds'), 0)} | {rs[0]['trainable_parameters']:,} | {command(rs)} |")
+            out.append(
+                f"| {impl} | {method} | {label(options)} | {seeds_cell(rs)} | "
+                f"{stat(values(rs, 'eval_accuracy', 100), 1)} | {stat(values(rs, 'eval_macro_f1'))} | "
+                f"{stat(values(rs, 'eval_loss'))} | {stat(values(rs, 'train_loss'))} | "
+                f"{stat(values(rs, 'train_seconds'), 0)} | {rs[0]['trainable_parameters']:,} | {command(rs)} |"
+            )
         fig, ax = plt.subplots(figsize=(7, 4))
         for (_, impl, method, options), rs in rows:
             r = min(rs, key=lambda r: r["seed"])
@@ -152,9 +181,12 @@ def ablation_section(runs: list[dict], old: list[dict]) -> list[str]:
     """LaMDA's initialisations × S/B learning-rate ratio on chatterbot, against ours LoRA at the same budget."""
     groups, old_groups = grouped(runs), grouped(old)
     lora = values(groups.get(("chatterbot", "ours", "lora", ()), []), "eval_loss")
-    out = ["### LaMDA ablation (chatterbot, main job's defaults)", "",
-           "| method | lamda_init | lamda_lr_ratio | seeds | eval loss | vs ours LoRA | train loss |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        "### LaMDA ablation (chatterbot, main job's defaults)",
+        "",
+        "| method | lamda_init | lamda_lr_ratio | seeds | eval loss | vs ours LoRA | train loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
     cases = [("lamda", opts) for opts in ABLATION] + [("lamda++", LAMDA)]
     for method, opts in cases:
         rs = groups.get(("chatterbot", "ours", method, opts), [])
@@ -163,17 +195,25 @@ def ablation_section(runs: list[dict], old: list[dict]) -> list[str]:
             continue
         loss = values(rs, "eval_loss")
         gap = f"{100 * (statistics.mean(loss) / statistics.mean(lora) - 1):+.1f}%" if lora else "–"
-        out.append(f"| {method} | {opts[0][1]} | {opts[1][1]:g} | {seeds_cell(rs)} | {stat(loss)} | {gap} | "
-                   f"{stat(values(rs, 'train_loss'))} |")
-    out += ["", f"Ours LoRA: eval loss {stat(lora)} (`python scripts/accuracy.py run --task chatterbot --impl "
-            "ours --method lora --seed 0`); each LaMDA row's command is in the chatterbot table above."]
+        out.append(
+            f"| {method} | {opts[0][1]} | {opts[1][1]:g} | {seeds_cell(rs)} | {stat(loss)} | {gap} | "
+            f"{stat(values(rs, 'train_loss'))} |"
+        )
+    out += [
+        "",
+        f"Ours LoRA: eval loss {stat(lora)} (`python scripts/accuracy.py run --task chatterbot --impl "
+        "ours --method lora --seed 0`); each LaMDA row's command is in the chatterbot table above.",
+    ]
     old_lamda = values(old_groups.get(("chatterbot", "ours", "lamda", ()), []), "eval_loss")
     old_lora = values(old_groups.get(("chatterbot", "ours", "lora", ()), []), "eval_loss")
     if old_lamda and old_lora:
-        out += ["", f"The earlier init (`svd`, S = 0) under protocol 1 (`v1/`: 15 steps, r=8, seed 0): eval loss "
-                f"{stat(old_lamda)} against ours LoRA's {stat(old_lora)} "
-                f"({100 * (statistics.mean(old_lamda) / statistics.mean(old_lora) - 1):+.1f}%), a different budget "
-                "from the rows above."]
+        out += [
+            "",
+            f"The earlier init (`svd`, S = 0) under protocol 1 (`v1/`: 15 steps, r=8, seed 0): eval loss "
+            f"{stat(old_lamda)} against ours LoRA's {stat(old_lora)} "
+            f"({100 * (statistics.mean(old_lamda) / statistics.mean(old_lora) - 1):+.1f}%), a different budget "
+            "from the rows above.",
+        ]
     return out
 
 
@@ -190,19 +230,29 @@ def done_when(runs: list[dict]) -> list[str]:
                 out.append(f"| drug-review {name}: PEFT LoRA − {method} | – | not measured | ≤ 1 point | – |")
                 continue
             gap = 100 * (statistics.mean(values(ref, key)) - statistics.mean(values(rs, key)))
-            ok = "reached" if gap <= 1.0 and len(rs) >= 3 and len(ref) >= 3 else (
-                "within, but < 3 seeds" if gap <= 1.0 else f"missed by {gap - 1.0:.1f} points")
-            out.append(f"| drug-review {name}: PEFT LoRA − {method} | {len(ref)} vs {len(rs)} | {gap:+.1f} points | "
-                       f"≤ 1 point | {ok} |")
+            ok = (
+                "reached"
+                if gap <= 1.0 and len(rs) >= 3 and len(ref) >= 3
+                else ("within, but < 3 seeds" if gap <= 1.0 else f"missed by {gap - 1.0:.1f} points")
+            )
+            out.append(
+                f"| drug-review {name}: PEFT LoRA − {method} | {len(ref)} vs {len(rs)} | {gap:+.1f} points | "
+                f"≤ 1 point | {ok} |"
+            )
         rs = groups.get(("chatterbot", "ours", method, opts), [])
         if not rs or not chat_ref:
             out.append(f"| chatterbot eval loss: {method} / ours LoRA − 1 | – | not measured | ≤ 1.5% | – |")
             continue
         gap = 100 * (statistics.mean(values(rs, "eval_loss")) / statistics.mean(values(chat_ref, "eval_loss")) - 1)
-        ok = "reached" if gap <= 1.5 and len(rs) >= 3 and len(chat_ref) >= 3 else (
-            "within, but < 3 seeds" if gap <= 1.5 else f"missed by {gap - 1.5:.1f} percentage points")
-        out.append(f"| chatterbot eval loss: {method} / ours LoRA − 1 | {len(chat_ref)} vs {len(rs)} | {gap:+.1f}% | "
-                   f"≤ 1.5% | {ok} |")
+        ok = (
+            "reached"
+            if gap <= 1.5 and len(rs) >= 3 and len(chat_ref) >= 3
+            else ("within, but < 3 seeds" if gap <= 1.5 else f"missed by {gap - 1.5:.1f} percentage points")
+        )
+        out.append(
+            f"| chatterbot eval loss: {method} / ours LoRA − 1 | {len(chat_ref)} vs {len(rs)} | {gap:+.1f}% | "
+            f"≤ 1.5% | {ok} |"
+        )
     return out
 
 
@@ -216,16 +266,27 @@ def accuracy_part(save_figure) -> list[str]:
     share = max(majority.values()) / sum(majority.values())
     n = next((r["eval_rows"] for r in runs if r["task"] == "drugreview"), 379)
     se = 100 * (0.7 * 0.3 / n) ** 0.5
-    out = ["Command: `python scripts/accuracy.py sweep --plan issue13` (each run in its own process; one run at a "
-           f"time under `nice -n 10`). Device: a shared {first.get('cpu_count', 2)}-core CPU machine, torch "
-           f"{first.get('torch', '2.13.0+cpu')}, {first['torch_threads']} threads; other engineers' jobs ran on the "
-           "same cores, so `train s` is not a speed measure (the memory tables are). Mean ± std over the seeds "
-           "listed; a row with fewer than 3 seeds says so.", "",
-           f"Reading the drug-review table: with {n} test rows one run's accuracy has a binomial standard error of "
-           f"about {se:.1f} points; a model answering the majority class scores {100 * share:.1f}% accuracy and "
-           f"macro-F1 {2 * share / (1 + share) / len(majority):.3f}.", "",
-           "#### Done when (issue 13)", "", *done_when(runs), "", *protocol_section(old, runs), "",
-           *ablation_section(runs, old), "", *task_tables(runs, save_figure)]
+    out = [
+        "Command: `python scripts/accuracy.py sweep --plan issue13` (each run in its own process; one run at a "
+        f"time under `nice -n 10`). Device: a shared {first.get('cpu_count', 2)}-core CPU machine, torch "
+        f"{first.get('torch', '2.13.0+cpu')}, {first['torch_threads']} threads; other engineers' jobs ran on the "
+        "same cores, so `train s` is not a speed measure (the memory tables are). Mean ± std over the seeds "
+        "listed; a row with fewer than 3 seeds says so.",
+        "",
+        f"Reading the drug-review table: with {n} test rows one run's accuracy has a binomial standard error of "
+        f"about {se:.1f} points; a model answering the majority class scores {100 * share:.1f}% accuracy and "
+        f"macro-F1 {2 * share / (1 + share) / len(majority):.3f}.",
+        "",
+        "#### Done when (issue 13)",
+        "",
+        *done_when(runs),
+        "",
+        *protocol_section(old, runs),
+        "",
+        *ablation_section(runs, old),
+        "",
+        *task_tables(runs, save_figure),
+    ]
     done = {p.stem for p in RESULTS.glob("*.json")}
     missing = [run_name(*r) for r in PLANS["issue13"] if run_name(*r) not in done]
     if missing:

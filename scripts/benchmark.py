@@ -1,6 +1,6 @@
 """Memory and speed benchmark (the same as `hf-lorafa bench`); see hf_lorafa/bench.py for the protocol.
 
-    python scripts/benchmark.py --preset cpu --output benchmarks/cpu.json
+python scripts/benchmark.py --preset cpu --output benchmarks/cpu.json
 """
 
 import sys

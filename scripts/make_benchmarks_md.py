@@ -1,6 +1,6 @@
 """Regenerate BENCHMARKS.md and its plots from the JSON results under benchmarks/ (nothing is measured here).
 
-    python scripts/make_benchmarks_md.py        # reads benchmarks/{cpu,gpu}.json and benchmarks/accuracy/*.json
+python scripts/make_benchmarks_md.py        # reads benchmarks/{cpu,gpu}.json and benchmarks/accuracy/*.json
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from accuracy_tables import accuracy_part  # noqa: E402
 
 BENCH = ROOT / "benchmarks"
 MiB = 1024 * 1024
-TIMING_NOTE = (", timed in a second process with glibc's default allocator (the memory process maps every large "
-               "allocation afresh, see `bench.run_configuration`)")
+TIMING_NOTE = (
+    ", timed in a second process with glibc's default allocator (the memory process maps every large "
+    "allocation afresh, see `bench.run_configuration`)"
+)
 CLAIMS = """\
 **Against the papers.** LoRA-FA (Zhang et al., 2023) reports up to 1.4x lower memory than LoRA: it keeps r values
 per token per adapted layer instead of the layer's input. The ratio a run shows depends on how much of the peak is
@@ -58,9 +60,12 @@ def memory_section(report: dict, tag: str) -> list[str]:
         f"{', '.join(dev.get('load_average', []))}).",
         "",
         "`saved` = saved-for-backward bytes (hooks count); `retained` = VmRSS after the forward − before; "
-        + ("`peak` = `torch.cuda.max_memory_allocated` over a warm step; " if cuda else
-           "`peak` = resident high-water mark over one step (VmHWM reset before it) minus the process overhead "
-           "(the worker's resident memory after torch has run a throwaway model, before this one is built); ")
+        + (
+            "`peak` = `torch.cuda.max_memory_allocated` over a warm step; "
+            if cuda
+            else "`peak` = resident high-water mark over one step (VmHWM reset before it) minus the process overhead "
+            "(the worker's resident memory after torch has run a throwaway model, before this one is built); "
+        )
         + "`est.` = `estimate_memory` for the same quantity. MiB throughout.",
         "",
         "| method | dropout | precision | saved | saved/floor | retained | peak | est. peak | est. err | "
@@ -91,8 +96,11 @@ def memory_section(report: dict, tag: str) -> list[str]:
         )
     if not cuda and ok:
         total_err = [abs(r["estimate"]["peak"] - r[peak_key]) / r[peak_key] for r in ok if r.get("estimate")]
-        out += ["", f"Estimate against the whole resident peak (overhead included, as the test checks): largest "
-                f"error {100 * max(total_err):.1f}% over {len(total_err)} configurations."]
+        out += [
+            "",
+            f"Estimate against the whole resident peak (overhead included, as the test checks): largest "
+            f"error {100 * max(total_err):.1f}% over {len(total_err)} configurations.",
+        ]
     notes = report.get("notes") or []
     out += [""] + [f"Note: {n}" for n in notes]
     return out
@@ -115,8 +123,12 @@ def plots(report: dict, tag: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(11, 4))
     xs = range(len(ok))
     ax.bar([x - 0.2 for x in xs], [r["saved_bytes"] / MiB for r in ok], 0.4, label="saved for backward")
-    ax.bar([x + 0.2 for x in xs], [(r[peak_key] - (0 if cuda else r["overhead_bytes"])) / MiB for r in ok], 0.4,
-           label="step peak" + ("" if cuda else " − process overhead"))
+    ax.bar(
+        [x + 0.2 for x in xs],
+        [(r[peak_key] - (0 if cuda else r["overhead_bytes"])) / MiB for r in ok],
+        0.4,
+        label="step peak" + ("" if cuda else " − process overhead"),
+    )
     ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylabel("MiB")
     ax.set_title(f"Memory per method ({tag})")
@@ -134,8 +146,14 @@ def plots(report: dict, tag: str) -> list[str]:
         ax.set_xlabel("sequence length")
         ax.set_ylabel("saved for backward, MiB")
         ax.set_title(f"Activation memory vs sequence length ({tag}, batch {report['settings']['batch']})")
-        out += ["Saved-for-backward MiB by sequence length:", "", *rows, "",
-                save_figure(fig, ax, f"{tag}-memory-vs-seq.png", "memory vs sequence length", legend_size=7), ""]
+        out += [
+            "Saved-for-backward MiB by sequence length:",
+            "",
+            *rows,
+            "",
+            save_figure(fig, ax, f"{tag}-memory-vs-seq.png", "memory vs sequence length", legend_size=7),
+            "",
+        ]
     return out
 
 
@@ -151,43 +169,73 @@ def goal(name: str, value: float | None, target: float, higher: bool, fmt: str =
 def goals_section(cpu: dict | None, gpu: dict | None) -> list[str]:
     r = (cpu or {}).get("ratios", {}).get("bfloat16-dropout0.05", {})
     g = (gpu or {}).get("ratios", {}).get("bfloat16-dropout0.05", {})
-    out = ["| goal (LoRA-FA, dropout 0.05) | target | measured | |", "|---|---|---|---|",
-           goal("saved bytes / floor (CPU, bf16)", r.get("lorafa_saved_over_floor"), 1.03, False),
-           goal("saved bytes / PEFT LoRA's", r.get("lorafa_saved_over_peft_lora"), 0.46, False),
-           goal("saved bytes / PEFT LoRA's, with the trainer's default activation savers",
-                r.get("lorafa_savers_saved_over_peft_lora"), 0.46, False),
-           goal("PEFT LoRA step time / ours", r.get("peft_lora_step_time_over_lorafa"), 1.15, True),
-           goal("PEFT LoRA-FA (frozen A) step time / ours", r.get("peft_lorafa_step_time_over_lorafa"), 1.0, True),
-           goal("GPU peak: PEFT LoRA / ours", g.get("peft_lora_peak_over_lorafa"), 1.6, True),
-           goal("GPU peak: PEFT LoRA / ours with the default activation savers",
-                g.get("peft_lora_peak_over_lorafa_savers"), 1.6, True)]
+    out = [
+        "| goal (LoRA-FA, dropout 0.05) | target | measured | |",
+        "|---|---|---|---|",
+        goal("saved bytes / floor (CPU, bf16)", r.get("lorafa_saved_over_floor"), 1.03, False),
+        goal("saved bytes / PEFT LoRA's", r.get("lorafa_saved_over_peft_lora"), 0.46, False),
+        goal(
+            "saved bytes / PEFT LoRA's, with the trainer's default activation savers",
+            r.get("lorafa_savers_saved_over_peft_lora"),
+            0.46,
+            False,
+        ),
+        goal("PEFT LoRA step time / ours", r.get("peft_lora_step_time_over_lorafa"), 1.15, True),
+        goal("PEFT LoRA-FA (frozen A) step time / ours", r.get("peft_lorafa_step_time_over_lorafa"), 1.0, True),
+        goal("GPU peak: PEFT LoRA / ours", g.get("peft_lora_peak_over_lorafa"), 1.6, True),
+        goal(
+            "GPU peak: PEFT LoRA / ours with the default activation savers",
+            g.get("peft_lora_peak_over_lorafa_savers"),
+            1.6,
+            True,
+        ),
+    ]
     return out
 
 
 def main() -> int:
     cpu, gpu = load("cpu.json"), load("gpu.json")
-    lines = ["# Benchmarks", "", "Generated by `python scripts/make_benchmarks_md.py` from the JSON under "
-             "`benchmarks/`; every number below comes from those files.", "", "## Goals (issue 7)", "",
-             *goals_section(cpu, gpu), "", CLAIMS, "", "## Memory and speed", ""]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python scripts/make_benchmarks_md.py` from the JSON under "
+        "`benchmarks/`; every number below comes from those files.",
+        "",
+        "## Goals (issue 7)",
+        "",
+        *goals_section(cpu, gpu),
+        "",
+        CLAIMS,
+        "",
+        "## Memory and speed",
+        "",
+    ]
     for report, tag in ((cpu, "cpu"), (gpu, "gpu")):
         if report:
             lines += memory_section(report, tag) + [""] + plots(report, tag)
             lines += ["Ratios (from the JSON):", "", "```json", json.dumps(report["ratios"], indent=1), "```", ""]
     if not gpu:
-        lines += ["No GPU run yet: on a lent GPU, `hf-lorafa bench --preset gpu --output benchmarks/gpu.json` "
-                  "(TinyLlama-1.1B architecture, random init, bf16, 2 × 2048 tokens, plus 4-bit), then rerun this "
-                  "script.", ""]
+        lines += [
+            "No GPU run yet: on a lent GPU, `hf-lorafa bench --preset gpu --output benchmarks/gpu.json` "
+            "(TinyLlama-1.1B architecture, random init, bf16, 2 × 2048 tokens, plus 4-bit), then rerun this "
+            "script.",
+            "",
+        ]
     lines += ["## Accuracy at equal budgets (issue 13)", "", *accuracy_part(save_figure)]
-    lines += ["", "## Estimating before training", "",
-              "`hf-lorafa estimate --model smollm2 --method all --batch 4 --seq 256 [--load-in-4bit] "
-              "[--dropout 0.05]` "
-              "prints weights, gradients, optimizer states, activations and the predicted peak for each method "
-              "(`hf_lorafa.estimate.estimate_memory` in Python). The activation term counts what autograd keeps in "
-              "stock transformers' Llama block (see the module docstring); the memory tables above compare it with "
-              "the hooks count (`saved`) and the peak with the measured high-water mark. On CPU the peak includes "
-              "the process itself, measured at run time: the resident memory once torch has run a throwaway "
-              "two-layer model (the same function in the benchmark worker and in `hf-lorafa estimate`). "
-              "LaMDA++ is estimated at its mean rank; activation savers (`lorafa+savers`) are not modelled."]
+    lines += [
+        "",
+        "## Estimating before training",
+        "",
+        "`hf-lorafa estimate --model smollm2 --method all --batch 4 --seq 256 [--load-in-4bit] "
+        "[--dropout 0.05]` "
+        "prints weights, gradients, optimizer states, activations and the predicted peak for each method "
+        "(`hf_lorafa.estimate.estimate_memory` in Python). The activation term counts what autograd keeps in "
+        "stock transformers' Llama block (see the module docstring); the memory tables above compare it with "
+        "the hooks count (`saved`) and the peak with the measured high-water mark. On CPU the peak includes "
+        "the process itself, measured at run time: the resident memory once torch has run a throwaway "
+        "two-layer model (the same function in the benchmark worker and in `hf-lorafa estimate`). "
+        "LaMDA++ is estimated at its mean rank; activation savers (`lorafa+savers`) are not modelled.",
+    ]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
     return 0

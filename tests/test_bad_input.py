@@ -76,16 +76,18 @@ def damaged(tmp_path: Path, how: str) -> Path:
     return folder
 
 
-def tampered(tmp_path: Path, config: dict | None = None, weights=None, facts: str | None = None,
-             raw_config: str | None = None) -> Path:
+def tampered(
+    tmp_path: Path, config: dict | None = None, weights=None, facts: str | None = None, raw_config: str | None = None
+) -> Path:
     """A saved adapter with its config updated by `config`, its tensors edited by `weights(dict)`, or a file
     replaced by raw text."""
     from safetensors.torch import save_file
 
     folder = adapter_dir(tmp_path)
     path = folder / "adapter_config.json"
-    path.write_text(raw_config if raw_config is not None else json.dumps({**json.loads(path.read_text()),
-                                                                          **(config or {})}))
+    path.write_text(
+        raw_config if raw_config is not None else json.dumps({**json.loads(path.read_text()), **(config or {})})
+    )
     if weights is not None:
         tensors = load_file(folder / "adapter_model.safetensors")
         weights(tensors)
@@ -138,180 +140,448 @@ def transformers_args(tmp_path: Path):
 
 CASES = [
     # LoRAFAConfig
-    Case("config-method", lambda t: LoRAFAConfig(method="qlora"), ValueError,
-         ["`method`", "one of lora, lorafa, lamda, lamda++", "'qlora'"]),
+    Case(
+        "config-method",
+        lambda t: LoRAFAConfig(method="qlora"),
+        ValueError,
+        ["`method`", "one of lora, lorafa, lamda, lamda++", "'qlora'"],
+    ),
     Case("config-rank-zero", lambda t: LoRAFAConfig(r=0), ValueError, ["`r`", "positive rank such as 8 or 16"]),
     Case("config-rank-float", lambda t: LoRAFAConfig(r=2.5), TypeError, ["`r`", "must be an int"]),
     Case("config-alpha", lambda t: LoRAFAConfig(alpha=0), ValueError, ["`alpha`", "positive number"]),
     Case("config-dropout", lambda t: LoRAFAConfig(dropout=1.0), ValueError, ["`dropout`", "in [0, 1)"]),
-    Case("config-targets-empty", lambda t: LoRAFAConfig(target_modules=[]), TypeError,
-         ["`target_modules`", "non-empty list of module names"]),
-    Case("config-targets-regex", lambda t: LoRAFAConfig(target_modules="("), ValueError,
-         ["`target_modules`", "pass a list of module names such as ['q_proj', 'v_proj']"]),
-    Case("config-lr-ratio", lambda t: LoRAFAConfig(lorafa_lr_ratio=0.0), ValueError,
-         ["`lorafa_lr_ratio`", "must be positive (1.0 = LoRA's learning rate)"]),
-    Case("config-freeze-fraction", lambda t: LoRAFAConfig(lamda_freeze_fraction=2.0), ValueError,
-         ["`lamda_freeze_fraction`", "in [0, 1]"]),
-    Case("config-freeze-order", lambda t: LoRAFAConfig(lamda_freeze_order="random"), ValueError,
-         ["`lamda_freeze_order`", "'ascending' or 'all'"]),
+    Case(
+        "config-targets-empty",
+        lambda t: LoRAFAConfig(target_modules=[]),
+        TypeError,
+        ["`target_modules`", "non-empty list of module names"],
+    ),
+    Case(
+        "config-targets-regex",
+        lambda t: LoRAFAConfig(target_modules="("),
+        ValueError,
+        ["`target_modules`", "pass a list of module names such as ['q_proj', 'v_proj']"],
+    ),
+    Case(
+        "config-lr-ratio",
+        lambda t: LoRAFAConfig(lorafa_lr_ratio=0.0),
+        ValueError,
+        ["`lorafa_lr_ratio`", "must be positive (1.0 = LoRA's learning rate)"],
+    ),
+    Case(
+        "config-freeze-fraction",
+        lambda t: LoRAFAConfig(lamda_freeze_fraction=2.0),
+        ValueError,
+        ["`lamda_freeze_fraction`", "in [0, 1]"],
+    ),
+    Case(
+        "config-freeze-order",
+        lambda t: LoRAFAConfig(lamda_freeze_order="random"),
+        ValueError,
+        ["`lamda_freeze_order`", "'ascending' or 'all'"],
+    ),
     # Injecting into a model
-    Case("inject-no-match", lambda t: inject_adapters(tiny_llama(), LoRAFAConfig(target_modules=["qkv"])), ValueError,
-         ["`target_modules`=['qkv'] matched nothing", "q_proj", "Pass some of these names, or 'all-linear'"]),
-    Case("inject-not-linear",
-         lambda t: inject_adapters(tiny_llama(), LoRAFAConfig(target_modules=["input_layernorm"])), TypeError,
-         ["`target_modules` matched", "only linear layers can take adapters"]),
-    Case("inject-rank-too-big", lambda t: inject_adapters(tiny_llama(), LoRAFAConfig(r=128)), ValueError,
-         ["`r`=128 does not fit", "use a rank between 1 and 64"]),
-    Case("inject-twice", lambda t: inject_adapters(inject_adapters(tiny_llama(), LoRAFAConfig()), LoRAFAConfig()),
-         ValueError, ["`model` already has hf-lorafa adapters", "merge_adapters(model)"]),
+    Case(
+        "inject-no-match",
+        lambda t: inject_adapters(tiny_llama(), LoRAFAConfig(target_modules=["qkv"])),
+        ValueError,
+        ["`target_modules`=['qkv'] matched nothing", "q_proj", "Pass some of these names, or 'all-linear'"],
+    ),
+    Case(
+        "inject-not-linear",
+        lambda t: inject_adapters(tiny_llama(), LoRAFAConfig(target_modules=["input_layernorm"])),
+        TypeError,
+        ["`target_modules` matched", "only linear layers can take adapters"],
+    ),
+    Case(
+        "inject-rank-too-big",
+        lambda t: inject_adapters(tiny_llama(), LoRAFAConfig(r=128)),
+        ValueError,
+        ["`r`=128 does not fit", "use a rank between 1 and 64"],
+    ),
+    Case(
+        "inject-twice",
+        lambda t: inject_adapters(inject_adapters(tiny_llama(), LoRAFAConfig()), LoRAFAConfig()),
+        ValueError,
+        ["`model` already has hf-lorafa adapters", "merge_adapters(model)"],
+    ),
     # LoRAFATrainingArguments and LoRAFATrainer
-    Case("args-method", lambda t: args(t, adapter_method="qlora"), ValueError,
-         ["`adapter_method` must be one of lora, lorafa"]),
+    Case(
+        "args-method",
+        lambda t: args(t, adapter_method="qlora"),
+        ValueError,
+        ["`adapter_method` must be one of lora, lorafa"],
+    ),
     Case("args-rank", lambda t: args(t, lora_r=0), ValueError, ["`lora_r`", "positive rank"]),
-    Case("args-4-and-8-bit", lambda t: args(t, load_in_4bit=True, load_in_8bit=True), ValueError,
-         ["`load_in_4bit` and `load_in_8bit`", "choose one"]),
-    Case("args-quant-type", lambda t: args(t, bnb_4bit_quant_type="int4"), ValueError,
-         ["`bnb_4bit_quant_type`", "'nf4' or 'fp4'", "'int4'"]),
-    Case("trainer-plain-args", lambda t: LoRAFATrainer(model=tiny_llama(), args=transformers_args(t)), TypeError,
-         ["`args` is a TrainingArguments", "Replace `TrainingArguments(...)` by `LoRAFATrainingArguments(...)`"]),
-    Case("trainer-no-model", lambda t: LoRAFATrainer(model=None, args=args(t)), ValueError,
-         ["`model` is required"]),
-    Case("trainer-resume-nothing", lambda t: trainer(t).train(resume_from_checkpoint=True), ValueError,
-         ["`resume_from_checkpoint`=True", "no complete checkpoint-N", "train from scratch"]),
+    Case(
+        "args-4-and-8-bit",
+        lambda t: args(t, load_in_4bit=True, load_in_8bit=True),
+        ValueError,
+        ["`load_in_4bit` and `load_in_8bit`", "choose one"],
+    ),
+    Case(
+        "args-quant-type",
+        lambda t: args(t, bnb_4bit_quant_type="int4"),
+        ValueError,
+        ["`bnb_4bit_quant_type`", "'nf4' or 'fp4'", "'int4'"],
+    ),
+    Case(
+        "trainer-plain-args",
+        lambda t: LoRAFATrainer(model=tiny_llama(), args=transformers_args(t)),
+        TypeError,
+        ["`args` is a TrainingArguments", "Replace `TrainingArguments(...)` by `LoRAFATrainingArguments(...)`"],
+    ),
+    Case("trainer-no-model", lambda t: LoRAFATrainer(model=None, args=args(t)), ValueError, ["`model` is required"]),
+    Case(
+        "trainer-resume-nothing",
+        lambda t: trainer(t).train(resume_from_checkpoint=True),
+        ValueError,
+        ["`resume_from_checkpoint`=True", "no complete checkpoint-N", "train from scratch"],
+    ),
     # Datasets
-    Case("data-missing-file", lambda t: load_raw_dataset(str(t / "nope.jsonl")), ValueError,
-         ["`--dataset`", "does not exist; check the path"]),
-    Case("data-empty-file", lambda t: load_raw_dataset(rows(t, "empty.jsonl", "")), ValueError,
-         ["`--dataset`", "is empty; give it some training examples"]),
-    Case("data-broken-json", lambda t: load_raw_dataset(rows(t, "broken.jsonl", "{not json\n")), ValueError,
-         ["`--dataset`", "could not be read as .jsonl", "check its format"]),
-    Case("data-header-only", lambda t: load_raw_dataset(rows(t, "header.csv", "text,label\n")), ValueError,
-         ["`--dataset`", "has no rows; give it some training examples"]),
-    Case("data-one-row", lambda t: load_raw_dataset(rows(t, "one.jsonl", '{"text": "a"}\n')), ValueError,
-         ["`--dataset`", "a held-out split needs at least 2 rows"]),
-    Case("data-folder", lambda t: load_raw_dataset(str(t)), ValueError,
-         ["`--dataset`", "pass a .json, .jsonl, .csv or .parquet file"]),
-    Case("data-hub-unreachable", lambda t: load_raw_dataset("someone/no-such-dataset"), ValueError,
-         ["`--dataset` 'someone/no-such-dataset'", "could not be loaded from the Hub", "check the id and network"]),
-    Case("data-text-column", lambda t: tokenize_for_causal_lm(splits(body=["a", "b"]), None, "text"), ValueError,
-         ["`--text_column` 'text' is not a column", "body", "pass --text_column with one of them"]),
-    Case("data-label-column", lambda t: tokenize_for_classification(splits(text=["a"], stars=[1]), None), ValueError,
-         ["`--label_column` 'label' is not a column", "stars"]),
-    Case("data-label-strings",
-         lambda t: tokenize_for_classification(splits(text=["a", "b"], label=["good", "bad"]), None), ValueError,
-         ["`--label_column` 'label' must hold integer class ids", "'good'", "Map the labels to integers"]),
-    Case("data-label-negative", lambda t: tokenize_for_classification(splits(text=["a"], label=[-1]), None),
-         ValueError, ["`--label_column`", "class ids start at 0"]),
-    Case("data-list-answer",
-         lambda t: tokenize_for_causal_lm(splits(question=["a", "b"], answer=[["x", "y"], ["z"]]), None), ValueError,
-         ["`--dataset` train row 0, column 'answer' holds a list (['x', 'y']), not text", "join a list first"]),
-    Case("data-bad-turn",
-         lambda t: tokenize_for_causal_lm(splits(messages=[[{"role": "user", "text": "hi"}]]), None), ValueError,
-         ["`--dataset` train row 0, column 'messages' has the turn", "'role': str, 'content': str"]),
-    Case("data-all-null",
-         lambda t: tokenize_for_causal_lm(splits(question=[None, " "], answer=["a", "b"]), None), ValueError,
-         ["no usable train rows: all 2 were skipped (2 with a null or blank 'question')"]),
-    Case("data-max-length-zero", lambda t: tokenize_for_causal_lm(splits(text=["a"]), None, max_length=0),
-         ValueError, ["`--max_length` must be a positive number of tokens", "got 0"]),
-    Case("data-max-length-negative",
-         lambda t: tokenize_for_classification(splits(text=["a"], label=[0]), None, max_length=-5), ValueError,
-         ["`--max_length` must be a positive number of tokens", "got -5"]),
-    Case("data-all-too-long",
-         lambda t: tokenize_for_causal_lm(splits(question=["what is the sky"] * 3, answer=["blue"] * 3),
-                                          build_tokenizer(), max_length=4), ValueError,
-         ["every train row was dropped", "within `--max_length` 4", "Raise --max_length"]),
+    Case(
+        "data-missing-file",
+        lambda t: load_raw_dataset(str(t / "nope.jsonl")),
+        ValueError,
+        ["`--dataset`", "does not exist; check the path"],
+    ),
+    Case(
+        "data-empty-file",
+        lambda t: load_raw_dataset(rows(t, "empty.jsonl", "")),
+        ValueError,
+        ["`--dataset`", "is empty; give it some training examples"],
+    ),
+    Case(
+        "data-broken-json",
+        lambda t: load_raw_dataset(rows(t, "broken.jsonl", "{not json\n")),
+        ValueError,
+        ["`--dataset`", "could not be read as .jsonl", "check its format"],
+    ),
+    Case(
+        "data-header-only",
+        lambda t: load_raw_dataset(rows(t, "header.csv", "text,label\n")),
+        ValueError,
+        ["`--dataset`", "has no rows; give it some training examples"],
+    ),
+    Case(
+        "data-one-row",
+        lambda t: load_raw_dataset(rows(t, "one.jsonl", '{"text": "a"}\n')),
+        ValueError,
+        ["`--dataset`", "a held-out split needs at least 2 rows"],
+    ),
+    Case(
+        "data-folder",
+        lambda t: load_raw_dataset(str(t)),
+        ValueError,
+        ["`--dataset`", "pass a .json, .jsonl, .csv or .parquet file"],
+    ),
+    Case(
+        "data-hub-unreachable",
+        lambda t: load_raw_dataset("someone/no-such-dataset"),
+        ValueError,
+        ["`--dataset` 'someone/no-such-dataset'", "could not be loaded from the Hub", "check the id and network"],
+    ),
+    Case(
+        "data-text-column",
+        lambda t: tokenize_for_causal_lm(splits(body=["a", "b"]), None, "text"),
+        ValueError,
+        ["`--text_column` 'text' is not a column", "body", "pass --text_column with one of them"],
+    ),
+    Case(
+        "data-label-column",
+        lambda t: tokenize_for_classification(splits(text=["a"], stars=[1]), None),
+        ValueError,
+        ["`--label_column` 'label' is not a column", "stars"],
+    ),
+    Case(
+        "data-label-strings",
+        lambda t: tokenize_for_classification(splits(text=["a", "b"], label=["good", "bad"]), None),
+        ValueError,
+        ["`--label_column` 'label' must hold integer class ids", "'good'", "Map the labels to integers"],
+    ),
+    Case(
+        "data-label-negative",
+        lambda t: tokenize_for_classification(splits(text=["a"], label=[-1]), None),
+        ValueError,
+        ["`--label_column`", "class ids start at 0"],
+    ),
+    Case(
+        "data-list-answer",
+        lambda t: tokenize_for_causal_lm(splits(question=["a", "b"], answer=[["x", "y"], ["z"]]), None),
+        ValueError,
+        ["`--dataset` train row 0, column 'answer' holds a list (['x', 'y']), not text", "join a list first"],
+    ),
+    Case(
+        "data-bad-turn",
+        lambda t: tokenize_for_causal_lm(splits(messages=[[{"role": "user", "text": "hi"}]]), None),
+        ValueError,
+        ["`--dataset` train row 0, column 'messages' has the turn", "'role': str, 'content': str"],
+    ),
+    Case(
+        "data-all-null",
+        lambda t: tokenize_for_causal_lm(splits(question=[None, " "], answer=["a", "b"]), None),
+        ValueError,
+        ["no usable train rows: all 2 were skipped (2 with a null or blank 'question')"],
+    ),
+    Case(
+        "data-max-length-zero",
+        lambda t: tokenize_for_causal_lm(splits(text=["a"]), None, max_length=0),
+        ValueError,
+        ["`--max_length` must be a positive number of tokens", "got 0"],
+    ),
+    Case(
+        "data-max-length-negative",
+        lambda t: tokenize_for_classification(splits(text=["a"], label=[0]), None, max_length=-5),
+        ValueError,
+        ["`--max_length` must be a positive number of tokens", "got -5"],
+    ),
+    Case(
+        "data-all-too-long",
+        lambda t: tokenize_for_causal_lm(
+            splits(question=["what is the sky"] * 3, answer=["blue"] * 3), build_tokenizer(), max_length=4
+        ),
+        ValueError,
+        ["every train row was dropped", "within `--max_length` 4", "Raise --max_length"],
+    ),
     # Adapters
-    Case("adapter-wrong-base-layers", lambda t: load_adapter(tiny_llama(layers=1), adapter_dir(t)), ValueError,
-         ["`adapter` was trained for another base", "has no module 'model.layers.1", "Load the matching base model"]),
-    Case("adapter-wrong-base-shapes", lambda t: load_adapter(tiny_llama(hidden=32), adapter_dir(t)), ValueError,
-         ["`adapter` was trained for another base", "64", "Load the matching base model"]),
-    Case("adapter-corrupt", lambda t: load_adapter(tiny_llama(), damaged(t, "garbage")), ValueError,
-         ["`adapter` weights", "corrupt or truncated", "save or download them again"]),
-    Case("adapter-truncated", lambda t: load_adapter(tiny_llama(), damaged(t, "truncated")), ValueError,
-         ["`adapter` weights", "corrupt or truncated", "save or download them again"]),
-    Case("adapter-no-config", lambda t: load_adapter(tiny_llama(), damaged(t, "no_config")), ValueError,
-         ["`adapter` folder", "has no adapter_config.json", "is it an adapter folder"]),
-    Case("adapter-pickle", lambda t: load_adapter(tiny_llama(), damaged(t, "pickle")), ValueError,
-         ["adapter_model.bin, a pickle", "safe_serialization=True", "`allow_pickle=True`"]),
-    Case("adapter-not-lora", lambda t: load_adapter(tiny_llama(), damaged(t, "ia3")), ValueError,
-         ["`adapter` is a", "IA3", "loads LoRA adapters only"]),
-    Case("adapter-base-weight-key",
-         lambda t: load_adapter(tiny_llama(), tampered(t, {"modules_to_save": ["lm_head"]},
-                                                       with_key("base_model.model.model.embed_tokens.weight",
-                                                                (256, 64)))), ValueError,
-         ["holds 'base_model.model.model.embed_tokens.weight'", "neither a lora_A/lora_B weight nor",
-          "['lm_head']", "never lets an adapter overwrite base weights"]),
-    Case("adapter-base-layer-key",
-         lambda t: load_adapter(tiny_llama(), tampered(t, {"modules_to_save": ["q_proj"]},
-                                                       with_key(f"{Q0}.base_layer.weight", (64, 64)))), ValueError,
-         [f"holds '{Q0}.base_layer.weight'", "never lets an adapter overwrite base weights"]),
-    Case("adapter-rank-broadcast",
-         lambda t: load_adapter(tiny_llama(), tampered(t, weights=with_key(f"{Q0}.lora_B.weight", (64, 1)))),
-         ValueError, ["has lora_A of rank 4 but lora_B of rank 1", "same rank"]),
-    Case("adapter-nan", lambda t: load_adapter(tiny_llama(), tampered(t, weights=poisoned(float("nan")))),
-         ValueError, [f"`adapter` tensor '{Q0}.lora_B.weight'", "holds NaN or inf values"]),
-    Case("adapter-inf", lambda t: load_adapter(tiny_llama(), tampered(t, weights=poisoned(float("inf")))),
-         ValueError, ["holds NaN or inf values", "earlier checkpoint"]),
-    Case("adapter-dora", lambda t: load_adapter(tiny_llama(), tampered(t, {"use_dora": True})), ValueError,
-         ["uses DoRA", "`use_dora`=True", "adapter_config.json", "merge_and_unload()"]),
-    Case("adapter-lora-bias", lambda t: load_adapter(tiny_llama(), tampered(t, {"lora_bias": True})), ValueError,
-         ["uses a trained bias on lora_B", "`lora_bias`=True"]),
-    Case("adapter-trained-biases", lambda t: load_adapter(tiny_llama(), tampered(t, {"bias": "all"})), ValueError,
-         ["uses trained base-layer biases", "`bias`='all'"]),
-    Case("adapter-config-rank", lambda t: load_adapter(tiny_llama(), tampered(t, {"r": 8})), ValueError,
-         ["has rank 4 tensors but adapter_config.json gives it r=8", "disagree"]),
-    Case("adapter-missing-lora-B",
-         lambda t: load_adapter(tiny_llama(), tampered(t, weights=lambda w: w.pop(f"{Q0}.lora_B.weight"))),
-         ValueError, [f"has no {Q0}.lora_B.weight", "adapter_model.safetensors", "incomplete"]),
-    Case("adapter-lora-on-norm",
-         lambda t: load_adapter(tiny_llama(), tampered(t, weights=with_key("base_model.model.model.norm.lora_A.weight",
-                                                                           (4, 64)))),
-         ValueError, ["targets 'model.norm' (LlamaRMSNorm)", "linear layers only"]),
-    Case("adapter-lora-on-embedding",
-         lambda t: load_adapter(tiny_llama(), tampered(
-             t, weights=with_key("base_model.model.model.embed_tokens.lora_B.weight", (64, 4)))),
-         ValueError, ["targets 'model.embed_tokens' (Embedding)", "linear layers only"]),
-    Case("adapter-config-not-json", lambda t: load_adapter(tiny_llama(), tampered(t, raw_config="{r: 4")), ValueError,
-         ["`adapter` file", "adapter_config.json' is not valid JSON", "save or download the adapter again"]),
-    Case("adapter-config-not-object", lambda t: load_adapter(tiny_llama(), tampered(t, raw_config="[4]")),
-         ValueError, ["adapter_config.json' must hold a JSON object; it holds a list"]),
-    Case("adapter-config-bad-rank", lambda t: load_adapter(tiny_llama(), tampered(t, {"r": "four"})), ValueError,
-         ["adapter_config.json' has 'r'='four'; it must be a positive int"]),
-    Case("adapter-config-bad-alpha-pattern",
-         lambda t: load_adapter(tiny_llama(), tampered(t, {"alpha_pattern": {"q_proj": "big"}})), ValueError,
-         ["has 'alpha_pattern'={'q_proj': 'big'}", "positive numbers"]),
-    Case("adapter-facts-not-json", lambda t: load_adapter(tiny_llama(), tampered(t, facts="{'method': 1")),
-         ValueError, ["hf_lorafa.json' is not valid JSON"]),
-    Case("adapter-facts-config-not-object",
-         lambda t: load_adapter(tiny_llama(), tampered(t, facts='{"config": 3}')), ValueError,
-         ["hf_lorafa.json' has 'config'=3", "must be an object"]),
-    Case("adapter-facts-config-invalid",
-         lambda t: load_adapter(tiny_llama(), tampered(t, facts='{"config": {"method": "qlora"}}')), ValueError,
-         ["hf_lorafa.json' key 'config'", "`method`"]),
-    Case("adapter-missing-path", lambda t: load_adapter(tiny_llama(), str(t / "missing")), ValueError,
-         ["neither an adapter folder nor a Hub repo id", "check the path"]),
-    Case("adapter-hub-offline", lambda t: load_adapter(tiny_llama(), "someone/adapter"), ValueError,
-         ["`adapter`='someone/adapter'", "could not be downloaded from the Hub", "HF_HUB_OFFLINE must be unset"]),
+    Case(
+        "adapter-wrong-base-layers",
+        lambda t: load_adapter(tiny_llama(layers=1), adapter_dir(t)),
+        ValueError,
+        ["`adapter` was trained for another base", "has no module 'model.layers.1", "Load the matching base model"],
+    ),
+    Case(
+        "adapter-wrong-base-shapes",
+        lambda t: load_adapter(tiny_llama(hidden=32), adapter_dir(t)),
+        ValueError,
+        ["`adapter` was trained for another base", "64", "Load the matching base model"],
+    ),
+    Case(
+        "adapter-corrupt",
+        lambda t: load_adapter(tiny_llama(), damaged(t, "garbage")),
+        ValueError,
+        ["`adapter` weights", "corrupt or truncated", "save or download them again"],
+    ),
+    Case(
+        "adapter-truncated",
+        lambda t: load_adapter(tiny_llama(), damaged(t, "truncated")),
+        ValueError,
+        ["`adapter` weights", "corrupt or truncated", "save or download them again"],
+    ),
+    Case(
+        "adapter-no-config",
+        lambda t: load_adapter(tiny_llama(), damaged(t, "no_config")),
+        ValueError,
+        ["`adapter` folder", "has no adapter_config.json", "is it an adapter folder"],
+    ),
+    Case(
+        "adapter-pickle",
+        lambda t: load_adapter(tiny_llama(), damaged(t, "pickle")),
+        ValueError,
+        ["adapter_model.bin, a pickle", "safe_serialization=True", "`allow_pickle=True`"],
+    ),
+    Case(
+        "adapter-not-lora",
+        lambda t: load_adapter(tiny_llama(), damaged(t, "ia3")),
+        ValueError,
+        ["`adapter` is a", "IA3", "loads LoRA adapters only"],
+    ),
+    Case(
+        "adapter-base-weight-key",
+        lambda t: load_adapter(
+            tiny_llama(),
+            tampered(
+                t, {"modules_to_save": ["lm_head"]}, with_key("base_model.model.model.embed_tokens.weight", (256, 64))
+            ),
+        ),
+        ValueError,
+        [
+            "holds 'base_model.model.model.embed_tokens.weight'",
+            "neither a lora_A/lora_B weight nor",
+            "['lm_head']",
+            "never lets an adapter overwrite base weights",
+        ],
+    ),
+    Case(
+        "adapter-base-layer-key",
+        lambda t: load_adapter(
+            tiny_llama(), tampered(t, {"modules_to_save": ["q_proj"]}, with_key(f"{Q0}.base_layer.weight", (64, 64)))
+        ),
+        ValueError,
+        [f"holds '{Q0}.base_layer.weight'", "never lets an adapter overwrite base weights"],
+    ),
+    Case(
+        "adapter-rank-broadcast",
+        lambda t: load_adapter(tiny_llama(), tampered(t, weights=with_key(f"{Q0}.lora_B.weight", (64, 1)))),
+        ValueError,
+        ["has lora_A of rank 4 but lora_B of rank 1", "same rank"],
+    ),
+    Case(
+        "adapter-nan",
+        lambda t: load_adapter(tiny_llama(), tampered(t, weights=poisoned(float("nan")))),
+        ValueError,
+        [f"`adapter` tensor '{Q0}.lora_B.weight'", "holds NaN or inf values"],
+    ),
+    Case(
+        "adapter-inf",
+        lambda t: load_adapter(tiny_llama(), tampered(t, weights=poisoned(float("inf")))),
+        ValueError,
+        ["holds NaN or inf values", "earlier checkpoint"],
+    ),
+    Case(
+        "adapter-dora",
+        lambda t: load_adapter(tiny_llama(), tampered(t, {"use_dora": True})),
+        ValueError,
+        ["uses DoRA", "`use_dora`=True", "adapter_config.json", "merge_and_unload()"],
+    ),
+    Case(
+        "adapter-lora-bias",
+        lambda t: load_adapter(tiny_llama(), tampered(t, {"lora_bias": True})),
+        ValueError,
+        ["uses a trained bias on lora_B", "`lora_bias`=True"],
+    ),
+    Case(
+        "adapter-trained-biases",
+        lambda t: load_adapter(tiny_llama(), tampered(t, {"bias": "all"})),
+        ValueError,
+        ["uses trained base-layer biases", "`bias`='all'"],
+    ),
+    Case(
+        "adapter-config-rank",
+        lambda t: load_adapter(tiny_llama(), tampered(t, {"r": 8})),
+        ValueError,
+        ["has rank 4 tensors but adapter_config.json gives it r=8", "disagree"],
+    ),
+    Case(
+        "adapter-missing-lora-B",
+        lambda t: load_adapter(tiny_llama(), tampered(t, weights=lambda w: w.pop(f"{Q0}.lora_B.weight"))),
+        ValueError,
+        [f"has no {Q0}.lora_B.weight", "adapter_model.safetensors", "incomplete"],
+    ),
+    Case(
+        "adapter-lora-on-norm",
+        lambda t: load_adapter(
+            tiny_llama(), tampered(t, weights=with_key("base_model.model.model.norm.lora_A.weight", (4, 64)))
+        ),
+        ValueError,
+        ["targets 'model.norm' (LlamaRMSNorm)", "linear layers only"],
+    ),
+    Case(
+        "adapter-lora-on-embedding",
+        lambda t: load_adapter(
+            tiny_llama(), tampered(t, weights=with_key("base_model.model.model.embed_tokens.lora_B.weight", (64, 4)))
+        ),
+        ValueError,
+        ["targets 'model.embed_tokens' (Embedding)", "linear layers only"],
+    ),
+    Case(
+        "adapter-config-not-json",
+        lambda t: load_adapter(tiny_llama(), tampered(t, raw_config="{r: 4")),
+        ValueError,
+        ["`adapter` file", "adapter_config.json' is not valid JSON", "save or download the adapter again"],
+    ),
+    Case(
+        "adapter-config-not-object",
+        lambda t: load_adapter(tiny_llama(), tampered(t, raw_config="[4]")),
+        ValueError,
+        ["adapter_config.json' must hold a JSON object; it holds a list"],
+    ),
+    Case(
+        "adapter-config-bad-rank",
+        lambda t: load_adapter(tiny_llama(), tampered(t, {"r": "four"})),
+        ValueError,
+        ["adapter_config.json' has 'r'='four'; it must be a positive int"],
+    ),
+    Case(
+        "adapter-config-bad-alpha-pattern",
+        lambda t: load_adapter(tiny_llama(), tampered(t, {"alpha_pattern": {"q_proj": "big"}})),
+        ValueError,
+        ["has 'alpha_pattern'={'q_proj': 'big'}", "positive numbers"],
+    ),
+    Case(
+        "adapter-facts-not-json",
+        lambda t: load_adapter(tiny_llama(), tampered(t, facts="{'method': 1")),
+        ValueError,
+        ["hf_lorafa.json' is not valid JSON"],
+    ),
+    Case(
+        "adapter-facts-config-not-object",
+        lambda t: load_adapter(tiny_llama(), tampered(t, facts='{"config": 3}')),
+        ValueError,
+        ["hf_lorafa.json' has 'config'=3", "must be an object"],
+    ),
+    Case(
+        "adapter-facts-config-invalid",
+        lambda t: load_adapter(tiny_llama(), tampered(t, facts='{"config": {"method": "qlora"}}')),
+        ValueError,
+        ["hf_lorafa.json' key 'config'", "`method`"],
+    ),
+    Case(
+        "adapter-missing-path",
+        lambda t: load_adapter(tiny_llama(), str(t / "missing")),
+        ValueError,
+        ["neither an adapter folder nor a Hub repo id", "check the path"],
+    ),
+    Case(
+        "adapter-hub-offline",
+        lambda t: load_adapter(tiny_llama(), "someone/adapter"),
+        ValueError,
+        ["`adapter`='someone/adapter'", "could not be downloaded from the Hub", "HF_HUB_OFFLINE must be unset"],
+    ),
     # The Hub, from training arguments
-    Case("hub-unreachable", dead_endpoint_trainer, HubUploadError,
-         ["`push_to_hub`", "could not reach the endpoint", "check the network or HF_ENDPOINT", "drop `push_to_hub`"],
-         ["hub"]),
-    Case("hub-bad-token", lambda t: trainer(t, push_to_hub=True, hub_model_id="user/run", hub_token=BAD_TOKEN),
-         HubUploadError, ["`push_to_hub`", "token was rejected (HTTP 401", "valid write token"], ["hub"]),
-    Case("hub-push-unsaved", lambda t: push_adapter(t / "out", "user/run", token=TOKEN), ValueError,
-         ["`folder`=", "is not an adapter folder", "save the adapter first"]),
+    Case(
+        "hub-unreachable",
+        dead_endpoint_trainer,
+        HubUploadError,
+        ["`push_to_hub`", "could not reach the endpoint", "check the network or HF_ENDPOINT", "drop `push_to_hub`"],
+        ["hub"],
+    ),
+    Case(
+        "hub-bad-token",
+        lambda t: trainer(t, push_to_hub=True, hub_model_id="user/run", hub_token=BAD_TOKEN),
+        HubUploadError,
+        ["`push_to_hub`", "token was rejected (HTTP 401", "valid write token"],
+        ["hub"],
+    ),
+    Case(
+        "hub-push-unsaved",
+        lambda t: push_adapter(t / "out", "user/run", token=TOKEN),
+        ValueError,
+        ["`folder`=", "is not an adapter folder", "save the adapter first"],
+    ),
     # Quantization
-    Case("quant-no-bitsandbytes-4bit", lambda t: trainer(t, load_in_4bit=True), ImportError,
-         ["`load_in_4bit` needs bitsandbytes", 'pip install "hf-lorafa[quant]"'], ["no_bnb"]),
-    Case("quant-no-bitsandbytes-8bit", lambda t: quantize_model(tiny_llama(), load_in_8bit=True), ImportError,
-         ["`load_in_8bit` needs bitsandbytes", 'pip install "hf-lorafa[quant]"'], ["no_bnb"]),
-    Case("quant-no-bits", lambda t: quantize_model(tiny_llama()), ValueError,
-         ["`quantize_model` needs `load_in_4bit=True` or `load_in_8bit=True`"]),
-    Case("quant-not-a-transformers-model", lambda t: quantize_model(torch.nn.Linear(4, 4), load_in_4bit=True),
-         TypeError, ["`model` must be a transformers PreTrainedModel", "load_base_model(name_or_path"]),
-    Case("quant-full-fine-tuning-4bit",
-         lambda t: estimate_memory(tiny_llama().config, "full", 2, 64, load_in_4bit=True), ValueError,
-         ["`method`='full' cannot train 4-bit weights", "drop `load_in_4bit`"]),
+    Case(
+        "quant-no-bitsandbytes-4bit",
+        lambda t: trainer(t, load_in_4bit=True),
+        ImportError,
+        ["`load_in_4bit` needs bitsandbytes", 'pip install "hf-lorafa[quant]"'],
+        ["no_bnb"],
+    ),
+    Case(
+        "quant-no-bitsandbytes-8bit",
+        lambda t: quantize_model(tiny_llama(), load_in_8bit=True),
+        ImportError,
+        ["`load_in_8bit` needs bitsandbytes", 'pip install "hf-lorafa[quant]"'],
+        ["no_bnb"],
+    ),
+    Case(
+        "quant-no-bits",
+        lambda t: quantize_model(tiny_llama()),
+        ValueError,
+        ["`quantize_model` needs `load_in_4bit=True` or `load_in_8bit=True`"],
+    ),
+    Case(
+        "quant-not-a-transformers-model",
+        lambda t: quantize_model(torch.nn.Linear(4, 4), load_in_4bit=True),
+        TypeError,
+        ["`model` must be a transformers PreTrainedModel", "load_base_model(name_or_path"],
+    ),
+    Case(
+        "quant-full-fine-tuning-4bit",
+        lambda t: estimate_memory(tiny_llama().config, "full", 2, 64, load_in_4bit=True),
+        ValueError,
+        ["`method`='full' cannot train 4-bit weights", "drop `load_in_4bit`"],
+    ),
 ]
 
 
@@ -366,8 +636,10 @@ def test_rows_with_nothing_to_learn_are_skipped_and_counted(caplog):
     """Null/blank cells never become the text "None", a conversation ending on a user turn is not trained as the
     answer, and a prompt that fills max_length is dropped, each counted in the log."""
     tokenizer = build_tokenizer()
-    qa = splits(question=["what is the sun", None, "who are you", "what " * 12, ""],
-                answer=["red", "yes", None, "no", "the sky"])
+    qa = splits(
+        question=["what is the sun", None, "who are you", "what " * 12, ""],
+        answer=["red", "yes", None, "no", "the sky"],
+    )
     with caplog.at_level("WARNING"):
         data = tokenize_for_causal_lm(qa, tokenizer, max_length=10)
     texts = [tokenizer.decode(ids) for ids in data["train"]["input_ids"]]
@@ -533,26 +805,51 @@ class CliCase:
 
 
 CLI_CASES = [
-    CliCase("train-missing-dataset", ["train", "--dataset", "{tmp}/nope.jsonl", "--output_dir", "{tmp}/out"],
-            ["hf-lorafa train: error:", "`--dataset`", "does not exist; check the path"]),
-    CliCase("train-bad-method", ["train", "--adapter_method", "qlora", "--output_dir", "{tmp}/out"],
-            ["`adapter_method` must be one of lora, lorafa, lamda, lamda++"]),
-    CliCase("train-missing-column",
-            ["train", "--dataset", "{tmp}/body.jsonl", "--text_column", "text", "--output_dir", "{tmp}/out"],
-            ["`--text_column` 'text' is not a column", "body"]),
-    CliCase("train-max-length-zero", ["train", "--max_length", "0", "--output_dir", "{tmp}/out"],
-            ["hf-lorafa train: error: `--max_length` must be a positive number of tokens (e.g. 256); got 0."]),
-    CliCase("train-max-length-negative", ["train", "--max_length", "-5", "--output_dir", "{tmp}/out"],
-            ["`--max_length` must be a positive number of tokens", "got -5"]),
-    CliCase("train-max-train-samples-zero", ["train", "--max_train_samples", "0", "--output_dir", "{tmp}/out"],
-            ["`--max_train_samples` must be at least 1 (leave it unset to use every row); got 0."]),
-    CliCase("train-all-rows-too-long",
-            ["train", "--dataset", "{tmp}/long.jsonl", "--max_length", "16", "--output_dir", "{tmp}/out"],
-            ["hf-lorafa train: error: every train row was dropped", "`--max_length` 16"]),
-    CliCase("merge-missing-adapter", ["merge", "{tmp}/no-adapter", "{tmp}/out"],
-            ["hf-lorafa merge: error:", "neither an adapter folder nor a Hub repo id"]),
-    CliCase("push-unsaved-folder", ["push", "{tmp}", "user/run"],
-            ["hf-lorafa push: error:", "is not an adapter folder", "save the adapter first"]),
+    CliCase(
+        "train-missing-dataset",
+        ["train", "--dataset", "{tmp}/nope.jsonl", "--output_dir", "{tmp}/out"],
+        ["hf-lorafa train: error:", "`--dataset`", "does not exist; check the path"],
+    ),
+    CliCase(
+        "train-bad-method",
+        ["train", "--adapter_method", "qlora", "--output_dir", "{tmp}/out"],
+        ["`adapter_method` must be one of lora, lorafa, lamda, lamda++"],
+    ),
+    CliCase(
+        "train-missing-column",
+        ["train", "--dataset", "{tmp}/body.jsonl", "--text_column", "text", "--output_dir", "{tmp}/out"],
+        ["`--text_column` 'text' is not a column", "body"],
+    ),
+    CliCase(
+        "train-max-length-zero",
+        ["train", "--max_length", "0", "--output_dir", "{tmp}/out"],
+        ["hf-lorafa train: error: `--max_length` must be a positive number of tokens (e.g. 256); got 0."],
+    ),
+    CliCase(
+        "train-max-length-negative",
+        ["train", "--max_length", "-5", "--output_dir", "{tmp}/out"],
+        ["`--max_length` must be a positive number of tokens", "got -5"],
+    ),
+    CliCase(
+        "train-max-train-samples-zero",
+        ["train", "--max_train_samples", "0", "--output_dir", "{tmp}/out"],
+        ["`--max_train_samples` must be at least 1 (leave it unset to use every row); got 0."],
+    ),
+    CliCase(
+        "train-all-rows-too-long",
+        ["train", "--dataset", "{tmp}/long.jsonl", "--max_length", "16", "--output_dir", "{tmp}/out"],
+        ["hf-lorafa train: error: every train row was dropped", "`--max_length` 16"],
+    ),
+    CliCase(
+        "merge-missing-adapter",
+        ["merge", "{tmp}/no-adapter", "{tmp}/out"],
+        ["hf-lorafa merge: error:", "neither an adapter folder nor a Hub repo id"],
+    ),
+    CliCase(
+        "push-unsaved-folder",
+        ["push", "{tmp}", "user/run"],
+        ["hf-lorafa push: error:", "is not an adapter folder", "save the adapter first"],
+    ),
     CliCase("unknown-command", ["fine-tune"], ["hf-lorafa: error: unknown command 'fine-tune'"], code=2),
 ]
 
@@ -565,7 +862,11 @@ def test_cli_bad_input_exits_non_zero_with_the_error_last(case, tmp_path):
     argv = [a.format(tmp=tmp_path) for a in case.argv]
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     result = subprocess.run(
-        [sys.executable, "-m", "hf_lorafa.cli", *argv], capture_output=True, text=True, timeout=300, cwd=REPO,
+        [sys.executable, "-m", "hf_lorafa.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
         env={**env, "HF_HUB_OFFLINE": "1", "HF_TOKEN_PATH": str(tmp_path / "no-token")},
     )
     assert result.returncode == case.code, result.stderr[-2000:]

@@ -264,5 +264,3 @@ def test_gradient_checkpointing_gives_same_gradients(method, llama, input_ids):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
-
-

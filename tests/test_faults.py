@@ -407,7 +407,10 @@ def test_hub_500_during_checkpoint_pushes_warns_training_goes_on_and_the_final_p
         latest = Path(trainer.args.output_dir) / "checkpoint-3" / "adapter_model.safetensors"
         assert served["adapter_model.safetensors"] == latest.read_bytes()  # the retry pushed the newest adapter
         hub.state.fail = (500, "/commit/")
-        with pytest.raises(HubUploadError, match=r"failed while uploading the files: the Hub answered with a server "
-                                                 r"error \(HTTP 500\)"):
+        with pytest.raises(
+            HubUploadError,
+            match=r"failed while uploading the files: the Hub answered with a server "
+            r"error \(HTTP 500\)",
+        ):
             trainer.push_to_hub()
         assert all("SECRET" not in w for w in warnings)

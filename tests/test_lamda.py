@@ -24,8 +24,10 @@ def lamda_model(base, init: str, method: str = "lamda", **kwargs):
 def first_step_grads(model, input_ids) -> dict[str, list[float]]:
     model.train()
     model(input_ids=input_ids, labels=input_ids).loss.backward()
-    return {part: [p.grad.abs().max().item() for n, p in model.named_parameters() if part in n]
-            for part in ("lora_B", "lora_S")}
+    return {
+        part: [p.grad.abs().max().item() for n, p in model.named_parameters() if part in n]
+        for part in ("lora_B", "lora_S")
+    }
 
 
 @pytest.mark.parametrize("method", ["lamda", "lamda++"])
@@ -49,8 +51,12 @@ def test_residual_init_is_the_principal_part_over_an_untouched_base(llama):
     # s·B S A is W's rank-4 principal part, taken off again by the offset (the adapter adds nothing at step 0);
     # the stored base weight is bit-identical to the original.
     torch.testing.assert_close(layer.delta_weight(), torch.zeros(64, 64), atol=1e-6, rtol=0)
-    torch.testing.assert_close(layer.scaling * (layer.lora_B.weight @ layer.lora_S.weight @ layer.lora_A.weight),
-                               principal.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        layer.scaling * (layer.lora_B.weight @ layer.lora_S.weight @ layer.lora_A.weight),
+        principal.float(),
+        atol=1e-5,
+        rtol=1e-5,
+    )
     assert torch.equal(layer.base_layer.weight, llama.model.layers[0].self_attn.q_proj.weight)
 
 
@@ -91,8 +97,12 @@ def test_residual_offset_is_recomputed_not_saved(llama):
 
 @pytest.mark.parametrize(
     "method, ratio, boosted",
-    [("lamda", 4.0, {"lora_S", "lora_B"}), ("lamda++", 4.0, {"lora_S", "lora_B"}), ("lorafa", 2.0, {"lora_B"}),
-     ("lora", 1.0, set())],
+    [
+        ("lamda", 4.0, {"lora_S", "lora_B"}),
+        ("lamda++", 4.0, {"lora_S", "lora_B"}),
+        ("lorafa", 2.0, {"lora_B"}),
+        ("lora", 1.0, set()),
+    ],
 )
 def test_learning_rate_groups(method, ratio, boosted, llama):
     config = LoRAFAConfig(method=method, r=4, lamda_lr_ratio=4.0, lorafa_lr_ratio=2.0)

@@ -47,6 +47,7 @@ def test_module_imports_respect_the_layers(path):
 
 def test_finetune_script_uses_only_the_public_api():
     tree = ast.parse((REPO / "scripts" / "finetune.py").read_text())
+
     def modules(node: ast.AST) -> list[str]:
         if isinstance(node, ast.ImportFrom):
             return [node.module or ""]
