@@ -23,6 +23,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+# What the cpu and gpu presets compare: the frozen floor, full fine-tuning, PEFT's two, and ours.
+COMPARED = ["floor", "full", "peft-lora", "peft-lorafa", "lora", "lorafa", "lamda", "lamda++", "lorafa+savers"]
 PRESETS = {
     # Seconds: the test's preset. A tiny Llama, the methods that matter for the invariants.
     "cpu-small": {
@@ -62,17 +64,7 @@ PRESETS = {
         "steps": 7,
         "dtype": "bfloat16",
         "device": "cpu",
-        "methods": [
-            "floor",
-            "full",
-            "peft-lora",
-            "peft-lorafa",
-            "lora",
-            "lorafa",
-            "lamda",
-            "lamda++",
-            "lorafa+savers",
-        ],
+        "methods": COMPARED,
         "dropouts": [0.0, 0.05],
         "quant": [False, True],
         "seq_sweep": [64, 128, 256, 512],
@@ -97,17 +89,7 @@ PRESETS = {
         "steps": 5,
         "dtype": "bfloat16",
         "device": "cuda",
-        "methods": [
-            "floor",
-            "full",
-            "peft-lora",
-            "peft-lorafa",
-            "lora",
-            "lorafa",
-            "lamda",
-            "lamda++",
-            "lorafa+savers",
-        ],
+        "methods": COMPARED,
         "dropouts": [0.0, 0.05],
         "quant": [False, True],
         "seq_sweep": [512, 1024, 2048, 4096],
