@@ -154,6 +154,7 @@ class LaMDALayer(AdapterLayer):
             self.dropout,
             self.training,
             self.lamda_offset,
+            self.mask_generator,
         )
 
 

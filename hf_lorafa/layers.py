@@ -40,19 +40,27 @@ def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+MASK_GENERATORS = ("sfc64", "torch")
+
+
+def dropout_mask(
+    shape: torch.Size, p: float, seed: int, device: torch.device, dtype: torch.dtype, generator: str | None = None
+) -> torch.Tensor:
     """The inverted-dropout mask for `seed`: the same call in backward regenerates the forward's mask.
 
     On CPU the keep decisions come from numpy's SFC64 (raw 32-bit words against `p · 2³²`): about 8x faster than
     `bernoulli_` with a seeded torch generator (MT19937, ~10 ns per element on the benchmark machine), which made
     drawing the mask twice (forward, then backward) most of LoRA-FA's step time at dropout 0.05. On GPUs torch's
-    Philox generator is used; both are pure functions of `seed`.
+    Philox generator is used; both are pure functions of `seed`. `generator` ("sfc64" or "torch", the seeded
+    `bernoulli_`) overrides the choice, which is how `scripts/dropout_mask_ab.py` compares the two.
     """
-    if device.type == "cpu":
+    if generator not in (None, *MASK_GENERATORS):
+        raise ValueError(f"`generator` must be one of {', '.join(MASK_GENERATORS)} or None; got {generator!r}.")
+    if (generator or ("sfc64" if device.type == "cpu" else "torch")) == "sfc64":
         n = math.prod(shape)
         words = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
         keep = torch.from_numpy(words >= np.uint32(round(p * 2**32))).view(shape)
-        return keep.to(dtype).mul_(1.0 / (1.0 - p))
+        return keep.to(device=device, dtype=dtype).mul_(1.0 / (1.0 - p))
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     mask = torch.empty(shape, device=device, dtype=dtype)
@@ -85,7 +93,9 @@ class FrozenAAdapterFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, lora_S, b_grad_transform, base_layer, scaling, p, training, offset=None):
+    def forward(
+        ctx, x, lora_A, lora_B, lora_S, b_grad_transform, base_layer, scaling, p, training, offset=None, masks=None
+    ):
         with torch.no_grad():
             result = base_layer(x)
         dtype = _common_dtype(lora_A, lora_B, lora_S)
@@ -94,7 +104,7 @@ class FrozenAAdapterFunction(torch.autograd.Function):
         if p > 0.0 and training:
             # Drawn from the global generator: reproducible under torch.manual_seed and replayed by checkpointing.
             seed = int(torch.randint(0, 2**62, (1,)).item())
-            h = h * dropout_mask(h.shape, p, seed, h.device, h.dtype)
+            h = h * dropout_mask(h.shape, p, seed, h.device, h.dtype, masks)
         z = h @ lora_A.to(dtype).t()
         u = z if lora_S is None else z @ lora_S.to(dtype).t()
         out = u @ lora_B.to(dtype).t()
@@ -102,7 +112,7 @@ class FrozenAAdapterFunction(torch.autograd.Function):
             out = out - z @ offset.to(dtype).t()
         result = result + (scaling * out).to(result.dtype)
         ctx.save_for_backward(z, lora_A, lora_B, lora_S, b_grad_transform, offset)
-        ctx.base_layer, ctx.scaling, ctx.p, ctx.seed = base_layer, scaling, p, seed
+        ctx.base_layer, ctx.scaling, ctx.p, ctx.seed, ctx.masks = base_layer, scaling, p, seed, masks
         return result
 
     @staticmethod
@@ -134,13 +144,16 @@ class FrozenAAdapterFunction(torch.autograd.Function):
                 gz = gz - ctx.scaling * (g @ offset)
             gh = gz @ lora_A
             if ctx.seed is not None:
-                gh = gh * dropout_mask(gh.shape, ctx.p, ctx.seed, gh.device, gh.dtype)
+                gh = gh * dropout_mask(gh.shape, ctx.p, ctx.seed, gh.device, gh.dtype, ctx.masks)
             grad_x = grad_x + gh.to(grad_x.dtype)
-        return grad_x, None, grad_B, grad_S, None, None, None, None, None, None
+        return grad_x, None, grad_B, grad_S, None, None, None, None, None, None, None
 
 
 class AdapterLayer(nn.Module):
     """Common part of every adapter: the wrapped `base_layer`, `lora_A (r×d_in)`, `lora_B (d_out×r)`, scaling."""
+
+    # The frozen-A layers' dropout-mask generator: None picks per device (see `dropout_mask`).
+    mask_generator: str | None = None
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
@@ -252,4 +265,6 @@ class LoRAFALayer(AdapterLayer):
             self.scaling,
             self.dropout,
             self.training,
+            None,
+            self.mask_generator,
         )

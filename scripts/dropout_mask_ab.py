@@ -1,6 +1,6 @@
 """A/B of the dropout-mask generator in one process: the `cpu` benchmark preset's model with LoRA-FA at dropout 0.05,
-forward+backward timed with torch's seeded `bernoulli_` (the previous generator) and with
-`hf_lorafa.layers.dropout_mask` (numpy SFC64 on CPU), interleaved step by step.
+forward+backward timed with torch's seeded `bernoulli_` (the previous generator) and with numpy's SFC64 (the CPU
+default of `hf_lorafa.layers.dropout_mask`), interleaved step by step; the layers' `mask_generator` selects one.
 
     python scripts/dropout_mask_ab.py
 """
@@ -11,15 +11,9 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import hf_lorafa.layers as layers
 from hf_lorafa import LoRAFAConfig, inject_adapters
 from hf_lorafa.bench import PRESETS
-
-
-def bernoulli_mask(shape, p, seed, device, dtype):
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=generator).div_(1.0 - p)
+from hf_lorafa.injection import adapter_layers
 
 
 def main() -> None:
@@ -29,11 +23,12 @@ def main() -> None:
     base = LlamaForCausalLM(LlamaConfig(**preset["model"])).to(torch.bfloat16)
     model = inject_adapters(base, LoRAFAConfig(method="lorafa", r=16, alpha=32, dropout=0.05)).train()
     ids = torch.randint(0, preset["model"]["vocab_size"], (preset["batch"], preset["seq"]))
-    generators = {"bernoulli_": bernoulli_mask, "sfc64": layers.dropout_mask}
+    generators = {"bernoulli_": "torch", "sfc64": "sfc64"}
     times = {name: [] for name in generators}
     for i in range(12):
         for name, generator in generators.items():
-            layers.dropout_mask = generator
+            for layer in adapter_layers(model).values():
+                layer.mask_generator = generator
             start = time.perf_counter()
             model(input_ids=ids, labels=ids).loss.backward()
             model.zero_grad()

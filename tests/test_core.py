@@ -57,12 +57,14 @@ def reference_forward(x, A, B, S, W, bias, scaling, mask, C=None):
     return x @ W.t() + bias + scaling * (u @ B.t() - offset)
 
 
+@pytest.mark.parametrize("masks", [None, "torch"], ids=["default-masks", "torch-masks"])
 @pytest.mark.parametrize("with_core", [False, True])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_custom_backward_matches_float64_autograd(with_core, p):
+def test_custom_backward_matches_float64_autograd(with_core, p, masks):
     torch.manual_seed(0)
     base = nn.Linear(24, 16).double()
     layer = (LaMDALayer if with_core else LoRAFALayer)(base, r=4, alpha=8, dropout=p)
+    layer.mask_generator = masks
     if not with_core:
         layer.gradient_correction = False
     layer.init_lora(seed=0)
@@ -79,7 +81,7 @@ def test_custom_backward_matches_float64_autograd(with_core, p):
     seed = int(torch.randint(0, 2**62, (1,)).item())
     from hf_lorafa.layers import dropout_mask
 
-    mask = dropout_mask(x.shape, p, seed, x.device, x.dtype) if p else torch.ones_like(x)
+    mask = dropout_mask(x.shape, p, seed, x.device, x.dtype, masks) if p else torch.ones_like(x)
     x_ref = x.detach().clone().requires_grad_(True)
     B = layer.lora_B.weight.detach().clone().requires_grad_(True)
     S = layer.lora_S.weight.detach().clone().requires_grad_(True) if with_core else None
@@ -95,19 +97,31 @@ def test_custom_backward_matches_float64_autograd(with_core, p):
     assert layer.lora_A.weight.grad is None
 
 
-def test_dropout_mask_is_a_fair_seeded_draw():
+@pytest.mark.parametrize("generator", [None, "sfc64", "torch"])
+def test_dropout_mask_is_a_fair_seeded_draw(generator):
     from hf_lorafa.layers import dropout_mask
 
-    mask = dropout_mask(torch.Size([256, 1024]), 0.05, 7, torch.device("cpu"), torch.float32)
+    mask = dropout_mask(torch.Size([256, 1024]), 0.05, 7, torch.device("cpu"), torch.float32, generator)
     kept = mask > 0
-    assert torch.equal(mask, dropout_mask(mask.shape, 0.05, 7, mask.device, mask.dtype))  # backward's regeneration
+    regenerated = dropout_mask(mask.shape, 0.05, 7, mask.device, mask.dtype, generator)  # as backward draws it
+    assert torch.equal(mask, regenerated)
     assert abs(kept.float().mean().item() - 0.95) < 0.003  # 262k draws: std of the rate ≈ 0.0004
     assert torch.all(mask[kept] == 1 / 0.95)
-    other = dropout_mask(mask.shape, 0.05, 8, mask.device, mask.dtype) > 0
+    other = dropout_mask(mask.shape, 0.05, 8, mask.device, mask.dtype, generator) > 0
     both_dropped = ((~kept) & (~other)).float().mean().item()
     assert abs(both_dropped - 0.05**2) < 0.001  # independent across seeds, not the same pattern
     rows_dropped = (~kept).float().mean(dim=1)
     assert rows_dropped.std() < 0.02  # no token gets a systematically different rate
+
+
+def test_dropout_mask_generators_differ_and_unknown_is_refused():
+    from hf_lorafa.layers import dropout_mask
+
+    args = (torch.Size([64, 64]), 0.3, 7, torch.device("cpu"), torch.float32)
+    assert not torch.equal(dropout_mask(*args, "sfc64"), dropout_mask(*args, "torch"))
+    assert torch.equal(dropout_mask(*args), dropout_mask(*args, "sfc64"))  # the CPU default
+    with pytest.raises(ValueError, match="`generator` must be one of sfc64, torch"):
+        dropout_mask(*args, "philox")
 
 
 def test_gradient_correction_is_lorafa_v2():
