@@ -107,7 +107,7 @@ def inject_adapters(model: nn.Module, config: LoRAFAConfig, *, init_weights: boo
     targets = find_target_modules(model, config)
     for name, base in targets.items():
         check_base_layer(name, base)
-    if config.method == "lamda++" and init_weights and not config.rank_pattern:
+    if METHODS[config.method].ranks_from_spectrum and init_weights and not config.rank_pattern:
         weights = {name: base_weight(m) for name, m in targets.items()}
         config.rank_pattern = lamda_plus_plus_ranks(
             weights, config.r, config.lamda_rank_budget, min(config.lamda_min_rank, config.r)

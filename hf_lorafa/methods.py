@@ -31,6 +31,7 @@ class AdapterMethod:
         lr_ratio_field (`str`, *optional*): the config field whose value multiplies the learning rate of `boosted`.
         boosted (`tuple[str, ...]`): the parameter names trained at that multiple.
         card_options (`tuple`): `(label, config field, suffix)` rows of the card's adapter table.
+        ranks_from_spectrum (`bool`): per-layer ranks from each weight's spectrum at injection (LaMDA++).
     """
 
     name: str
@@ -46,6 +47,7 @@ class AdapterMethod:
     lr_ratio_field: str | None = None
     boosted: tuple[str, ...] = ()
     card_options: tuple[tuple[str, str, str], ...] = ()
+    ranks_from_spectrum: bool = False
 
     def lr_ratio(self, config: LoRAFAConfig) -> float:
         """The learning-rate multiple of the `boosted` parameters under `config` (1.0 when there is none)."""
@@ -135,6 +137,7 @@ METHODS: dict[str, AdapterMethod] = {
             "pretrained weight: layers whose top singular values hold less of the energy get more rank. The ranks "
             "sum to the same total budget as a uniform rank would.",
             card_options=(*_LAMDA_CARD, ("Total rank budget", "lamda_rank_budget", "")),
+            ranks_from_spectrum=True,
             **_LAMDA,
         ),
     )

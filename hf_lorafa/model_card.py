@@ -64,13 +64,17 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _ranks(adapter_config: dict[str, Any], method: str) -> str:
+def _ranks(adapter_config: dict[str, Any], method: AdapterMethod) -> str:
     r = adapter_config.get("r", "n/a")
     pattern = adapter_config.get("rank_pattern") or {}
     if not pattern:
         return f"{r} (every layer)"
     ranks = list(pattern.values())
-    label = "per-layer ranks from the spectrum (LaMDA++)" if method == "lamda++" else "per-layer ranks"
+    label = (
+        f"per-layer ranks from the spectrum ({method.display_name})"
+        if method.ranks_from_spectrum
+        else "per-layer ranks"
+    )
     return f"{label}: default {r}, {len(ranks)} layers differ (min {min(ranks)}, max {max(ranks)})"
 
 
@@ -220,7 +224,7 @@ def write_model_card(folder: str | os.PathLike, *, extra: dict[str, Any] | None 
         paper_title=paper_title,
         base_model=base_id,
         local_base=bool(base_model) and not base_id,
-        ranks=_ranks(adapter_config, method),
+        ranks=_ranks(adapter_config, spec),
         alpha=_fmt(adapter_config.get("lora_alpha", "n/a")),
         dropout=_fmt(adapter_config.get("lora_dropout", "n/a")),
         target_modules=_target_modules(adapter_config),

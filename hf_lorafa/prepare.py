@@ -16,11 +16,13 @@ from torch import nn
 
 from .compat import mark_adapters_attached
 from .injection import has_adapters, inject_adapters
+from .methods import METHODS
 from .run_facts import is_quantized
 
 logger = logging.getLogger(__name__)
 
-CONVERTIBLE_METHODS = ("lora", "lorafa")
+# A PEFT LoRA continues as a method without LaMDA's core (whose projections come from the base's SVD).
+CONVERTIBLE_METHODS = tuple(name for name, method in METHODS.items() if "lora_S" not in method.tensors)
 
 
 def is_peft_model(model: nn.Module) -> bool:
