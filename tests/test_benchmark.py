@@ -67,15 +67,19 @@ def test_estimate_predicts_the_measurements(report, method):
     assert est["peak"] == pytest.approx(result["peak_rss_bytes"], rel=0.10)
 
 
+# The tiny Llama the estimator tests size.
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+)
+
+
 def test_estimate_orders_methods_and_prints_a_table(capsys):
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-    )
+    config = LlamaConfig(**TINY)
     methods = ("none", "lora", "lorafa", "full")
     est = {m: estimate_memory(config, m, batch=2, seq=64, r=4, dropout=0.05) for m in methods}
     assert est["none"].activations < est["lorafa"].activations < est["lora"].activations
@@ -89,14 +93,7 @@ def test_estimate_orders_methods_and_prints_a_table(capsys):
 
 
 def test_estimate_cli_reads_a_config_folder(tmp_path, capsys):
-    LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-    ).save_pretrained(tmp_path)
+    LlamaConfig(**TINY).save_pretrained(tmp_path)
     assert estimate_main(["--model", str(tmp_path), "--method", "all", "--batch", "2", "--seq", "16", "--r", "4"]) == 0
     out = capsys.readouterr().out
     for method in ("none", "full", "lora", "lorafa", "lamda"):
