@@ -9,6 +9,7 @@ is shared by LoRA-FA and LaMDA (which adds a trained r×r core S between A and B
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -74,11 +75,7 @@ def _common_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     while the frozen A stays fp32; every product then runs in the wider dtype and each gradient is cast back to its
     parameter's dtype by autograd.
     """
-    dtype = torch.float16
-    for tensor in tensors:
-        if tensor is not None:
-            dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
+    return functools.reduce(torch.promote_types, [t.dtype for t in tensors if t is not None])
 
 
 class FrozenAAdapterFunction(torch.autograd.Function):

@@ -224,8 +224,8 @@ class LoRAFATrainerMixin:
         from .model_card import write_model_card
 
         directory = output_dir or self.args.output_dir
-        # The usage samples name the Hub repo when it is known (TRL passes `model_name`, which the card derives).
-        extra = {k: v for k, v in kwargs.items() if k != "model_name"}
+        # The usage samples name the Hub repo when it is known.
+        extra = dict(kwargs)
         if self.args.hub_model_id:
             extra.setdefault("repo_id", self.args.hub_model_id)
         if self.args.should_save and (Path(directory) / "hf_lorafa.json").exists():

@@ -217,6 +217,13 @@ def ablation_section(runs: list[dict], old: list[dict]) -> list[str]:
     return out
 
 
+def verdict(gap: float, target: float, seeds: int, unit: str) -> str:
+    """Whether a measured `gap` meets `target`; it counts as reached only with 3 seeds on each side (`seeds`)."""
+    if gap > target:
+        return f"missed by {gap - target:.1f} {unit}"
+    return "reached" if seeds >= 3 else "within, but < 3 seeds"
+
+
 def done_when(runs: list[dict]) -> list[str]:
     """Issue 13's criteria, computed from the runs: method − PEFT LoRA (drug-review), eval-loss gap (chatterbot)."""
     groups = grouped(runs)
@@ -230,11 +237,7 @@ def done_when(runs: list[dict]) -> list[str]:
                 out.append(f"| drug-review {name}: PEFT LoRA − {method} | – | not measured | ≤ 1 point | – |")
                 continue
             gap = 100 * (statistics.mean(values(ref, key)) - statistics.mean(values(rs, key)))
-            ok = (
-                "reached"
-                if gap <= 1.0 and len(rs) >= 3 and len(ref) >= 3
-                else ("within, but < 3 seeds" if gap <= 1.0 else f"missed by {gap - 1.0:.1f} points")
-            )
+            ok = verdict(gap, 1.0, min(len(rs), len(ref)), "points")
             out.append(
                 f"| drug-review {name}: PEFT LoRA − {method} | {len(ref)} vs {len(rs)} | {gap:+.1f} points | "
                 f"≤ 1 point | {ok} |"
@@ -244,11 +247,7 @@ def done_when(runs: list[dict]) -> list[str]:
             out.append(f"| chatterbot eval loss: {method} / ours LoRA − 1 | – | not measured | ≤ 1.5% | – |")
             continue
         gap = 100 * (statistics.mean(values(rs, "eval_loss")) / statistics.mean(values(chat_ref, "eval_loss")) - 1)
-        ok = (
-            "reached"
-            if gap <= 1.5 and len(rs) >= 3 and len(chat_ref) >= 3
-            else ("within, but < 3 seeds" if gap <= 1.5 else f"missed by {gap - 1.5:.1f} percentage points")
-        )
+        ok = verdict(gap, 1.5, min(len(rs), len(chat_ref)), "percentage points")
         out.append(
             f"| chatterbot eval loss: {method} / ours LoRA − 1 | {len(chat_ref)} vs {len(rs)} | {gap:+.1f}% | "
             f"≤ 1.5% | {ok} |"
