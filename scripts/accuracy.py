@@ -77,43 +77,69 @@ TASKS = {
 }
 FULL_LR_FACTOR = 0.1  # full fine-tuning diverges at an adapter learning rate; 10x lower is the usual choice
 # Options a run sets on LoRAFAConfig, and their short names in run names: a change of a default never mixes results.
-OPTION_NAMES = {"lorafa_lr_ratio": "ratio", "lamda_init": "init-", "lamda_lr_ratio": "lr"}
-LORAFA = (("lorafa_lr_ratio", LoRAFAConfig.lorafa_lr_ratio),)
-LAMDA = (("lamda_init", LoRAFAConfig.lamda_init), ("lamda_lr_ratio", LoRAFAConfig.lamda_lr_ratio))
-# LaMDA's initialisation ablation (lamda.py): the residual SVD init at lr x1 and with S and B at 4x the learning
-# rate, the published code's init, and the earlier S = 0 one ("svd").
+OPTION_NAMES = {
+    "lorafa_lr_ratio": "ratio",
+    "lamda_init": "init-",
+    "lamda_lr_ratio": "lr",
+    "lamda_freeze_fraction": "ff",
+}
+# The options that define each of our methods, in the order run names list them. Every planned run names all of
+# its method's options (defaults filled in), so a later change of a default never renames or mixes runs.
+METHOD_OPTIONS = {
+    "lorafa": ("lorafa_lr_ratio",),
+    "lamda": ("lamda_init", "lamda_lr_ratio", "lamda_freeze_fraction"),
+    "lamda++": ("lamda_init", "lamda_lr_ratio", "lamda_freeze_fraction"),
+}
+# Protocol 2 began with `lamda_freeze_fraction` defaulting to 0.1; runs of then did not record it.
+RECORDED_LATER = {"lamda_freeze_fraction": 0.1}
+
+
+def full_options(impl: str, method: str, options: tuple | dict = ()) -> tuple:
+    """`options` with the method's other options at LoRAFAConfig's defaults, in METHOD_OPTIONS' order."""
+    given = dict(options)
+    if impl != "ours":
+        return ()
+    return tuple((k, given.get(k, getattr(LoRAFAConfig, k))) for k in METHOD_OPTIONS.get(method, ()))
+
+
+def recorded_options(run: dict) -> tuple:
+    """The options a finished run trained with (its effective options; RECORDED_LATER where it predates them)."""
+    effective = {**RECORDED_LATER, **run.get("effective_options", {})}
+    if run["impl"] != "ours":
+        return ()
+    return tuple((k, effective[k]) for k in METHOD_OPTIONS.get(run["method"], ()))
+
+
+LORAFA = full_options("ours", "lorafa")
+LAMDA = full_options("ours", "lamda")
+# LaMDA's ablation (lamda.py): (init, S/B lr multiple, freeze window). The residual SVD init, the published code's
+# init and the earlier S = 0 one ("svd"), each at the first default window (10% of the steps) and at half of them.
 ABLATION = [
-    (("lamda_init", init), ("lamda_lr_ratio", ratio))
-    for init, ratio in (("residual", 1.0), ("residual", 4.0), ("published", 1.0), ("svd", 1.0))
+    full_options("ours", "lamda", (("lamda_init", init), ("lamda_lr_ratio", ratio), ("lamda_freeze_fraction", ff)))
+    for init, ratio, ff in (
+        ("svd", 1.0, 0.1),
+        ("published", 1.0, 0.1),
+        ("residual", 1.0, 0.1),
+        ("residual", 4.0, 0.1),
+        ("published", 1.0, 0.5),
+        ("published", 4.0, 0.5),
+        ("residual", 1.0, 0.25),
+        ("residual", 1.0, 0.5),
+    )
 ]
-_BASELINES = [("peft", "lora", ()), ("peft", "lorafa", ()), ("ours", "lora", ()), ("ours", "lorafa", LORAFA)]
+SEEDS = (0, 1, 2)
+OURS = [("ours", "lora", ()), ("ours", "lorafa", LORAFA), ("ours", "lamda", LAMDA), ("ours", "lamda++", LAMDA)]
 PLANS = {
-    # (task, impl, method, seed, options) in priority order: the protocol check (PEFT LoRA's spread over seeds) and
-    # the cheap LaMDA ablation on chatterbot, then drug-review seeds for the chosen LaMDA and the baselines.
+    # (task, impl, method, seed, options) in priority order: the protocol check (PEFT LoRA's spread over seeds), the
+    # cheap LaMDA ablation on chatterbot, the chatterbot rows, then the drug-review rows; 3 seeds each.
     "issue13": [
-        ("drugreview", "peft", "lora", 0, ()),
-        ("chatterbot", "ours", "lora", 0, ()),
+        *[("drugreview", "peft", "lora", seed, ()) for seed in SEEDS],
         *[("chatterbot", "ours", "lamda", 0, opts) for opts in ABLATION],
-        ("chatterbot", "ours", "lamda++", 0, LAMDA),
-        ("drugreview", "peft", "lora", 1, ()),
-        ("drugreview", "ours", "lamda", 0, LAMDA),
-        ("drugreview", "peft", "lora", 2, ()),
-        ("drugreview", "peft", "lorafa", 0, ()),
-        ("chatterbot", "ours", "lorafa", 0, LORAFA),
-        ("drugreview", "ours", "lamda++", 0, LAMDA),
-        *[("drugreview", "ours", "lamda", seed, LAMDA) for seed in (1, 2)],
-        *[
-            ("chatterbot", impl, method, seed, opts)
-            for seed in (1, 2)
-            for impl, method, opts in (
-                ("ours", "lora", ()),
-                ("ours", "lamda", LAMDA),
-                ("ours", "lamda++", LAMDA),
-                ("ours", "lorafa", LORAFA),
-            )
-        ],
-        *[("drugreview", impl, method, seed, opts) for seed in (0, 1, 2) for impl, method, opts in _BASELINES[1:]],
-        *[("drugreview", "ours", "lamda++", seed, LAMDA) for seed in (1, 2)],
+        *[("chatterbot", impl, method, seed, opts) for seed in SEEDS for impl, method, opts in OURS],
+        *[("drugreview", impl, method, seed, opts) for seed in SEEDS for impl, method, opts in OURS[2:]],
+        *[("drugreview", impl, method, seed, opts) for seed in SEEDS for impl, method, opts in OURS[1:2]],
+        *[("drugreview", "peft", "lorafa", seed, ()) for seed in SEEDS],
+        *[("drugreview", "ours", "lora", seed, ()) for seed in SEEDS],
     ],
 }
 PLANS = {plan: list(dict.fromkeys(runs)) for plan, runs in PLANS.items()}  # a run listed twice runs once
@@ -138,6 +164,9 @@ def _data(task: str, tokenizer, spec: dict):
 def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: Path) -> dict:
     """Train one configuration and write its JSON (metrics, loss curve, parameters, wall time)."""
     spec = TASKS[task]
+    if impl == "ours":  # named with every option of the method, so the name says what ran whatever the defaults
+        own = METHOD_OPTIONS.get(method, ())
+        options = full_options(impl, method, options) + tuple((k, v) for k, v in options if k not in own)
     name = run_name(task, impl, method, seed, options)
     torch.manual_seed(seed)
     path = resolve_model(spec["model"])

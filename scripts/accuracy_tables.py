@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from accuracy import ABLATION, LAMDA, LORAFA, PLANS, RESULTS, run_name
+from accuracy import ABLATION, LAMDA, LORAFA, PLANS, RESULTS, recorded_options, run_argv, run_name
 
 from hf_lorafa.data import drugreview_split
 
@@ -26,8 +26,8 @@ def load_runs(folder: Path) -> list[dict]:
 
 def options_of(run: dict) -> tuple:
     """A run's options as the plan names them (protocol 1 named LoRA-FA's ratio only)."""
-    if "options" in run:
-        return tuple(run["options"].items())
+    if run.get("protocol") == 2:
+        return recorded_options(run)
     ratio = run.get("lorafa_lr_ratio")
     return (("lorafa_lr_ratio", ratio),) if ratio is not None else ()
 
@@ -55,6 +55,9 @@ def label(options: tuple) -> str:
 def command(runs: list[dict]) -> str:
     """The `run` command of the row's first seed (the others differ only in `--seed`)."""
     first = min(runs, key=lambda r: r["seed"])
+    if first.get("protocol") == 2:  # every option spelled out: the command reruns it whatever today's defaults
+        argv = run_argv(first["task"], first["impl"], first["method"], first["seed"], recorded_options(first))
+        return f"`python scripts/accuracy.py run {' '.join(argv)}`"
     return f"`{first['command']}`" if first.get("command") else "–"
 
 
@@ -184,21 +187,21 @@ def ablation_section(runs: list[dict], old: list[dict]) -> list[str]:
     out = [
         "### LaMDA ablation (chatterbot, main job's defaults)",
         "",
-        "| method | lamda_init | lamda_lr_ratio | seeds | eval loss | vs ours LoRA | train loss |",
-        "|---|---|---|---|---|---|---|",
+        "| method | lamda_init | lamda_lr_ratio | lamda_freeze_fraction | seeds | eval loss | vs ours LoRA | "
+        "train loss |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     cases = [("lamda", opts) for opts in ABLATION] + [("lamda++", LAMDA)]
     for method, opts in cases:
+        o = dict(opts)
+        cells = f"| {method} | {o['lamda_init']} | {o['lamda_lr_ratio']:g} | {o['lamda_freeze_fraction']:g} |"
         rs = groups.get(("chatterbot", "ours", method, opts), [])
         if not rs:
-            out.append(f"| {method} | {opts[0][1]} | {opts[1][1]:g} | not run | – | – | – |")
+            out.append(f"{cells} not run | – | – | – |")
             continue
         loss = values(rs, "eval_loss")
         gap = f"{100 * (statistics.mean(loss) / statistics.mean(lora) - 1):+.1f}%" if lora else "–"
-        out.append(
-            f"| {method} | {opts[0][1]} | {opts[1][1]:g} | {seeds_cell(rs)} | {stat(loss)} | {gap} | "
-            f"{stat(values(rs, 'train_loss'))} |"
-        )
+        out.append(f"{cells} {seeds_cell(rs)} | {stat(loss)} | {gap} | {stat(values(rs, 'train_loss'))} |")
     out += [
         "",
         f"Ours LoRA: eval loss {stat(lora)} (`python scripts/accuracy.py run --task chatterbot --impl "
