@@ -161,13 +161,16 @@ def _data(task: str, tokenizer, spec: dict):
     return data["train"], data["test"].select(range(min(64, len(data["test"])))), pad_collator(tokenizer)
 
 
-def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: Path) -> dict:
-    """Train one configuration and write its JSON (metrics, loss curve, parameters, wall time)."""
-    spec = TASKS[task]
+def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: Path, spec_changes: tuple = ()) -> dict:
+    """Train one configuration and write its JSON (metrics, loss curve, parameters, wall time).
+
+    `spec_changes` ((key, value) pairs of TASKS' entries) tries a protocol variant; named in the run's file name.
+    """
+    spec = {**TASKS[task], **dict(spec_changes)}
     if impl == "ours":  # named with every option of the method, so the name says what ran whatever the defaults
         own = METHOD_OPTIONS.get(method, ())
         options = full_options(impl, method, options) + tuple((k, v) for k, v in options if k not in own)
-    name = run_name(task, impl, method, seed, options)
+    name = run_name(task, impl, method, seed, options) + "".join(f"-{k}{v}" for k, v in spec_changes)
     torch.manual_seed(seed)
     path = resolve_model(spec["model"])
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -246,7 +249,10 @@ def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: P
         "options": dict(options),
         "effective_options": effective,
         "protocol": 2,
-        "command": " ".join(["python scripts/accuracy.py run", *run_argv(task, impl, method, seed, options)]),
+        "spec_changes": dict(spec_changes),
+        "command": " ".join(
+            ["python scripts/accuracy.py run", *run_argv(task, impl, method, seed, options, spec_changes)]
+        ),
         "model": spec["model"],
         "r": spec["r"],
         "alpha": spec["alpha"],
@@ -274,12 +280,25 @@ def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: P
     return result
 
 
-def run_argv(task: str, impl: str, method: str, seed: int, options: tuple) -> list[str]:
+def run_argv(task: str, impl: str, method: str, seed: int, options: tuple, spec_changes: tuple = ()) -> list[str]:
     """The `run` subcommand's arguments for one configuration."""
     argv = ["--task", task, "--impl", impl, "--method", method, "--seed", str(seed)]
     for key, value in options:
         argv += ["--opt", f"{key}={value}"]
+    for key, value in spec_changes:
+        argv += ["--spec", f"{key}={value}"]
     return argv
+
+
+def parse_spec(text: str) -> tuple[str, float | str]:
+    key, sep, value = text.partition("=")
+    known = sorted(set().union(*TASKS.values()))
+    if not sep or key not in known:
+        raise argparse.ArgumentTypeError(f"`--spec` takes KEY=VALUE with KEY one of {', '.join(known)}")
+    try:
+        return key, int(value) if value.isdigit() else float(value)
+    except ValueError:
+        return key, value
 
 
 def parse_option(text: str) -> tuple[str, float | str]:
@@ -319,6 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help=f"an adapter option KEY=VALUE ({', '.join(OPTION_NAMES)}); named in the run's file name",
     )
+    one.add_argument(
+        "--spec",
+        type=parse_spec,
+        action="append",
+        default=[],
+        help="a protocol variant KEY=VALUE (a TASKS entry: lr, scheduler, warmup, epochs, ...); named in the file name",
+    )
     one.add_argument("--out", type=Path, default=RESULTS)
     many = sub.add_parser("sweep", help="a plan of runs, one subprocess each")
     many.add_argument("--plan", choices=sorted(PLANS), default="issue13")
@@ -327,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         sweep(args.plan, args.out)
     else:
-        result = run(args.task, args.impl, args.method, args.seed, tuple(args.opt), args.out)
+        result = run(args.task, args.impl, args.method, args.seed, tuple(args.opt), args.out, tuple(args.spec))
         print(json.dumps({k: v for k, v in result.items() if k != "loss_curve"}))
     return 0
 
