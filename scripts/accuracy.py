@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         type=parse_spec,
         action="append",
         default=[],
-        help="a protocol variant KEY=VALUE (a TASKS entry: lr, scheduler, warmup, epochs, ...); named in the file name",
+        help="a protocol variant KEY=VALUE (a TASKS entry: lr, scheduler, warmup, epochs, ...); in the file name",
     )
     one.add_argument("--out", type=Path, default=RESULTS)
     many = sub.add_parser("sweep", help="a plan of runs, one subprocess each")
