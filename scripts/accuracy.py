@@ -61,6 +61,7 @@ TASKS = {
         "alpha": 16,
         "scheduler": "linear",
         "warmup": 0.1,
+        "classifier_dropout": None,  # None: BERT's hidden_dropout_prob (0.1)
     },
     "chatterbot": {
         "model": "smollm2",
@@ -178,7 +179,8 @@ def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: P
         tokenizer.pad_token = tokenizer.eos_token
     train, test, collator = _data(task, tokenizer, spec)
     if task == "drugreview":
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3, use_safetensors=True)
+        dropout = {} if spec["classifier_dropout"] is None else {"classifier_dropout": spec["classifier_dropout"]}
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3, use_safetensors=True, **dropout)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
     model.config.pad_token_id = tokenizer.pad_token_id
