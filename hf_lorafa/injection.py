@@ -37,6 +37,12 @@ def matches_targets(name: str, targets: str | list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _inside(name: str, patterns: str | list[str]) -> bool:
+    """Whether module `name` or one of the modules containing it matches `patterns` (e.g. `pooler.dense` in `pooler`)."""
+    parts = name.split(".")
+    return any(matches_targets(".".join(parts[:i]), patterns) for i in range(1, len(parts) + 1))
+
+
 def find_target_modules(model: nn.Module, config: LoRAFAConfig) -> dict[str, nn.Linear]:
     """The linear layers `config.target_modules` selects, by full module name.
 
@@ -47,12 +53,15 @@ def find_target_modules(model: nn.Module, config: LoRAFAConfig) -> dict[str, nn.
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     for name, module in linear.items():
-        if module is head or (config.modules_to_save and matches_targets(name, config.modules_to_save)):
+        if module is head or (config.modules_to_save and _inside(name, config.modules_to_save)):
             excluded.add(name)
     if config.target_modules == "all-linear":
         targets = {n: m for n, m in linear.items() if n not in excluded}
     else:
-        targets = {n: m for n, m in linear.items() if matches_targets(n, config.target_modules)}
+        # A layer inside a module trained in full takes no adapter (PEFT wraps such a module whole).
+        targets = {
+            n: m for n, m in linear.items() if matches_targets(n, config.target_modules) and n not in excluded
+        }
         others = [n for n, m in model.named_modules() if n not in linear and matches_targets(n, config.target_modules)]
         if others and not targets:
             raise TypeError(

@@ -62,6 +62,7 @@ TASKS = {
         "scheduler": "linear",
         "warmup": 0.1,
         "classifier_dropout": None,  # None: BERT's hidden_dropout_prob (0.1)
+        "head": "classifier",  # modules trained in full (PEFT's modules_to_save), comma-separated
     },
     "chatterbot": {
         "model": "smollm2",
@@ -184,7 +185,7 @@ def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: P
     else:
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
     model.config.pad_token_id = tokenizer.pad_token_id
-    head = ["classifier"] if task == "drugreview" else None
+    head = spec["head"].split(",") if task == "drugreview" else None
     lr = spec["lr"] * (FULL_LR_FACTOR if impl == "full" else 1.0)
     common = dict(
         output_dir=str(out_dir / "tmp" / name),

@@ -278,3 +278,18 @@ def test_gradient_checkpointing_gives_same_gradients(method, llama, input_ids):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_module_to_save_holds_no_adapter(method):
+    """A module trained in full (here each layer's MLP, as BERT's `pooler` for a classifier) gets no adapter inside:
+    its linear layers stay plain and train whole, as PEFT does, and a frozen A is never made trainable by it."""
+    model = inject_adapters(tiny_llama(), LoRAFAConfig(method=method, r=4, modules_to_save=["mlp"]))
+    for name, module in model.named_modules():
+        if ".mlp" in name:
+            assert not hasattr(module, "lora_A"), name
+    mlp = dict(model.named_parameters())
+    assert all(p.requires_grad for n, p in mlp.items() if ".mlp." in n)
+    trained_a = [n for n, p in mlp.items() if "lora_A" in n and p.requires_grad]
+    assert bool(trained_a) == (method == "lora")  # only LoRA trains A
+    assert any("self_attn.q_proj.lora_A" in n for n in mlp)  # the other layers still take adapters
