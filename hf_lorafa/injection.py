@@ -38,7 +38,7 @@ def matches_targets(name: str, targets: str | list[str]) -> bool:
 
 
 def _inside(name: str, patterns: str | list[str]) -> bool:
-    """Whether module `name` or one of the modules containing it matches `patterns` (e.g. `pooler.dense` in `pooler`)."""
+    """Whether module `name` or a module containing it matches `patterns` (`pooler.dense` is in `pooler`)."""
     parts = name.split(".")
     return any(matches_targets(".".join(parts[:i]), patterns) for i in range(1, len(parts) + 1))
 
@@ -59,9 +59,7 @@ def find_target_modules(model: nn.Module, config: LoRAFAConfig) -> dict[str, nn.
         targets = {n: m for n, m in linear.items() if n not in excluded}
     else:
         # A layer inside a module trained in full takes no adapter (PEFT wraps such a module whole).
-        targets = {
-            n: m for n, m in linear.items() if matches_targets(n, config.target_modules) and n not in excluded
-        }
+        targets = {n: m for n, m in linear.items() if matches_targets(n, config.target_modules) and n not in excluded}
         others = [n for n, m in model.named_modules() if n not in linear and matches_targets(n, config.target_modules)]
         if others and not targets:
             raise TypeError(
