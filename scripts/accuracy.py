@@ -62,7 +62,10 @@ TASKS = {
         "scheduler": "linear",
         "warmup": 0.1,
         "classifier_dropout": None,  # None: BERT's hidden_dropout_prob (0.1)
-        "head": "classifier",  # modules trained in full (PEFT's modules_to_save), comma-separated
+        # Trained in full (PEFT's modules_to_save), comma-separated. Protocol 3 adds BERT's pooler: this model was
+        # trained with mean pooling, its pooler never was, and its output hardly varies between reviews, so with
+        # the pooler frozen a run could sit at the class prior for all 304 steps (BENCHMARKS.md).
+        "head": "classifier,pooler",
     },
     "chatterbot": {
         "model": "smollm2",
@@ -77,6 +80,10 @@ TASKS = {
         "warmup": JOB_DEFAULTS["warmup_steps"],
     },
 }
+# Protocol 2: drug-review warmed up over 10% of the steps; protocol 3: drug-review's head includes BERT's pooler.
+PROTOCOL = {"drugreview": 3, "chatterbot": 2}
+# What protocol-2 runs had for the entries TASKS gained later (they record only the entries they changed).
+EARLIER_SPEC = {"drugreview": {"head": "classifier", "classifier_dropout": None}}
 FULL_LR_FACTOR = 0.1  # full fine-tuning diverges at an adapter learning rate; 10x lower is the usual choice
 # Options a run sets on LoRAFAConfig, and their short names in run names: a change of a default never mixes results.
 OPTION_NAMES = {
@@ -102,6 +109,13 @@ def full_options(impl: str, method: str, options: tuple | dict = ()) -> tuple:
     if impl != "ours":
         return ()
     return tuple((k, given.get(k, getattr(LoRAFAConfig, k))) for k in METHOD_OPTIONS.get(method, ()))
+
+
+def recorded_spec(run: dict) -> dict:
+    """The TASKS entries a finished run trained with."""
+    if "spec" in run:
+        return run["spec"]
+    return {**TASKS[run["task"]], **EARLIER_SPEC.get(run["task"], {}), **run.get("spec_changes", {})}
 
 
 def recorded_options(run: dict) -> tuple:
@@ -172,6 +186,7 @@ def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: P
     if impl == "ours":  # named with every option of the method, so the name says what ran whatever the defaults
         own = METHOD_OPTIONS.get(method, ())
         options = full_options(impl, method, options) + tuple((k, v) for k, v in options if k not in own)
+    spec_changes = tuple((k, v) for k, v in spec_changes if TASKS[task].get(k) != v)
     name = run_name(task, impl, method, seed, options) + "".join(f"-{k}{v}" for k, v in spec_changes)
     torch.manual_seed(seed)
     path = resolve_model(spec["model"])
@@ -251,7 +266,8 @@ def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: P
         "seed": seed,
         "options": dict(options),
         "effective_options": effective,
-        "protocol": 2,
+        "protocol": PROTOCOL[task],
+        "spec": spec,
         "spec_changes": dict(spec_changes),
         "command": " ".join(
             ["python scripts/accuracy.py run", *run_argv(task, impl, method, seed, options, spec_changes)]

@@ -1,0 +1,86 @@
+"""Why drug-review runs could sit at the class prior: how much the frozen MiniLM's features say about the label.
+
+For the [CLS] state, BERT's pooler output (what BertForSequenceClassification's head reads) and the mean-pooled
+state (how all-MiniLM-L6-v2 was trained), it measures the spread of each feature across the training reviews and
+the test accuracy / macro-F1 of a logistic-regression probe fitted on the frozen features (L-BFGS, standardised
+features, three L2 strengths). Writes benchmarks/drugreview-probe.json, which BENCHMARKS.md quotes.
+
+    python scripts/drugreview_probe.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from accuracy import RESULTS, TASKS
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from hf_lorafa.data import drugreview_split, resolve_model
+from hf_lorafa.dataprep import classification_metrics
+
+
+def features(model, tokenizer, rows: list[dict], max_length: int) -> dict[str, torch.Tensor]:
+    out = {"cls": [], "pooler": [], "mean": []}
+    for i in range(0, len(rows), 32):
+        batch = tokenizer(
+            [r["text"] for r in rows[i : i + 32]],
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        with torch.no_grad():
+            hidden = model.bert(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out["cls"].append(hidden[:, 0])
+            out["pooler"].append(model.bert.pooler(hidden))
+            out["mean"].append((hidden * mask).sum(1) / mask.sum(1))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def probe(train: torch.Tensor, labels: torch.Tensor, test: torch.Tensor, l2: float) -> torch.Tensor:
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    x = (train - mean) / std
+    linear = torch.nn.Linear(x.shape[1], 3)
+    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=500)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(linear(x), labels) + l2 * linear.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return linear((test - mean) / std)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    path = resolve_model(TASKS["drugreview"]["model"])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3, use_safetensors=True).eval()
+    train, test = drugreview_split("train"), drugreview_split("test")
+    length = TASKS["drugreview"]["max_length"]
+    f_train, f_test = features(model, tokenizer, train, length), features(model, tokenizer, test, length)
+    y_train = torch.tensor([r["label"] for r in train])
+    y_test = [r["label"] for r in test]
+    result = {}
+    for kind in f_train:
+        probes = {}
+        for l2 in (1e-1, 1e-2, 1e-3):
+            logits = probe(f_train[kind], y_train, f_test[kind], l2)
+            metrics = classification_metrics((logits.numpy(), y_test))
+            probes[f"{l2:g}"] = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+        result[kind] = {
+            "spread": float(f_train[kind].std(0).mean()),
+            "norm": float(f_train[kind].norm(dim=1).mean()),
+            "probe": probes,
+        }
+    (RESULTS.parent / "drugreview-probe.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
