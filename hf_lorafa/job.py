@@ -173,8 +173,22 @@ def load_model(script: ScriptArguments, args: LoRAFATrainingArguments, tokenizer
     # A built-in offline copy names its Hub original, so adapter configs and cards point at a real base model.
     model.config.name_or_path = BUILTIN_HUB_IDS.get(script.model_name_or_path, model.config.name_or_path)
     if script.task == "classification" and args.lora_modules_to_save is None:
-        args.lora_modules_to_save = "classifier" if hasattr(model, "classifier") else "score"
+        args.lora_modules_to_save = ",".join(classification_head(model))
     return model
+
+
+def classification_head(model) -> list[str]:
+    """The modules a sequence classifier trains in full: its new head, and a BERT-style pooler where there is one.
+
+    The pooler is part of BERT's classification head, and checkpoints trained with mean pooling (sentence-transformers
+    models such as all-MiniLM-L6-v2) never trained theirs: left frozen, its output hardly varies between inputs, and
+    runs can sit at the class prior (BENCHMARKS.md, drug-review protocol 3).
+    """
+    head = ["classifier" if hasattr(model, "classifier") else "score"]
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if getattr(base, "pooler", None) is not None:
+        head.append("pooler")
+    return head
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from conftest import METHODS, assert_only_adapter_trained, perturb_adapters, tin
 from datasets import Dataset
 from transformers import HfArgumentParser
 
-from hf_lorafa import LoRAFATrainer, LoRAFATrainingArguments
+from hf_lorafa import LoRAFAConfig, LoRAFATrainer, LoRAFATrainingArguments, inject_adapters, load_adapter, save_adapter
 from hf_lorafa.lamda import LaMDALayer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -292,3 +293,35 @@ def test_train_help_lists_our_flags_first_with_their_choices():
     for needle in order:
         at = text.find(needle, at)
         assert at != -1, f"{needle!r} missing or out of order"
+
+
+def test_classification_head_includes_an_untrained_pooler(tmp_path):
+    """`--task classification` trains BERT's pooler with the classifier (drug-review protocol 3), `score` elsewhere;
+    the pooler trains whole (no adapter inside), is saved with the adapter and loads back in ours and in PEFT."""
+    from peft import PeftModel
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    from hf_lorafa.job import classification_head
+
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(
+        BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).eval()
+    base = copy.deepcopy(bert)
+    assert classification_head(bert) == ["classifier", "pooler"]
+    llama = LlamaForSequenceClassification(
+        LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    )
+    assert classification_head(llama) == ["score"]
+    model = inject_adapters(bert, LoRAFAConfig(method="lorafa", r=2, modules_to_save=classification_head(bert)))
+    assert not hasattr(model.bert.pooler.dense, "lora_A")
+    assert all(p.requires_grad for p in model.bert.pooler.parameters())
+    with torch.no_grad():
+        model.bert.pooler.dense.weight.add_(0.5)
+        model.classifier.weight.add_(0.5)
+        model.bert.encoder.layer[0].attention.self.query.lora_B.weight.fill_(0.1)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    expected = model(ids).logits
+    save_adapter(model, tmp_path / "adapter")
+    torch.testing.assert_close(load_adapter(copy.deepcopy(base), tmp_path / "adapter").eval()(ids).logits, expected)
+    torch.testing.assert_close(PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(ids).logits, expected)
