@@ -38,7 +38,7 @@ def load_runs(folder: Path) -> list[dict]:
 
 def options_of(run: dict) -> tuple:
     """A run's options as the plan names them (protocol 1 named LoRA-FA's ratio only)."""
-    if run.get("protocol") == 2:
+    if run.get("protocol", 1) >= 2:
         return recorded_options(run)
     ratio = run.get("lorafa_lr_ratio")
     return (("lorafa_lr_ratio", ratio),) if ratio is not None else ()
@@ -67,7 +67,7 @@ def label(options: tuple) -> str:
 def command(runs: list[dict]) -> str:
     """The `run` command of the row's first seed (the others differ only in `--seed`)."""
     first = min(runs, key=lambda r: r["seed"])
-    if first.get("protocol") == 2:  # every option spelled out: the command reruns it whatever today's defaults
+    if first.get("protocol", 1) >= 2:  # every option spelled out: the command reruns it whatever today's defaults
         argv = run_argv(first["task"], first["impl"], first["method"], first["seed"], recorded_options(first))
         return f"`python scripts/accuracy.py run {' '.join(argv)}`"
     return f"`{first['command']}`" if first.get("command") else "–"
