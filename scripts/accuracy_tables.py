@@ -251,6 +251,28 @@ def ablation_section(runs: list[dict], old: list[dict]) -> list[str]:
     return out
 
 
+def lamda_note(runs: list[dict]) -> list[str]:
+    """Why LaMDA reaches LoRA on chatterbot and not on drug-review: its residual-init step scales with W's spectrum."""
+    probe_path = RESULTS.parent / "drugreview-probe.json"
+    drug = [r for r in runs if r["task"] == "drugreview" and r["method"] in ("lamda", "lamda++")]
+    if not drug or not probe_path.exists():
+        return []
+    spectrum = json.loads(probe_path.read_text())["spectrum"]
+    mini, smol = spectrum[TASKS["drugreview"]["model"]], spectrum[TASKS["chatterbot"]["model"]]
+    stuck = sum(at_prior(r) for r in drug)
+    return [
+        "",
+        f"LaMDA on drug-review: {stuck} of its {len(drug)} LaMDA/LaMDA++ runs ended at the class prior (see the "
+        "drug-review table). With the residual init an optimizer step on B's column i moves W σ_i times as far as the "
+        "same step on LoRA-FA's B (`hf_lorafa/lamda.py`), so LaMDA's pace follows the base model's spectrum: the "
+        f"median top singular value of the adapted weights is {smol['sigma_1']:.1f} (σ_8 {smol['sigma_8']:.1f}) for "
+        f"SmolLM2, where LaMDA beats LoRA, and {mini['sigma_1']:.1f} (σ_8 {mini['sigma_8']:.1f}) for MiniLM "
+        "(`python scripts/drugreview_probe.py`). On MiniLM LaMDA's steps are a few times smaller than LoRA-FA's "
+        "at 4× the learning rate, the pace that left the prior. A step size that does not depend on σ (or "
+        "`lamda_lr_ratio` set from it) is the next thing to measure; the rows with `lamda_lr_ratio=4` try the ratio.",
+    ]
+
+
 def verdict(gap: float, target: float, seeds: int, unit: str) -> str:
     """Whether a measured `gap` meets `target`; it counts as reached only with 3 seeds on each side (`seeds`)."""
     if gap > target:
@@ -315,6 +337,7 @@ def accuracy_part(save_figure) -> list[str]:
         "#### Done when (issue 13)",
         "",
         *done_when(runs),
+        *lamda_note(runs),
         "",
         *protocol_section(old, earlier, runs),
         "",

@@ -3,7 +3,8 @@
 For the [CLS] state, BERT's pooler output (what BertForSequenceClassification's head reads) and the mean-pooled
 state (how all-MiniLM-L6-v2 was trained), it measures the spread of each feature across the training reviews and
 the test accuracy / macro-F1 of a logistic-regression probe fitted on the frozen features (L-BFGS, standardised
-features, three L2 strengths). Writes benchmarks/drugreview-probe.json, which BENCHMARKS.md quotes.
+features, three L2 strengths), and the top singular values of both accuracy models' weights.
+Writes benchmarks/drugreview-probe.json, which BENCHMARKS.md quotes.
 
     python scripts/drugreview_probe.py
 """
@@ -11,9 +12,12 @@ features, three L2 strengths). Writes benchmarks/drugreview-probe.json, which BE
 from __future__ import annotations
 
 import json
+import statistics
+from pathlib import Path
 
 import torch
 from accuracy import RESULTS, TASKS
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_lorafa.data import drugreview_split, resolve_model
@@ -56,6 +60,22 @@ def probe(train: torch.Tensor, labels: torch.Tensor, test: torch.Tensor, l2: flo
         return linear((test - mean) / std)
 
 
+def top_singular_values(model_name: str) -> dict[str, float]:
+    """Median over the adapted (linear, non-embedding) weights of σ_1 and σ_8: the size of LaMDA's residual-init step.
+
+    An optimizer step on B's column i moves W by σ_i times what the same step on LoRA-FA's B does (lamda.py).
+    """
+    path = Path(resolve_model(model_name))
+    firsts, eighths = [], []
+    for file in sorted(path.glob("*.safetensors")):
+        for key, weight in load_file(file).items():
+            if weight.ndim == 2 and "embed" not in key and min(weight.shape) > 16:
+                sigma = torch.linalg.svdvals(weight.float())
+                firsts.append(float(sigma[0]))
+                eighths.append(float(sigma[7]))
+    return {"sigma_1": statistics.median(firsts), "sigma_8": statistics.median(eighths), "weights": len(firsts)}
+
+
 def main() -> None:
     torch.manual_seed(0)
     path = resolve_model(TASKS["drugreview"]["model"])
@@ -78,6 +98,9 @@ def main() -> None:
             "norm": float(f_train[kind].norm(dim=1).mean()),
             "probe": probes,
         }
+    result["spectrum"] = {
+        TASKS[t]["model"]: top_singular_values(TASKS[t]["model"]) for t in ("drugreview", "chatterbot")
+    }
     (RESULTS.parent / "drugreview-probe.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
