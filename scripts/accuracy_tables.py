@@ -138,7 +138,7 @@ def protocol_section(v1: list[dict], v2: list[dict], current: list[dict]) -> lis
     probe_path = RESULTS.parent / "drugreview-probe.json"
     if stuck and probe_path.exists():
         probe = json.loads(probe_path.read_text())
-        best = {k: max(v["probe"].values(), key=lambda m: m["accuracy"]) for k, v in probe.items()}
+        best = {k: max(v["probe"].values(), key=lambda m: m["accuracy"]) for k, v in probe.items() if "probe" in v}
         out += [
             f"Diagnosis. Under protocol 2, {len(stuck)} of {sum(r['task'] == 'drugreview' for r in v2)} drug-review "
             "runs (variants included) ended at the class prior (every test "
