@@ -263,13 +263,14 @@ def lamda_note(runs: list[dict]) -> list[str]:
     return [
         "",
         f"LaMDA on drug-review: {stuck} of its {len(drug)} LaMDA/LaMDA++ runs ended at the class prior (see the "
-        "drug-review table). With the residual init an optimizer step on B's column i moves W σ_i times as far as the "
-        "same step on LoRA-FA's B (`hf_lorafa/lamda.py`), so LaMDA's pace follows the base model's spectrum: the "
-        f"median top singular value of the adapted weights is {smol['sigma_1']:.1f} (σ_8 {smol['sigma_8']:.1f}) for "
-        f"SmolLM2, where LaMDA beats LoRA, and {mini['sigma_1']:.1f} (σ_8 {mini['sigma_8']:.1f}) for MiniLM "
-        "(`python scripts/drugreview_probe.py`). On MiniLM LaMDA's steps are a few times smaller than LoRA-FA's "
-        "at 4× the learning rate, the pace that left the prior. A step size that does not depend on σ (or "
-        "`lamda_lr_ratio` set from it) is the next thing to measure; the rows with `lamda_lr_ratio=4` try the ratio.",
+        "drug-review table), where LoRA-FA and PEFT LoRA left it. Not the step size, by this estimate: in B's window "
+        "an optimizer step on B's column i moves W by σ_i·lr under the residual init (`hf_lorafa/lamda.py`) and by "
+        f"s·{LORAFA[0][1]:g}·lr/√3 = {2 * LORAFA[0][1] / 3**0.5:.1f}·lr for LoRA-FA (A's rows have norm 1/√3, "
+        f"s = 2). The median σ_1 / σ_8 of the adapted weights is {mini['sigma_1']:.1f} / {mini['sigma_8']:.1f} for "
+        f"MiniLM, comparable, and {smol['sigma_1']:.1f} / {smol['sigma_8']:.1f} for SmolLM2, where LaMDA moves "
+        "faster than LoRA-FA and beats LoRA (`python scripts/drugreview_probe.py`). What else differs is A (W's "
+        "top-r right singular vectors, not random) and that only S (r² per layer) trains after half of the steps; "
+        "the `lamda_lr_ratio=4` rows test the pace. The cause is not established yet.",
     ]
 
 
