@@ -264,7 +264,8 @@ def lamda_note(runs: list[dict]) -> list[str]:
     stuck = sum(at_prior(r) for r in drug)
     return [
         "",
-        f"LaMDA on drug-review: {stuck} of its {len(drug)} LaMDA/LaMDA++ runs at the defaults ended at the class prior (see the "
+        f"LaMDA on drug-review: {stuck} of its {len(drug)} LaMDA/LaMDA++ runs at the defaults ended at the class "
+        "prior (see the "
         "drug-review table), where LoRA-FA and PEFT LoRA left it. Not the step size, by this estimate: in B's window "
         "an optimizer step on B's column i moves W by σ_i·lr under the residual init (`hf_lorafa/lamda.py`) and by "
         f"s·{LORAFA[0][1]:g}·lr/√3 = {2 * LORAFA[0][1] / 3**0.5:.1f}·lr for LoRA-FA (A's rows have norm 1/√3, "
