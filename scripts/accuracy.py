@@ -309,25 +309,24 @@ def run_argv(task: str, impl: str, method: str, seed: int, options: tuple, spec_
     return argv
 
 
-def parse_spec(text: str) -> tuple[str, float | str]:
+def _key_value(text: str, flag: str, keys, number) -> tuple[str, float | int | str]:
+    """`KEY=VALUE` with KEY in `keys`; VALUE through `number` when it reads as one, else kept as text."""
     key, sep, value = text.partition("=")
-    known = sorted(set().union(*TASKS.values()))
-    if not sep or key not in known:
-        raise argparse.ArgumentTypeError(f"`--spec` takes KEY=VALUE with KEY one of {', '.join(known)}")
+    if not sep or key not in keys:
+        raise argparse.ArgumentTypeError(f"`{flag}` takes KEY=VALUE with KEY one of {', '.join(keys)}")
     try:
-        return key, int(value) if value.isdigit() else float(value)
+        return key, number(value)
     except ValueError:
         return key, value
+
+
+def parse_spec(text: str) -> tuple[str, float | int | str]:
+    keys = sorted(set().union(*TASKS.values()))
+    return _key_value(text, "--spec", keys, lambda v: int(v) if v.isdigit() else float(v))
 
 
 def parse_option(text: str) -> tuple[str, float | str]:
-    key, sep, value = text.partition("=")
-    if not sep or key not in OPTION_NAMES:
-        raise argparse.ArgumentTypeError(f"`--opt` takes KEY=VALUE with KEY one of {', '.join(OPTION_NAMES)}")
-    try:
-        return key, float(value)
-    except ValueError:
-        return key, value
+    return _key_value(text, "--opt", list(OPTION_NAMES), float)
 
 
 def sweep(plan: str, out_dir: Path) -> None:
