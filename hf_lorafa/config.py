@@ -10,7 +10,7 @@ METHODS = ("lora", "lorafa", "lamda", "lamda++")  # each described in full by `h
 # Adapter parameters keep PEFT's `lora_` prefix (lora_A, lora_B, LaMDA's lora_S): state dicts map 1:1 to PEFT's.
 ADAPTER_PREFIX = "lora_"
 Method = Literal["lora", "lorafa", "lamda", "lamda++"]
-LAMDA_INITS = ("residual", "svd", "published")
+LAMDA_INITS = ("residual", "svd", "published", "identity")
 
 
 def is_adapter_tensor(name: str) -> bool:
@@ -60,7 +60,8 @@ class LoRAFAConfig:
             How LaMDA starts (`hf_lorafa/lamda.py` says which parts are the paper's): `"residual"` (A = V_rᵀ,
             B = U_r, S = diag(σ_r)/s over the residual base W − U_r Σ_r V_rᵀ, so S and B both get gradient from the
             first step), `"svd"` (A = V_rᵀ, B = U_r·diag(σ_r), S = 0: B gets no gradient until S moves) or
-            `"published"` (the authors' code: random orthonormal A, B = 0, S at nn.Linear's default init).
+            `"published"` (the authors' code: random orthonormal A, B = 0, S at nn.Linear's default init) or
+            `"identity"` (the published A and B = 0 with S = I: B's window trains exactly as LoRA-FA).
         lamda_lr_ratio (`float`, *optional*, defaults to `1.0`):
             Learning-rate multiplier of LaMDA's `lora_S` and `lora_B`, applied by the trainer's optimizer.
         lamda_rank_budget (`int`, *optional*):
@@ -89,7 +90,7 @@ class LoRAFAConfig:
     lorafa_lr_ratio: float = 4.0
     lamda_freeze_fraction: float = 0.5
     lamda_freeze_order: Literal["ascending", "all"] = "ascending"
-    lamda_init: Literal["residual", "svd", "published"] = "residual"
+    lamda_init: Literal["residual", "svd", "published", "identity"] = "residual"
     lamda_lr_ratio: float = 1.0
     lamda_rank_budget: int | None = None
     lamda_min_rank: int = 2

@@ -23,11 +23,13 @@ Adaptation" (arXiv:2406.12832). What is the paper's and what is ours:
     while S ≈ 0, so B's early window trains nothing.
   - `"published"`: the authors' code: A random with orthonormal rows (LoRA-FA's init), B = 0, S at nn.Linear's
     default init (kaiming-uniform): B gets gradient from step 1, S from step 2.
+  - `"identity"` (ours): the published code's A and B = 0 with S = I, so that while B trains its update is exactly
+    LoRA-FA's (`s·g zᵀ`) and S takes over the directions B learned. S gets gradient from step 2.
 - `lamda_lr_ratio` (ours): S and B at that multiple of the learning rate (an S step moves W by `s·lr` per
   singular direction, a LoRA B step by about `s·lr·√d_out/√3`).
 - §3.2 (the paper's): PMB is frozen gradually during early training, so that afterwards only S (r² per layer)
   trains. The window (`lamda_freeze_fraction` of the total steps) and the order are ours: with `"ascending"`, B's
-  columns freeze one by one from the smallest singular value up (for `"published"`, from the last column),
+  columns freeze one by one from the smallest singular value up (for the random-A inits, from the last column),
   linearly in progress; `"all"` freezes B whole at the window's end. The default window is the first half of the
   steps: over 10% of a 40-step run B trains only during the warmup, and LaMDA ends 65% above LoRA's held-out loss
   (17% over a quarter of the steps).
@@ -74,6 +76,11 @@ class LaMDALayer(AdapterLayer):
         self.register_buffer("lamda_offset", None, persistent=False)
 
     def init_lora(self, seed: int) -> None:
+        if self.lamda_init == "identity":
+            super().init_lora(seed)  # LoRA-FA's A and B = 0
+            with torch.no_grad():
+                self.lora_S.weight.copy_(torch.eye(self.r))
+            return
         if self.lamda_init == "published":
             super().init_lora(seed)
             generator = torch.Generator().manual_seed(seed + 1)
