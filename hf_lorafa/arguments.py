@@ -66,7 +66,7 @@ class LoRAFAArguments:
     lorafa_lr_ratio: float = adapter_field("lorafa_lr_ratio")
     lamda_freeze_fraction: float = adapter_field("lamda_freeze_fraction")
     lamda_freeze_order: str = adapter_field("lamda_freeze_order", metavar="{ascending,all}")
-    lamda_init: str = adapter_field("lamda_init", metavar="{residual,svd,published,identity}")
+    lamda_init: str = adapter_field("lamda_init", metavar="{residual,svd,published,identity,spectral}")
     lamda_lr_ratio: float = adapter_field("lamda_lr_ratio")
     lamda_rank_budget: int | None = adapter_field("lamda_rank_budget")
 

@@ -81,8 +81,9 @@ def _common_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
 class FrozenAAdapterFunction(torch.autograd.Function):
     """`y = base(x) + s · (B (S) − C) A dropout(x)` with A frozen, keeping only `z = A·dropout(x)` for backward.
 
-    `offset` C (d_out×r, frozen, optional) is LaMDA's principal part `B₀S₀` taken off the base, so the residual base
-    `W − s·C A` is never stored: the base weight (dense or quantized) is left as it is.
+    `offset` C (d_out×r, frozen, optional) is LaMDA's starting `B₀S₀`, so the adapter adds nothing at step 0 (for the
+    residual init `s·C A` is W's principal part and `W − s·C A` the residual base, never stored): the base weight
+    (dense or quantized) is left as it is.
 
     Backward: `dB = s·gᵀ(Sz)`, `dS = s·(gB)ᵀz`, `dx = Wᵀg + dropout'(Aᵀ Sᵀ s Bᵀg)` with W from `base_weight` and the
     dropout mask regenerated from a seed drawn in forward (an int on `ctx`, not a tensor). Everything saved goes

@@ -73,9 +73,9 @@ _LAMDA_CARD = (
     ("Learning-rate multiplier of S and B", "lamda_lr_ratio", ""),
 )
 _LAMDA_SUMMARY = (
-    "LaMDA adapts each layer with s·B·S·A, where A and B come from the weight's singular vectors and A stays "
-    "frozen; B is frozen gradually early in training so that only the r×r core S keeps training. It trains far "
-    "fewer parameters than LoRA and keeps only r values per token for backward."
+    "LaMDA adapts each layer with s·B·S·A, where A is random and frozen and B and S start from the weight's "
+    "singular vectors and values (`lamda_init`); B is frozen gradually early in training so that only the r×r core "
+    "S keeps training. It trains far fewer parameters than LoRA and keeps only r values per token for backward."
 )
 # What LaMDA and LaMDA++ share (Azizi et al., 2024, arXiv:2406.12832): the layer, its tensors, the lr rule, the paper.
 _LAMDA = dict(

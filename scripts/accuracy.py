@@ -128,8 +128,9 @@ def recorded_options(run: dict) -> tuple:
 
 LORAFA = full_options("ours", "lorafa")
 LAMDA = full_options("ours", "lamda")
-# LaMDA's ablation (lamda.py): (init, S/B lr multiple, freeze window). The residual SVD init, the published code's
-# init and the earlier S = 0 one ("svd"), each at the first default window (10% of the steps) and at half of them.
+# LaMDA's ablation (lamda.py): (init, S/B lr multiple, freeze window). The published code's init, the earlier S = 0
+# one ("svd"), the residual SVD init and LoRA-FA's window ("identity"), at the first default window (10% of the
+# steps), at a quarter and at half of them, and the spectral init (random A, B and S from the SVD), the default.
 ABLATION = [
     full_options("ours", "lamda", (("lamda_init", init), ("lamda_lr_ratio", ratio), ("lamda_freeze_fraction", ff)))
     for init, ratio, ff in (
@@ -141,7 +142,16 @@ ABLATION = [
         ("published", 4.0, 0.5),
         ("residual", 1.0, 0.25),
         ("residual", 1.0, 0.5),
+        ("identity", 1.0, 0.5),
+        ("identity", 4.0, 0.5),
+        ("spectral", 1.0, 0.5),
     )
+]
+# On drug-review, seed 0 (where the residual init stays at the class prior): the inits that reach LoRA on chatterbot
+# or train B as LoRA-FA does, at half of the steps (the published one is ruled out on chatterbot).
+DRUG_ABLATION = [
+    full_options("ours", "lamda", (("lamda_init", init), ("lamda_lr_ratio", ratio), ("lamda_freeze_fraction", 0.5)))
+    for init, ratio in (("residual", 1.0), ("residual", 4.0), ("identity", 1.0), ("identity", 4.0), ("spectral", 1.0))
 ]
 SEEDS = (0, 1, 2)
 OURS = [("ours", "lora", ()), ("ours", "lorafa", LORAFA), ("ours", "lamda", LAMDA), ("ours", "lamda++", LAMDA)]
@@ -151,6 +161,7 @@ PLANS = {
     "issue13": [
         *[("drugreview", "peft", "lora", seed, ()) for seed in SEEDS],
         *[("chatterbot", "ours", "lamda", 0, opts) for opts in ABLATION],
+        *[("drugreview", "ours", "lamda", 0, opts) for opts in DRUG_ABLATION],
         *[("chatterbot", impl, method, seed, opts) for seed in SEEDS for impl, method, opts in OURS],
         *[("drugreview", impl, method, seed, opts) for seed in SEEDS for impl, method, opts in OURS[2:]],
         *[("drugreview", impl, method, seed, opts) for seed in SEEDS for impl, method, opts in OURS[1:2]],

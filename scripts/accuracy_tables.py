@@ -15,6 +15,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from accuracy import (
     ABLATION,
+    DRUG_ABLATION,
     LAMDA,
     LORAFA,
     PLANS,
@@ -247,6 +248,7 @@ def ablation_section(runs: list[dict], old: list[dict]) -> list[str]:
         f"Ours LoRA: eval loss {stat(lora)} (`python scripts/accuracy.py run --task chatterbot --impl "
         "ours --method lora --seed 0`); each LaMDA row's command is in the chatterbot table above.",
     ]
+    out += ["", *drug_ablation(groups)]
     old_lamda = values(old_groups.get(("chatterbot", "ours", "lamda", ()), []), "eval_loss")
     old_lora = values(old_groups.get(("chatterbot", "ours", "lora", ()), []), "eval_loss")
     if old_lamda and old_lora:
@@ -260,31 +262,73 @@ def ablation_section(runs: list[dict], old: list[dict]) -> list[str]:
     return out
 
 
+def drug_ablation(groups: dict[tuple, list[dict]]) -> list[str]:
+    """LaMDA's inits on drug-review at seed 0, against PEFT LoRA and ours LoRA-FA at the same seed."""
+    out = [
+        "### LaMDA ablation (drug-review, seed 0)",
+        "",
+        "| method | lamda_init | lamda_lr_ratio | accuracy | macro-F1 | eval loss | train loss | at the class prior |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    references = [("peft", "lora", ()), ("ours", "lorafa", LORAFA)]
+    for impl, method, opts in references:
+        r = next((r for r in groups.get(("drugreview", impl, method, opts), []) if r["seed"] == 0), None)
+        if r:
+            out.append(
+                f"| {impl} {method} | – | – | {100 * r['eval_accuracy']:.1f} | {r['eval_macro_f1']:.3f} | "
+                f"{r['eval_loss']:.3f} | {r['train_loss']:.3f} | {'yes' if at_prior(r) else 'no'} |"
+            )
+    for opts in DRUG_ABLATION:
+        o = dict(opts)
+        cells = f"| lamda | {o['lamda_init']} | {o['lamda_lr_ratio']:g} |"
+        r = next((r for r in groups.get(("drugreview", "ours", "lamda", opts), []) if r["seed"] == 0), None)
+        if r is None:
+            out.append(f"{cells} not run | – | – | – | – |")
+            continue
+        out.append(
+            f"{cells} {100 * r['eval_accuracy']:.1f} | {r['eval_macro_f1']:.3f} | {r['eval_loss']:.3f} | "
+            f"{r['train_loss']:.3f} | {'yes' if at_prior(r) else 'no'} |"
+        )
+    return out
+
+
 def lamda_note(runs: list[dict]) -> list[str]:
-    """Why LaMDA reaches LoRA on chatterbot and not on drug-review: its residual-init step scales with W's spectrum."""
+    """Why the residual init stays at the class prior on drug-review and the spectral one does not: the frozen A."""
     probe_path = RESULTS.parent / "drugreview-probe.json"
     drug = [r for r in runs if r["task"] == "drugreview" and r["method"] in ("lamda", "lamda++")]
     if not drug or not probe_path.exists():
         return []
-    spectrum = json.loads(probe_path.read_text())["spectrum"]
-    mini, smol = spectrum[TASKS["drugreview"]["model"]], spectrum[TASKS["chatterbot"]["model"]]
-    faster = [r for r in drug if dict(recorded_options(r)).get("lamda_lr_ratio") == 4.0]
-    drug = [r for r in drug if r not in faster]
-    stuck = sum(at_prior(r) for r in drug)
-    return [
+    probe = json.loads(probe_path.read_text())
+    spectrum, subspace = probe["spectrum"], probe.get("subspace", {})
+    mini, smol = TASKS["drugreview"]["model"], TASKS["chatterbot"]["model"]
+    by_init = defaultdict(list)
+    for r in drug:
+        options = dict(recorded_options(r))
+        by_init[options["lamda_init"], options["lamda_lr_ratio"]].append(r)
+
+    def stuck(init: str, ratio: float = 1.0) -> str:
+        rs = by_init.get((init, ratio), [])
+        return f"{sum(at_prior(r) for r in rs)} of {len(rs)}"
+
+    out = [
         "",
-        f"LaMDA on drug-review: {stuck} of its {len(drug)} LaMDA/LaMDA++ runs at the defaults ended at the class "
-        "prior (see the "
-        "drug-review table), where LoRA-FA and PEFT LoRA left it. Not the step size, by this estimate: in B's window "
-        "an optimizer step on B's column i moves W by σ_i·lr under the residual init (`hf_lorafa/lamda.py`) and by "
-        f"s·{LORAFA[0][1]:g}·lr/√3 = {2 * LORAFA[0][1] / 3**0.5:.1f}·lr for LoRA-FA (A's rows have norm 1/√3, "
-        f"s = 2). The median σ_1 / σ_8 of the adapted weights is {mini['sigma_1']:.1f} / {mini['sigma_8']:.1f} for "
-        f"MiniLM, comparable, and {smol['sigma_1']:.1f} / {smol['sigma_8']:.1f} for SmolLM2, where LaMDA moves "
-        "faster than LoRA-FA and beats LoRA (`python scripts/drugreview_probe.py`). What else differs is A (W's "
-        "top-r right singular vectors, not random) and that only S (r² per layer) trains after half of the steps. "
-        f"With S and B at 4× the learning rate {sum(at_prior(r) for r in faster)} of {len(faster)} runs still "
-        "ended at the prior. The cause is not established yet.",
+        "LaMDA's frozen A on drug-review: with A = W's top-r right singular vectors (`lamda_init=residual`) "
+        f"{stuck('residual')} LaMDA / LaMDA++ runs ended at the class prior ({stuck('residual', 4.0)} with S and B at "
+        f"4× the learning rate); with a random A and the same B and S (`spectral`, the default) {stuck('spectral')}. "
+        "Not the step size: under both, a step on B's column i moves W σ_i/s times as far as LoRA-FA's over the same "
+        f"A, and the median σ_1 / σ_8 of MiniLM's adapted weights is {spectrum[mini]['sigma_1']:.1f} / "
+        f"{spectrum[mini]['sigma_8']:.1f} (SmolLM2's {spectrum[smol]['sigma_1']:.1f} / "
+        f"{spectrum[smol]['sigma_8']:.1f}).",
     ]
+    if subspace:
+        out[-1] += (
+            " What a frozen A passes on differs: the share of z = A x that varies from token to token (median over "
+            f"the adapted layers) is {subspace[mini]['top']:.2f} with the top singular directions against "
+            f"{subspace[mini]['random']:.2f} with a random A in MiniLM ({subspace[smol]['top']:.2f} against "
+            f"{subspace[smol]['random']:.2f} in SmolLM2); B's gradient is `g zᵀ`, so z's constant part only shifts "
+            "every token alike (`python scripts/drugreview_probe.py`)."
+        )
+    return out
 
 
 def verdict(gap: float, target: float, seeds: int, unit: str) -> str:

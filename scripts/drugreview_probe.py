@@ -4,6 +4,11 @@ For the [CLS] state, BERT's pooler output (what BertForSequenceClassification's 
 state (how all-MiniLM-L6-v2 was trained), it measures the spread of each feature across the training reviews and
 the test accuracy / macro-F1 of a logistic-regression probe fitted on the frozen features (L-BFGS, standardised
 features, three L2 strengths), and the top singular values of both accuracy models' weights.
+
+It also measures what a frozen A passes to B in each adapted layer (`subspace`): for z = A x over the tokens of 32
+training rows, the share of z's energy that varies from token to token (1 − ‖mean z‖² / mean ‖z‖²), with A = W's
+top-r right singular vectors (LaMDA's `"residual"` init) and with a random orthonormal A (LoRA-FA's, LaMDA's
+`"spectral"`). B's gradient is `g zᵀ`: the constant part of z can only shift every token the same way.
 Writes benchmarks/drugreview-probe.json, which BENCHMARKS.md quotes.
 
     python scripts/drugreview_probe.py
@@ -76,6 +81,55 @@ def top_singular_values(model_name: str) -> dict[str, float]:
     return {"sigma_1": statistics.median(firsts), "sigma_8": statistics.median(eighths), "weights": len(firsts)}
 
 
+def subspace_variation(model: torch.nn.Module, batch: dict, r: int) -> dict[str, float]:
+    """Median over the adapted layers of the token-varying share of z = A x, for A top-r singular and random."""
+    from hf_lorafa import LoRAFAConfig
+    from hf_lorafa.injection import find_target_modules
+
+    layers = find_target_modules(model, LoRAFAConfig(r=r, modules_to_save=["classifier", "pooler"]))
+    inputs, hooks = {}, []
+    for name, layer in layers.items():
+        hooks.append(layer.register_forward_hook(lambda m, i, o, n=name: inputs.__setitem__(n, i[0].detach())))
+    with torch.no_grad():
+        model(**batch)
+    for hook in hooks:
+        hook.remove()
+    mask = batch["attention_mask"].bool()
+    generator = torch.Generator().manual_seed(0)
+    shares = {"top": [], "random": []}
+    for name, layer in layers.items():
+        x = inputs[name][mask].double()
+        vh = torch.linalg.svd(layer.weight.detach().double(), full_matrices=False)[2]
+        random, _ = torch.linalg.qr(torch.randn(x.shape[1], r, generator=generator, dtype=torch.float64))
+        for kind, a in (("top", vh[:r].t()), ("random", random)):
+            z = x @ a
+            shares[kind].append(1 - float(z.mean(0).square().sum() / z.square().sum(1).mean()))
+    return {kind: statistics.median(v) for kind, v in shares.items()} | {"layers": len(layers)}
+
+
+def subspaces() -> dict[str, dict[str, float]]:
+    """`subspace_variation` for both accuracy models on 32 rows of their own task, at their protocol's rank."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_lorafa.data import chatterbot_pairs
+
+    out = {}
+    for task in ("drugreview", "chatterbot"):
+        spec = TASKS[task]
+        path = resolve_model(spec["model"])
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if task == "drugreview":
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3, use_safetensors=True)
+            texts = [r["text"] for r in drugreview_split("train")[:32]]
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+            tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+            texts = [f"{r['question']}\n{r['answer']}" for r in chatterbot_pairs()[:32]]
+        batch = tokenizer(texts, truncation=True, max_length=spec["max_length"], padding=True, return_tensors="pt")
+        out[spec["model"]] = subspace_variation(model.eval(), dict(batch), spec["r"])
+    return out
+
+
 def main() -> None:
     torch.manual_seed(0)
     path = resolve_model(TASKS["drugreview"]["model"])
@@ -101,6 +155,7 @@ def main() -> None:
     result["spectrum"] = {
         TASKS[t]["model"]: top_singular_values(TASKS[t]["model"]) for t in ("drugreview", "chatterbot")
     }
+    result["subspace"] = subspaces()
     (RESULTS.parent / "drugreview-probe.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 

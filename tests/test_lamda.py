@@ -13,7 +13,13 @@ from hf_lorafa.lamda import LaMDALayer, lamda_schedule_step
 from hf_lorafa.optim import boosted_lr, lorafa_param_groups
 
 # init → (B gets gradient on the window's first step, S gets gradient on the first step)
-INITS = {"residual": (True, True), "svd": (False, True), "published": (True, False), "identity": (True, False)}
+INITS = {
+    "residual": (True, True),
+    "svd": (False, True),
+    "published": (True, False),
+    "identity": (True, False),
+    "spectral": (True, True),
+}
 
 
 def lamda_model(base, init: str, method: str = "lamda", **kwargs):
