@@ -66,6 +66,20 @@ def test_residual_init_is_the_principal_part_over_an_untouched_base(llama):
     assert torch.equal(layer.base_layer.weight, llama.model.layers[0].self_attn.q_proj.weight)
 
 
+def test_default_spectral_init_is_w_spectrum_over_lorafas_random_a(llama):
+    assert LoRAFAConfig(method="lamda").lamda_init == "spectral"
+    model = lamda_model(llama, LoRAFAConfig.lamda_init)
+    lorafa = inject_adapters(copy.deepcopy(llama), LoRAFAConfig(method="lorafa", r=4))
+    layer = model.model.layers[0].self_attn.q_proj
+    u, sigma, _ = torch.linalg.svd(llama.model.layers[0].self_attn.q_proj.weight.double())
+    # A: LoRA-FA's random A (same seed), not W's singular vectors; B = U_r, S = diag(σ_r)/s; C = B₀S₀.
+    torch.testing.assert_close(layer.lora_A.weight, lorafa.model.layers[0].self_attn.q_proj.lora_A.weight)
+    torch.testing.assert_close(layer.lora_B.weight, u[:, :4].float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer.lora_S.weight, torch.diag(sigma[:4] / layer.scaling).float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer.lamda_offset, layer.lora_B.weight @ layer.lora_S.weight, atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer.delta_weight(), torch.zeros(64, 64), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("init", list(INITS))
 def test_schedule_ends_with_r_squared_and_export_matches_peft_on_the_original_base(init, llama, input_ids, tmp_path):
     from peft import PeftModel
