@@ -22,6 +22,7 @@ from accuracy import (
     PROTOCOL,
     RESULTS,
     TASKS,
+    full_options,
     recorded_options,
     recorded_spec,
     run_argv,
@@ -232,7 +233,8 @@ def ablation_section(runs: list[dict], old: list[dict]) -> list[str]:
         "train loss |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    cases = [("lamda", opts) for opts in ABLATION] + [("lamda++", LAMDA)]
+    residual = full_options("ours", "lamda", (("lamda_init", "residual"),))
+    cases = [("lamda", opts) for opts in ABLATION] + [("lamda++", residual), ("lamda++", LAMDA)]
     for method, opts in cases:
         o = dict(opts)
         cells = f"| {method} | {o['lamda_init']} | {o['lamda_lr_ratio']:g} | {o['lamda_freeze_fraction']:g} |"
