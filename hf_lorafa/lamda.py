@@ -96,10 +96,10 @@ class LaMDALayer(AdapterLayer):
         weight = base_weight(self.base_layer).detach().double()
         u, sigma, vh = torch.linalg.svd(weight, full_matrices=False)
         u, sigma = u[:, : self.r], sigma[: self.r]
-        if self.lamda_init == "spectral":
-            super().init_lora(seed)  # A random (LoRA-FA's); B and S from W's spectrum below
         with torch.no_grad():
-            if self.lamda_init != "spectral":
+            if self.lamda_init == "spectral":
+                super().init_lora(seed)  # A random (LoRA-FA's); B and S from W's spectrum below
+            else:
                 self.lora_A.weight.copy_(vh[: self.r])
             if self.lamda_init == "svd":
                 self.lora_B.weight.copy_(u * sigma)

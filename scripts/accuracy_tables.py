@@ -272,25 +272,24 @@ def drug_ablation(groups: dict[tuple, list[dict]]) -> list[str]:
         "| method | lamda_init | lamda_lr_ratio | accuracy | macro-F1 | eval loss | train loss | at the class prior |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    references = [("peft", "lora", ()), ("ours", "lorafa", LORAFA)]
-    for impl, method, opts in references:
-        r = next((r for r in groups.get(("drugreview", impl, method, opts), []) if r["seed"] == 0), None)
-        if r:
-            out.append(
-                f"| {impl} {method} | – | – | {100 * r['eval_accuracy']:.1f} | {r['eval_macro_f1']:.3f} | "
-                f"{r['eval_loss']:.3f} | {r['train_loss']:.3f} | {'yes' if at_prior(r) else 'no'} |"
-            )
-    for opts in DRUG_ABLATION:
-        o = dict(opts)
-        cells = f"| lamda | {o['lamda_init']} | {o['lamda_lr_ratio']:g} |"
-        r = next((r for r in groups.get(("drugreview", "ours", "lamda", opts), []) if r["seed"] == 0), None)
-        if r is None:
-            out.append(f"{cells} not run | – | – | – | – |")
-            continue
-        out.append(
-            f"{cells} {100 * r['eval_accuracy']:.1f} | {r['eval_macro_f1']:.3f} | {r['eval_loss']:.3f} | "
+
+    def seed_0(impl: str, method: str, opts: tuple) -> dict | None:
+        return next((r for r in groups.get(("drugreview", impl, method, opts), []) if r["seed"] == 0), None)
+
+    def cells(r: dict) -> str:
+        return (
+            f"{100 * r['eval_accuracy']:.1f} | {r['eval_macro_f1']:.3f} | {r['eval_loss']:.3f} | "
             f"{r['train_loss']:.3f} | {'yes' if at_prior(r) else 'no'} |"
         )
+
+    for impl, method, opts in [("peft", "lora", ()), ("ours", "lorafa", LORAFA)]:
+        if r := seed_0(impl, method, opts):
+            out.append(f"| {impl} {method} | – | – | {cells(r)}")
+    for opts in DRUG_ABLATION:
+        o = dict(opts)
+        r = seed_0("ours", "lamda", opts)
+        row = cells(r) if r else "not run | – | – | – | – |"
+        out.append(f"| lamda | {o['lamda_init']} | {o['lamda_lr_ratio']:g} | {row}")
     return out
 
 
