@@ -290,6 +290,27 @@ def drug_ablation(groups: dict[tuple, list[dict]]) -> list[str]:
         r = seed_0("ours", "lamda", opts)
         row = cells(r) if r else "not run | – | – | – | – |"
         out.append(f"| lamda | {o['lamda_init']} | {o['lamda_lr_ratio']:g} | {row}")
+    lora, lamda = seed_0("peft", "lora", ()), seed_0("ours", "lamda", LAMDA)
+    if lora and lamda:  # where LaMDA falls behind: B's window (the first half of the steps) against the S-only half
+        half = lamda["max_steps"] // 2
+
+        def mean_loss(r: dict, lo: int, hi: int) -> float:
+            losses = [loss for step, loss in r["loss_curve"] if lo < step <= hi]
+            return sum(losses) / len(losses)
+
+        def span(r: dict) -> str:
+            window = mean_loss(r, half - half // 4, half)
+            end = mean_loss(r, lamda["max_steps"] - half // 4, lamda["max_steps"])
+            return f"{window:.3f} → {end:.3f}"
+
+        out += [
+            "",
+            f"Training loss, mean over the last {half // 4} steps of B's window (to step {half}) → over the last "
+            f"{half // 4} steps of the run, seed 0: PEFT LoRA {span(lora)}, LaMDA (default) {span(lamda)}. "
+            "LaMDA keeps up with LoRA while B trains and hardly moves once only S (r² per layer) does; S and B at "
+            "4× or 8× the learning rate make both halves worse (the rows above), so the S-only half is short of "
+            "capacity on this task, not of step size.",
+        ]
     return out
 
 
