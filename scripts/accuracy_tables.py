@@ -291,12 +291,11 @@ def drug_ablation(groups: dict[tuple, list[dict]]) -> list[str]:
         row = cells(r) if r else "not run | – | – | – | – |"
         out.append(f"| lamda | {o['lamda_init']} | {o['lamda_lr_ratio']:g} | {row}")
     lora, lamda = seed_0("peft", "lora", ()), seed_0("ours", "lamda", LAMDA)
-    if lora and lamda:  # where LaMDA falls behind: B's window (the first half of the steps) against the S-only half
-        half = lamda["max_steps"] // 2
+    if lora and lamda:  # where LaMDA falls behind: B's window (its freeze fraction of the steps) against the rest
+        half = round(lamda["max_steps"] * dict(options_of(lamda))["lamda_freeze_fraction"])
 
         def mean_loss(r: dict, lo: int, hi: int) -> float:
-            losses = [loss for step, loss in r["loss_curve"] if lo < step <= hi]
-            return sum(losses) / len(losses)
+            return statistics.mean(loss for step, loss in r["loss_curve"] if lo < step <= hi)
 
         def span(r: dict) -> str:
             window = mean_loss(r, half - half // 4, half)
