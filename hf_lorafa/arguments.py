@@ -50,9 +50,9 @@ class LoRAFAArguments:
 
     Adapter fields (`adapter_method`, `lora_r`, `lora_alpha`, `lora_dropout`, `lora_target_modules`,
     `lora_modules_to_save`, `lorafa_gradient_correction`, `lorafa_lr_ratio`, `lamda_freeze_fraction`,
-    `lamda_freeze_order`, `lamda_init`, `lamda_lr_ratio`, `lamda_rank_budget`) map onto [`LoRAFAConfig`]; see its
-    docstring for their meaning. `hub_base_model_id` names the base model on the Hub when it was loaded from a local
-    folder.
+    `lamda_freeze_order`, `lamda_init`, `lamda_lr_ratio`, `lamda_s_lr_ratio`, `lamda_rank_budget`) map onto
+    [`LoRAFAConfig`]; see its docstring for their meaning. `hub_base_model_id` names the base model on the Hub when it
+    was loaded from a local folder.
     """
 
     # Adapter: defaults and help come from LoRAFAConfig (one source); the CLI takes lists comma-separated.
@@ -68,6 +68,7 @@ class LoRAFAArguments:
     lamda_freeze_order: str = adapter_field("lamda_freeze_order", metavar="{ascending,all}")
     lamda_init: str = adapter_field("lamda_init", metavar="{residual,svd,published,identity,spectral}")
     lamda_lr_ratio: float = adapter_field("lamda_lr_ratio")
+    lamda_s_lr_ratio: float = adapter_field("lamda_s_lr_ratio")
     lamda_rank_budget: int | None = adapter_field("lamda_rank_budget")
 
     # Quantization of the base model (bitsandbytes)
@@ -146,6 +147,7 @@ class LoRAFAArguments:
             lamda_freeze_order=self.lamda_freeze_order,
             lamda_init=self.lamda_init,
             lamda_lr_ratio=self.lamda_lr_ratio,
+            lamda_s_lr_ratio=self.lamda_s_lr_ratio,
             lamda_rank_budget=self.lamda_rank_budget,
             init_seed=self.seed,
         )

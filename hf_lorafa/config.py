@@ -68,6 +68,11 @@ class LoRAFAConfig:
             right singular vectors are a poor frozen A (seed 0 stays at the class prior with them).
         lamda_lr_ratio (`float`, *optional*, defaults to `1.0`):
             Learning-rate multiplier of LaMDA's `lora_S` and `lora_B`, applied by the trainer's optimizer.
+        lamda_s_lr_ratio (`float`, *optional*, defaults to `1.0`):
+            Further learning-rate multiplier of LaMDA's r×r core `lora_S` alone (S trains at `lamda_lr_ratio` ×
+            `lamda_s_lr_ratio` × the learning rate). An Adam step on one of S's r² entries moves W along one rank-1
+            direction `B_i A_jᵀ`, a step on B's column i moves all of its d_out entries at once: once B is frozen,
+            S's steps at the same rate change W far less than LoRA's do.
         lamda_rank_budget (`int`, *optional*):
             LaMDA++ total rank over all adapted layers; defaults to `r` × the number of adapted layers.
         lamda_min_rank (`int`, *optional*, defaults to `2`):
@@ -96,6 +101,7 @@ class LoRAFAConfig:
     lamda_freeze_order: Literal["ascending", "all"] = "ascending"
     lamda_init: Literal["residual", "svd", "published", "identity", "spectral"] = "spectral"
     lamda_lr_ratio: float = 1.0
+    lamda_s_lr_ratio: float = 1.0
     lamda_rank_budget: int | None = None
     lamda_min_rank: int = 2
     init_seed: int = 0
@@ -143,6 +149,10 @@ class LoRAFAConfig:
             raise ValueError(f"`lamda_init` must be one of {', '.join(LAMDA_INITS)}; got {self.lamda_init!r}.")
         if self.lamda_lr_ratio <= 0:
             raise ValueError(f"`lamda_lr_ratio` must be positive (1.0 = the learning rate); got {self.lamda_lr_ratio}")
+        if self.lamda_s_lr_ratio <= 0:
+            raise ValueError(
+                f"`lamda_s_lr_ratio` must be positive (1.0 = S at B's learning rate); got {self.lamda_s_lr_ratio}"
+            )
         if self.lamda_rank_budget is not None and self.lamda_rank_budget <= 0:
             raise ValueError(
                 f"`lamda_rank_budget` must be a positive total rank or None; got {self.lamda_rank_budget}."

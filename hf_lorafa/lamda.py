@@ -32,6 +32,10 @@ Adaptation" (arXiv:2406.12832). What is the paper's and what is ours:
     LoRA-FA's (`s·g zᵀ`) and S takes over the directions B learned. S gets gradient from step 2.
 - `lamda_lr_ratio` (ours): S and B at that multiple of the learning rate (an S step moves W by `s·lr` per
   singular direction, a LoRA B step by about `s·lr·√d_out/√3`).
+- `lamda_s_lr_ratio` (ours): S alone at a further multiple. Adam moves each trained entry by about the step size
+  whatever its gradient, and one of S's r² entries carries a single rank-1 direction `B_i A_jᵀ` of W while one of B's
+  columns moves d_out entries together, so once B is frozen the same rate turns W far more slowly than LoRA's or
+  LoRA-FA's B does.
 - §3.2 (the paper's): PMB is frozen gradually during early training, so that afterwards only S (r² per layer)
   trains. The window (`lamda_freeze_fraction` of the total steps) and the order are ours: with `"ascending"`, B's
   columns freeze one by one from the smallest singular value up (for `"published"` and `"identity"`, from the last),

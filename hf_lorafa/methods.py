@@ -1,12 +1,14 @@
 """The adapter methods, one registry entry each: everything the rest of the package needs to know about a method.
 
-Injection builds `build(config, base_layer, r)`; the trainer's optimizer puts the parameters named in `boosted` at
-`config.<lr_ratio_field>` × the learning rate; the model card takes its texts and option rows from here; the memory
-estimator its parameter and activation counts. Adding a method is its layer class plus one entry in `METHODS`.
+Injection builds `build(config, base_layer, r)`; the trainer's optimizer trains each tensor named in
+`lr_ratio_fields` at the product of its config fields × the learning rate; the model card takes its texts and option
+rows from here; the memory estimator its parameter and activation counts. Adding a method is its layer class plus
+one entry in `METHODS`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,8 +30,8 @@ class AdapterMethod:
         tensors (`tuple[str, ...]`): the layer's parameter names (`lora_A`, `lora_B`, LaMDA's `lora_S`).
         trains_a (`bool`): whether A trains (LoRA) or stays frozen after init (the others).
         keeps_input (`bool`): whether backward keeps the layer's full-rank input (LoRA, for A's gradient).
-        lr_ratio_field (`str`, *optional*): the config field whose value multiplies the learning rate of `boosted`.
-        boosted (`tuple[str, ...]`): the parameter names trained at that multiple.
+        lr_ratio_fields (`tuple`): `(tensor, config fields)` pairs: the product of the fields' values multiplies the
+            learning rate of that tensor (LoRA-FA's `lora_B`; LaMDA's `lora_S` and `lora_B`).
         card_options (`tuple`): `(label, config field, suffix)` rows of the card's adapter table.
         ranks_from_spectrum (`bool`): per-layer ranks from each weight's spectrum at injection (LaMDA++).
     """
@@ -44,14 +46,14 @@ class AdapterMethod:
     tensors: tuple[str, ...] = ("lora_A", "lora_B")
     trains_a: bool = False
     keeps_input: bool = False
-    lr_ratio_field: str | None = None
-    boosted: tuple[str, ...] = ()
+    lr_ratio_fields: tuple[tuple[str, tuple[str, ...]], ...] = ()
     card_options: tuple[tuple[str, str, str], ...] = ()
     ranks_from_spectrum: bool = False
 
-    def lr_ratio(self, config: LoRAFAConfig) -> float:
-        """The learning-rate multiple of the `boosted` parameters under `config` (1.0 when there is none)."""
-        return float(getattr(config, self.lr_ratio_field)) if self.lr_ratio_field else 1.0
+    def lr_ratios(self, config: LoRAFAConfig) -> dict[str, float]:
+        """`{tensor: learning-rate multiple}` under `config`; tensors not named train at the learning rate."""
+        fields = self.lr_ratio_fields
+        return {tensor: math.prod(float(getattr(config, name)) for name in names) for tensor, names in fields}
 
     def adapter_numel(self, d_in: int, d_out: int, r: int) -> int:
         """Parameters the adapter of one `d_in → d_out` layer holds."""
@@ -71,6 +73,7 @@ _LAMDA_CARD = (
     ("B freeze order", "lamda_freeze_order", ""),
     ("Initialisation", "lamda_init", ""),
     ("Learning-rate multiplier of S and B", "lamda_lr_ratio", ""),
+    ("Further learning-rate multiplier of S", "lamda_s_lr_ratio", ""),
 )
 _LAMDA_SUMMARY = (
     "LaMDA adapts each layer with s·B·S·A, where A is random and frozen and B and S start from the weight's "
@@ -83,8 +86,7 @@ _LAMDA = dict(
     paper_title="LaMDA: Large Model Fine-Tuning via Spectrally Decomposed Low-Dimensional Adaptation",
     build=_lamda,
     tensors=("lora_A", "lora_S", "lora_B"),
-    lr_ratio_field="lamda_lr_ratio",
-    boosted=("lora_S", "lora_B"),
+    lr_ratio_fields=(("lora_S", ("lamda_lr_ratio", "lamda_s_lr_ratio")), ("lora_B", ("lamda_lr_ratio",))),
 )
 
 METHODS: dict[str, AdapterMethod] = {
@@ -114,8 +116,7 @@ METHODS: dict[str, AdapterMethod] = {
             build=lambda config, base, r: LoRAFALayer(
                 base, r, config.alpha, config.dropout, config.lorafa_gradient_correction
             ),
-            lr_ratio_field="lorafa_lr_ratio",
-            boosted=("lora_B",),
+            lr_ratio_fields=(("lora_B", ("lorafa_lr_ratio",)),),
             card_options=(
                 ("B gradient correction (LoRA-FA v2)", "lorafa_gradient_correction", ""),
                 ("Learning-rate multiplier of B", "lorafa_lr_ratio", ""),

@@ -1,4 +1,4 @@
-"""Optimizer parameter groups: LoRA-FA's B, or LaMDA's S and B, at a multiple of the learning rate."""
+"""Optimizer parameter groups: LoRA-FA's B, or LaMDA's S and B, at multiples of the learning rate."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ from .config import LoRAFAConfig
 from .methods import METHODS
 
 
-def boosted_lr(config: LoRAFAConfig) -> tuple[float, tuple[str, ...]]:
-    """`(ratio, parameter names)` of `config.method` (`hf_lorafa.methods`): LoRA-FA's B, LaMDA's S and B."""
-    method = METHODS[config.method]
-    return method.lr_ratio(config), method.boosted
+def lr_ratios(config: LoRAFAConfig) -> dict[str, float]:
+    """`{tensor name: learning-rate multiple}` of `config.method` (`hf_lorafa.methods`), leaving out 1.0s."""
+    return {name: ratio for name, ratio in METHODS[config.method].lr_ratios(config).items() if ratio != 1.0}
 
 
 def lorafa_param_groups(
@@ -19,29 +18,28 @@ def lorafa_param_groups(
     decay: set[str],
     learning_rate: float,
     weight_decay: float,
-    ratio: float,
-    boosted: tuple[str, ...] = ("lora_B",),
+    ratios: dict[str, float],
 ) -> list[dict]:
-    """Trainable parameters in up to four groups: (decayed or not) × (named in `boosted`, at `ratio` × lr, or not).
+    """Trainable parameters grouped by (decayed or not) × their learning rate: `ratios[t]` × lr for the parameters
+    of adapter tensor `t` (`lora_B`, `lora_S`), lr for the rest.
 
     Example:
 
     ```python
-    >>> groups = lorafa_param_groups(model, decay_names, 2e-4, 0.0, ratio=4.0)  # doctest: +SKIP
+    >>> groups = lorafa_param_groups(model, decay_names, 2e-4, 0.0, {"lora_B": 4.0})  # doctest: +SKIP
     >>> torch.optim.AdamW(groups, lr=2e-4)  # doctest: +SKIP
     ```
     """
-    groups = []
-    for is_boosted in (False, True):
-        for decayed in (True, False):
-            params = [
-                p
-                for n, p in model.named_parameters()
-                if p.requires_grad and (n in decay) == decayed and any(b in n for b in boosted) == is_boosted
-            ]
-            if params:
-                group = {"params": params, "weight_decay": weight_decay if decayed else 0.0}
-                if is_boosted:
-                    group["lr"] = learning_rate * ratio
-                groups.append(group)
-    return groups
+
+    def ratio_of(name: str) -> float:
+        return next((r for tensor, r in ratios.items() if f".{tensor}." in f".{name}"), 1.0)
+
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups.setdefault((ratio_of(name), name in decay), []).append(param)
+    return [
+        {"params": params, "weight_decay": weight_decay if decayed else 0.0}
+        | ({"lr": learning_rate * ratio} if ratio != 1.0 else {})
+        for (ratio, decayed), params in groups.items()
+    ]

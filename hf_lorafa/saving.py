@@ -283,6 +283,7 @@ def load_adapter(
         lorafa_gradient_correction=saved.lorafa_gradient_correction if saved else True,
         lorafa_lr_ratio=saved.lorafa_lr_ratio if saved else LoRAFAConfig.lorafa_lr_ratio,
         lamda_lr_ratio=saved.lamda_lr_ratio if saved else LoRAFAConfig.lamda_lr_ratio,
+        lamda_s_lr_ratio=saved.lamda_s_lr_ratio if saved else LoRAFAConfig.lamda_s_lr_ratio,
         rank_pattern={n: r for n, r in ranks.items() if r != peft_config.r},
     )
     inject_adapters(model, config, init_weights=False)

@@ -26,7 +26,7 @@ from .compat import forget_accelerate_prepared
 from .config import is_adapter_tensor
 from .injection import adapter_layers, count_parameters
 from .memory_log import MemoryTracker
-from .optim import boosted_lr, lorafa_param_groups
+from .optim import lorafa_param_groups, lr_ratios
 from .preemption import preemptible
 from .prepare import prepare_model
 from .run_facts import run_facts
@@ -122,15 +122,15 @@ class LoRAFATrainerMixin:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        """`args.optim`'s optimizer over trainable parameters; LoRA-FA's B, LaMDA's S and B at a multiple of lr."""
-        ratio, boosted = boosted_lr(self.lorafa_config)
+        """`args.optim`'s optimizer over trainable parameters; LoRA-FA's B, LaMDA's S and B at multiples of lr."""
+        ratios = lr_ratios(self.lorafa_config)
         opt_model = self.model if model is None else model
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         special = {"params", "model", "optimizer_dict"} & set(optimizer_kwargs)
-        if self.optimizer is not None or ratio == 1.0 or special or not isinstance(optimizer_cls, type):
+        if self.optimizer is not None or not ratios or special or not isinstance(optimizer_cls, type):
             return super().create_optimizer(model)
         decay = set(self.get_decay_parameter_names(opt_model))
-        groups = lorafa_param_groups(opt_model, decay, self.args.learning_rate, self.args.weight_decay, ratio, boosted)
+        groups = lorafa_param_groups(opt_model, decay, self.args.learning_rate, self.args.weight_decay, ratios)
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 

@@ -90,17 +90,19 @@ OPTION_NAMES = {
     "lorafa_lr_ratio": "ratio",
     "lamda_init": "init-",
     "lamda_lr_ratio": "lr",
+    "lamda_s_lr_ratio": "slr",
     "lamda_freeze_fraction": "ff",
 }
 # The options that define each of our methods, in the order run names list them. Every planned run names all of
 # its method's options (defaults filled in), so a later change of a default never renames or mixes runs.
 METHOD_OPTIONS = {
     "lorafa": ("lorafa_lr_ratio",),
-    "lamda": ("lamda_init", "lamda_lr_ratio", "lamda_freeze_fraction"),
-    "lamda++": ("lamda_init", "lamda_lr_ratio", "lamda_freeze_fraction"),
+    "lamda": ("lamda_init", "lamda_lr_ratio", "lamda_s_lr_ratio", "lamda_freeze_fraction"),
+    "lamda++": ("lamda_init", "lamda_lr_ratio", "lamda_s_lr_ratio", "lamda_freeze_fraction"),
 }
-# Protocol 2 began with `lamda_freeze_fraction` defaulting to 0.1; runs of then did not record it.
-RECORDED_LATER = {"lamda_freeze_fraction": 0.1}
+# Options runs recorded only from some point on, at the value they had before: protocol 2 began with
+# `lamda_freeze_fraction` defaulting to 0.1, and S trained at B's learning rate until `lamda_s_lr_ratio` came.
+RECORDED_LATER = {"lamda_freeze_fraction": 0.1, "lamda_s_lr_ratio": 1.0}
 
 
 def full_options(impl: str, method: str, options: tuple | dict = ()) -> tuple:
@@ -128,38 +130,56 @@ def recorded_options(run: dict) -> tuple:
 
 LORAFA = full_options("ours", "lorafa")
 LAMDA = full_options("ours", "lamda")
-# LaMDA's ablation (lamda.py): (init, S/B lr multiple, freeze window). The published code's init, the earlier S = 0
-# one ("svd"), the residual SVD init and LoRA-FA's window ("identity"), at the first default window (10% of the
-# steps), at a quarter and at half of them, and the spectral init (random A, B and S from the SVD), the default.
+
+
+def lamda_options(init: str, ratio: float, s_ratio: float, ff: float) -> tuple:
+    """LaMDA's options in METHOD_OPTIONS' order, every one spelled out (a later change of default renames nothing)."""
+    return (
+        ("lamda_init", init),
+        ("lamda_lr_ratio", ratio),
+        ("lamda_s_lr_ratio", s_ratio),
+        ("lamda_freeze_fraction", ff),
+    )
+
+
+# LaMDA's ablation (lamda.py): (init, S/B lr multiple, S's further multiple, freeze window). The published code's
+# init, the earlier S = 0 one ("svd"), the residual SVD init and LoRA-FA's window ("identity"), at the first default
+# window (10% of the steps), at a quarter and at half of them, the spectral init (random A, B and S from the SVD),
+# and the spectral init with S alone at 8x and 32x the learning rate.
 ABLATION = [
-    full_options("ours", "lamda", (("lamda_init", init), ("lamda_lr_ratio", ratio), ("lamda_freeze_fraction", ff)))
-    for init, ratio, ff in (
-        ("svd", 1.0, 0.1),
-        ("published", 1.0, 0.1),
-        ("residual", 1.0, 0.1),
-        ("residual", 4.0, 0.1),
-        ("published", 1.0, 0.5),
-        ("published", 4.0, 0.5),
-        ("residual", 1.0, 0.25),
-        ("residual", 1.0, 0.5),
-        ("identity", 1.0, 0.5),
-        ("identity", 4.0, 0.5),
-        ("spectral", 1.0, 0.5),
+    lamda_options(*case)
+    for case in (
+        ("svd", 1.0, 1.0, 0.1),
+        ("published", 1.0, 1.0, 0.1),
+        ("residual", 1.0, 1.0, 0.1),
+        ("residual", 4.0, 1.0, 0.1),
+        ("published", 1.0, 1.0, 0.5),
+        ("published", 4.0, 1.0, 0.5),
+        ("residual", 1.0, 1.0, 0.25),
+        ("residual", 1.0, 1.0, 0.5),
+        ("identity", 1.0, 1.0, 0.5),
+        ("identity", 4.0, 1.0, 0.5),
+        ("spectral", 1.0, 1.0, 0.5),
+        ("spectral", 1.0, 8.0, 0.5),
+        ("spectral", 1.0, 32.0, 0.5),
     )
 ]
 # On drug-review, seed 0 (where the residual init stays at the class prior): the inits that reach LoRA on chatterbot
-# or train B as LoRA-FA does, at half of the steps (the published one is ruled out on chatterbot), and the default
-# (spectral) with S and B at 4x and 8x the learning rate.
+# or train B as LoRA-FA does, at half of the steps (the published one is ruled out on chatterbot), the spectral init
+# with S and B at 4x and 8x the learning rate, with S alone at 8x and 32x, and with B's window over 3/4 of the steps.
 DRUG_ABLATION = [
-    full_options("ours", "lamda", (("lamda_init", init), ("lamda_lr_ratio", ratio), ("lamda_freeze_fraction", 0.5)))
-    for init, ratio in (
-        ("residual", 1.0),
-        ("residual", 4.0),
-        ("identity", 1.0),
-        ("identity", 4.0),
-        ("spectral", 1.0),
-        ("spectral", 4.0),
-        ("spectral", 8.0),
+    lamda_options(*case)
+    for case in (
+        ("residual", 1.0, 1.0, 0.5),
+        ("residual", 4.0, 1.0, 0.5),
+        ("identity", 1.0, 1.0, 0.5),
+        ("identity", 4.0, 1.0, 0.5),
+        ("spectral", 1.0, 1.0, 0.5),
+        ("spectral", 4.0, 1.0, 0.5),
+        ("spectral", 8.0, 1.0, 0.5),
+        ("spectral", 1.0, 8.0, 0.5),
+        ("spectral", 1.0, 32.0, 0.5),
+        ("spectral", 1.0, 1.0, 0.75),
     )
 ]
 SEEDS = (0, 1, 2)

@@ -169,6 +169,12 @@ CASES = [
         ["`lorafa_lr_ratio`", "must be positive (1.0 = LoRA's learning rate)"],
     ),
     Case(
+        "config-s-lr-ratio",
+        lambda t: LoRAFAConfig(lamda_s_lr_ratio=-1.0),
+        ValueError,
+        ["`lamda_s_lr_ratio`", "must be positive (1.0 = S at B's learning rate)"],
+    ),
+    Case(
         "config-freeze-fraction",
         lambda t: LoRAFAConfig(lamda_freeze_fraction=2.0),
         ValueError,

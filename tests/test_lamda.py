@@ -10,7 +10,7 @@ from conftest import assert_only_adapter_trained, perturb_adapters, train_steps
 
 from hf_lorafa import LoRAFAConfig, inject_adapters, load_adapter, merge_adapters, save_adapter
 from hf_lorafa.lamda import LaMDALayer, lamda_schedule_step
-from hf_lorafa.optim import boosted_lr, lorafa_param_groups
+from hf_lorafa.optim import lorafa_param_groups, lr_ratios
 
 # init → (B gets gradient on the window's first step, S gets gradient on the first step)
 INITS = {
@@ -116,24 +116,25 @@ def test_residual_offset_is_recomputed_not_saved(llama):
 
 
 @pytest.mark.parametrize(
-    "method, ratio, boosted",
+    "method, ratios",
     [
-        ("lamda", 4.0, {"lora_S", "lora_B"}),
-        ("lamda++", 4.0, {"lora_S", "lora_B"}),
-        ("lorafa", 2.0, {"lora_B"}),
-        ("lora", 1.0, set()),
+        ("lamda", {"lora_S": 12.0, "lora_B": 4.0}),
+        ("lamda++", {"lora_S": 12.0, "lora_B": 4.0}),
+        ("lorafa", {"lora_B": 2.0}),
+        ("lora", {}),
     ],
 )
-def test_learning_rate_groups(method, ratio, boosted, llama):
-    config = LoRAFAConfig(method=method, r=4, lamda_lr_ratio=4.0, lorafa_lr_ratio=2.0)
+def test_learning_rate_groups(method, ratios, llama):
+    config = LoRAFAConfig(method=method, r=4, lamda_lr_ratio=4.0, lamda_s_lr_ratio=3.0, lorafa_lr_ratio=2.0)
     model = inject_adapters(copy.deepcopy(llama), config)
-    got_ratio, names = boosted_lr(model.hf_lorafa_config)
-    assert got_ratio == ratio and set(names) == boosted
-    groups = lorafa_param_groups(model, set(), 1e-3, 0.0, got_ratio, names)
-    fast = {id(p) for g in groups if g.get("lr") == 1e-3 * ratio and ratio != 1.0 for p in g["params"]}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            assert (id(param) in fast) == any(b in name for b in boosted), name
+    assert lr_ratios(model.hf_lorafa_config) == ratios
+    groups = lorafa_param_groups(model, set(), 1e-3, 0.0, ratios)
+    lr_of = {id(p): g.get("lr", 1e-3) for g in groups for p in g["params"]}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(lr_of) == len(trainable)
+    for name, param in trainable:
+        tensor = name.split(".")[-2]  # …q_proj.lora_S.weight -> lora_S
+        assert lr_of[id(param)] == pytest.approx(1e-3 * ratios.get(tensor, 1.0)), name
 
 
 def test_residual_lamda_trains_without_touching_the_base(llama, input_ids):

@@ -13,7 +13,7 @@ from hf_lorafa.config import METHODS as CONFIG_METHODS
 from hf_lorafa.injection import adapter_layers
 from hf_lorafa.methods import METHODS as REGISTRY
 from hf_lorafa.model_card import write_model_card
-from hf_lorafa.optim import boosted_lr
+from hf_lorafa.optim import lr_ratios
 from hf_lorafa.saving import save_adapter
 
 
@@ -30,7 +30,7 @@ def test_entry_matches_the_layer_it_builds(method):
         own = {name.split(".")[0] for name, _ in layer.named_parameters() if name.startswith(ADAPTER_PREFIX)}
         assert own == set(spec.tensors) and all(t.startswith(ADAPTER_PREFIX) for t in spec.tensors)
         assert layer.lora_A.weight.requires_grad == spec.trains_a
-        assert set(spec.boosted) <= own
+        assert {tensor for tensor, _ in spec.lr_ratio_fields} <= own
     # The estimator's count of trainable parameters is the injected model's (LaMDA: before B freezes).
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     estimate = estimate_memory(tiny_llama().config, method, batch=1, seq=8, r=4)
@@ -40,9 +40,9 @@ def test_entry_matches_the_layer_it_builds(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_optimizer_groups_and_card_come_from_the_entry(method, tmp_path):
     spec = REGISTRY[method]
-    config = LoRAFAConfig(method=method, r=4, lorafa_lr_ratio=3.0, lamda_lr_ratio=5.0)
-    ratio, boosted = boosted_lr(config)
-    assert boosted == spec.boosted and ratio == {"lorafa": 3.0, "lamda": 5.0, "lamda++": 5.0}.get(method, 1.0)
+    config = LoRAFAConfig(method=method, r=4, lorafa_lr_ratio=3.0, lamda_lr_ratio=5.0, lamda_s_lr_ratio=2.0)
+    lamda = {"lora_S": 10.0, "lora_B": 5.0}
+    assert lr_ratios(config) == {"lorafa": {"lora_B": 3.0}, "lamda": lamda, "lamda++": lamda}.get(method, {})
     save_adapter(inject_adapters(tiny_llama(), config), tmp_path)
     card = write_model_card(tmp_path).read_text()
     assert spec.display_name in card and f"arxiv.org/abs/{spec.paper_id}" in card and spec.hub_tag in card
