@@ -1,0 +1,87 @@
+"""The accuracy tables in BENCHMARKS.md: the issue-13 criteria read from the committed run results, their standard
+errors, and that the committed page is what the results give (no figure typed by hand, none left stale)."""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from accuracy import LAMDA, RESULTS, TASKS, recorded_spec  # noqa: E402
+from accuracy_tables import (  # noqa: E402
+    accuracy_part,
+    done_when,
+    gap_error,
+    grouped,
+    load_runs,
+    se_paragraph,
+    values,
+    verdict,
+)
+
+
+def current_runs() -> list[dict]:
+    return [r for r in load_runs(RESULTS) if recorded_spec(r) == TASKS[r["task"]]]
+
+
+def test_gap_error_is_the_standard_error_of_a_difference_of_means():
+    a, b = [1.0, 2.0, 3.0], [2.0, 4.0, 6.0]
+    assert math.isclose(gap_error(a, b), math.sqrt(1.0 / 3 + 4.0 / 3))
+    assert gap_error([1.0], [2.0]) == 0.0  # one run a side: no spread to estimate
+
+
+def test_verdict_needs_three_seeds_to_count_as_reached():
+    assert verdict(0.4, 1.0, 3, "points") == "reached"
+    assert verdict(0.4, 1.0, 1, "points") == "within, but < 3 seeds"
+    assert verdict(1.6, 1.0, 3, "points") == "missed by 0.6 points"
+
+
+def test_se_paragraph_reads_the_lamdapp_rows():
+    within = {
+        "drug-review accuracy: PEFT LoRA − lamda++": (2.0, 0.9),  # a LoRA row: sets the range, not LaMDA++'s verdict
+        "drug-review accuracy: lamda − lamda++": (0.5, 0.6),
+        "chatterbot eval loss: lamda++ / lamda − 1": (-1.0, 4.2),
+    }
+    (text,) = se_paragraph(within, 379)
+    assert "On drug-review it is 0.9-0.9 points" in text
+    assert "neither helps nor hurts" in text
+    (text,) = se_paragraph({**within, "drug-review macro-F1: lamda − lamda++": (3.0, 1.0)}, 379)
+    assert "not every gap is within one s.e." in text
+
+
+def test_done_when_gaps_match_the_result_files():
+    runs = current_runs()
+    criteria, measured = done_when(runs)
+    groups = grouped(runs)
+    lora = groups[("drugreview", "ours", "lora", ())]
+    lamda = groups[("drugreview", "ours", "lamda", LAMDA)]
+    assert len(lora) == 3 and len(lamda) == 3  # the default LaMDA has its three seeds
+    gap, se = measured["drug-review accuracy: ours LoRA − lamda"]
+    expected = 100 * (statistics.mean(values(lora, "eval_accuracy")) - statistics.mean(values(lamda, "eval_accuracy")))
+    assert math.isclose(gap, expected)
+    assert se > 0
+    row = next(line for line in criteria if line.startswith("| drug-review accuracy: ours LoRA − lamda |"))
+    assert f"{gap:+.1f} ± {se:.1f} points" in row
+
+
+def test_benchmarks_md_is_what_the_results_give():
+    """Every accuracy line make_benchmarks_md.py writes from the committed JSONs is in the committed page."""
+    page = (ROOT / "BENCHMARKS.md").read_text()
+
+    def save_figure(fig, ax, name: str, alt: str, legend_size: int | None = None) -> str:
+        plt.close(fig)  # the plots are not compared, only the text
+        return f"![{alt}](benchmarks/{name})"
+
+    lines = accuracy_part(save_figure)
+    missing = [line for line in lines if line and not re.match(r"!\[", line) and line not in page]
+    assert not missing, f"BENCHMARKS.md is stale (run `python scripts/make_benchmarks_md.py`): {missing[:3]}"
