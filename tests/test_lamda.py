@@ -105,6 +105,20 @@ def test_schedule_ends_with_r_squared_and_export_matches_peft_on_the_original_ba
     torch.testing.assert_close(merge_adapters(model)(input_ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lamda", "lamda++"])
+def test_default_window_leaves_r_squared_from_three_quarters_of_the_steps(method, llama):
+    model = lamda_model(llama, "spectral", method)
+    layers = [m for m in model.modules() if isinstance(m, LaMDALayer)]
+    r_squared = sum(m.r**2 for m in layers)
+    frozen = []
+    for progress in (0.0, 0.25, 0.5, 0.7):
+        assert lamda_schedule_step(model, progress=progress) > r_squared  # B still has columns that train
+        frozen.append(sum(m.frozen_columns for m in layers))
+    assert frozen[0] == 0 and frozen == sorted(frozen) and frozen[-1] > frozen[1] > 0  # one after another
+    assert lamda_schedule_step(model, progress=0.75) == r_squared
+    assert all(m.frozen_columns == m.r for m in layers)
+
+
 def test_residual_offset_is_recomputed_not_saved(llama):
     model = lamda_model(llama, "residual")
     perturb_adapters(model)
