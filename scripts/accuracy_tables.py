@@ -461,7 +461,7 @@ def se_paragraph(measured: dict[str, tuple[float, float]], n: int) -> list[str]:
     spread = f"{min(drug):.1f}-{max(drug):.1f} points" if drug else "not measured yet"
     text = (
         "The s.e. column is the standard error of the gap between the two means, from each side's spread over its "
-        f"seeds. On drug-review it is {spread}: a 1-point target is finer than 3 seeds on {n} test rows resolve, "
+        f"seeds. On drug-review it is {spread}: a 1-point target is finer than these seeds on {n} test rows resolve, "
         "so a gap under about twice its s.e. (either verdict) is not evidence of a difference. Ours LoRA is the "
         "same algorithm as PEFT LoRA in this tool (the rows above compare each method with both)."
     )

@@ -65,7 +65,7 @@ def test_done_when_gaps_match_the_result_files():
     groups = grouped(runs)
     lora = groups[("drugreview", "ours", "lora", ())]
     lamda = groups[("drugreview", "ours", "lamda", LAMDA)]
-    assert len(lora) == 3 and len(lamda) == 3  # the default LaMDA has its three seeds
+    assert len(lora) >= 3 and len(lamda) >= 3  # the default LaMDA has at least the protocol's three seeds
     gap, se = measured["drug-review accuracy: ours LoRA − lamda"]
     expected = 100 * (statistics.mean(values(lora, "eval_accuracy")) - statistics.mean(values(lamda, "eval_accuracy")))
     assert math.isclose(gap, expected)
