@@ -41,6 +41,11 @@ def load_runs(folder: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
 
 
+def current_runs() -> list[dict]:
+    """The finished runs of the current protocol (RESULTS' top level, trained with today's TASKS entries)."""
+    return [r for r in load_runs(RESULTS) if recorded_spec(r) == TASKS[r["task"]]]
+
+
 def options_of(run: dict) -> tuple:
     """A run's options as the plan names them (protocol 1 named LoRA-FA's ratio only)."""
     if run.get("protocol", 1) >= 2:
@@ -396,62 +401,47 @@ def done_when(runs: list[dict]) -> tuple[list[str], dict[str, float]]:
     groups = grouped(runs)
     measured = {}
     out = ["| criterion (issue 13) | seeds | measured (± s.e.) | target | |", "|---|---|---|---|---|"]
+
+    def row(label: str, ref: list[dict], rs: list[dict], key: str, target: float) -> None:
+        """`ref` − `rs` in points of a score, or for a loss `rs` / `ref` − 1 in % of ref's mean (lower is better)."""
+        loss = key == "eval_loss"
+        limit = f"≤ {target:g}" + ("" if not target else "%" if loss else " point")
+        if not rs or not ref:
+            out.append(f"| {label} | – | not measured | {limit} | – |")
+            return
+        if loss:
+            scale = 100 / statistics.mean(values(ref, key))
+            a, b = values(rs, key, scale), values(ref, key, scale)
+            gap = statistics.mean(a) - 100
+        else:
+            a, b = values(ref, key, 100), values(rs, key, 100)
+            gap = statistics.mean(a) - statistics.mean(b)
+        ok = verdict(gap, target, min(len(rs), len(ref)), "percentage points" if loss else "points")
+        measured[label] = (gap, gap_error(a, b))
+        unit = "%" if loss else " points"
+        out.append(
+            f"| {label} | {len(ref)} vs {len(rs)} | {gap:+.1f} ± {gap_error(a, b):.1f}{unit} | {limit} | {ok} |"
+        )
+
     refs = {impl: groups.get(("drugreview", impl, "lora", ()), []) for impl in ("peft", "ours")}
-    chat_ref = groups.get(("chatterbot", "ours", "lora", ()), [])
     for method, opts in (("lorafa", LORAFA), ("lamda", LAMDA), ("lamda++", LAMDA)):
         rs = groups.get(("drugreview", "ours", method, opts), [])
         for (impl, ref), (key, name) in itertools.product(
             refs.items(), (("eval_accuracy", "accuracy"), ("eval_macro_f1", "macro-F1"))
         ):
             label = f"drug-review {name}: {'PEFT' if impl == 'peft' else 'ours'} LoRA − {method}"
-            if not rs or not ref:
-                out.append(f"| {label} | – | not measured | ≤ 1 point | – |")
-                continue
-            a, b = [100 * v for v in values(ref, key)], [100 * v for v in values(rs, key)]
-            gap = statistics.mean(a) - statistics.mean(b)
-            ok = verdict(gap, 1.0, min(len(rs), len(ref)), "points")
-            measured[label] = (gap, gap_error(a, b))
-            out.append(
-                f"| {label} | {len(ref)} vs {len(rs)} | {gap:+.1f} ± {gap_error(a, b):.1f} points | ≤ 1 point | {ok} |"
-            )
+            row(label, ref, rs, key, 1.0)
+        chat_ref = groups.get(("chatterbot", "ours", "lora", ()), [])
         rs = groups.get(("chatterbot", "ours", method, opts), [])
-        if not rs or not chat_ref:
-            out.append(f"| chatterbot eval loss: {method} / ours LoRA − 1 | – | not measured | ≤ 1.5% | – |")
-            continue
-        ref_loss = statistics.mean(values(chat_ref, "eval_loss"))
-        a, b = (
-            [100 * v / ref_loss for v in values(rs, "eval_loss")],
-            [100 * v / ref_loss for v in values(chat_ref, "eval_loss")],
-        )
-        gap = statistics.mean(a) - 100
-        ok = verdict(gap, 1.5, min(len(rs), len(chat_ref)), "percentage points")
-        out.append(
-            f"| chatterbot eval loss: {method} / ours LoRA − 1 | {len(chat_ref)} vs {len(rs)} | "
-            f"{gap:+.1f} ± {gap_error(a, b):.1f}% | ≤ 1.5% | {ok} |"
-        )
+        row(f"chatterbot eval loss: {method} / ours LoRA − 1", chat_ref, rs, "eval_loss", 1.5)
     # LaMDA++ at least as good as LaMDA at the same budget (its ranks average LaMDA's r).
-    for task, key, name, unit in (
-        ("drugreview", "eval_accuracy", "drug-review accuracy: lamda − lamda++", "points"),
-        ("drugreview", "eval_macro_f1", "drug-review macro-F1: lamda − lamda++", "points"),
-        ("chatterbot", "eval_loss", "chatterbot eval loss: lamda++ / lamda − 1", "%"),
+    for task, key, label in (
+        ("drugreview", "eval_accuracy", "drug-review accuracy: lamda − lamda++"),
+        ("drugreview", "eval_macro_f1", "drug-review macro-F1: lamda − lamda++"),
+        ("chatterbot", "eval_loss", "chatterbot eval loss: lamda++ / lamda − 1"),
     ):
         lamda, plus = (groups.get((task, "ours", m, LAMDA), []) for m in ("lamda", "lamda++"))
-        if not lamda or not plus:
-            out.append(f"| {name} | – | not measured | ≤ 0 | – |")
-            continue
-        if task == "chatterbot":  # lower is better: LaMDA++'s loss as a percentage of LaMDA's mean
-            ref = statistics.mean(values(lamda, key))
-            a, b = [100 * v / ref for v in values(plus, key)], [100 * v / ref for v in values(lamda, key)]
-            gap = statistics.mean(a) - 100
-        else:
-            a, b = [100 * v for v in values(lamda, key)], [100 * v for v in values(plus, key)]
-            gap = statistics.mean(a) - statistics.mean(b)
-        ok = verdict(gap, 0.0, min(len(lamda), len(plus)), "points" if unit == "points" else "percentage points")
-        sep = " " if unit == "points" else ""
-        measured[name] = (gap, gap_error(a, b))
-        out.append(
-            f"| {name} | {len(lamda)} vs {len(plus)} | {gap:+.1f} ± {gap_error(a, b):.1f}{sep}{unit} | ≤ 0 | {ok} |"
-        )
+        row(label, lamda, plus, key, 0.0)
     return out, measured
 
 
@@ -482,8 +472,7 @@ def se_paragraph(measured: dict[str, tuple[float, float]], n: int) -> list[str]:
 
 def accuracy_part(save_figure) -> list[str]:
     """The accuracy section's lines; `save_figure(fig, ax, name, alt, legend_size)` writes a plot, returns its link."""
-    runs, old, earlier = load_runs(RESULTS), load_runs(RESULTS / "v1"), load_runs(RESULTS / "v2")
-    runs = [r for r in runs if recorded_spec(r) == TASKS[r["task"]]]  # the current protocol only
+    runs, old, earlier = current_runs(), load_runs(RESULTS / "v1"), load_runs(RESULTS / "v2")
     if not runs:
         return ["No accuracy runs of the current protocol finished yet."]
     first = runs[0]

@@ -17,21 +17,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from accuracy import LAMDA, RESULTS, TASKS, recorded_spec  # noqa: E402
+from accuracy import LAMDA  # noqa: E402
 from accuracy_tables import (  # noqa: E402
     accuracy_part,
+    current_runs,
     done_when,
     gap_error,
     grouped,
-    load_runs,
     se_paragraph,
     values,
     verdict,
 )
-
-
-def current_runs() -> list[dict]:
-    return [r for r in load_runs(RESULTS) if recorded_spec(r) == TASKS[r["task"]]]
 
 
 def test_gap_error_is_the_standard_error_of_a_difference_of_means():
