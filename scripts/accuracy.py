@@ -30,6 +30,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
+    PreTrainedModel,
     Trainer,
 )
 
@@ -238,6 +239,15 @@ def _data(task: str, tokenizer, spec: dict):
     return data["train"], data["test"].select(range(min(64, len(data["test"])))), pad_collator(tokenizer)
 
 
+def load_model(task: str, spec: dict) -> PreTrainedModel:
+    """`task`'s base model as its runs load it (drug-review: a 3-class head)."""
+    path = resolve_model(spec["model"])
+    if task == "drugreview":
+        dropout = {} if spec["classifier_dropout"] is None else {"classifier_dropout": spec["classifier_dropout"]}
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=3, use_safetensors=True, **dropout)
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+
+
 def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: Path, spec_changes: tuple = ()) -> dict:
     """Train one configuration and write its JSON (metrics, loss curve, parameters, wall time).
 
@@ -255,11 +265,7 @@ def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: P
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     train, test, collator = _data(task, tokenizer, spec)
-    if task == "drugreview":
-        dropout = {} if spec["classifier_dropout"] is None else {"classifier_dropout": spec["classifier_dropout"]}
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3, use_safetensors=True, **dropout)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+    model = load_model(task, spec)
     model.config.pad_token_id = tokenizer.pad_token_id
     head = spec["head"].split(",") if task == "drugreview" else None
     lr = spec["lr"] * (FULL_LR_FACTOR if impl == "full" else 1.0)

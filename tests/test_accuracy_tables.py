@@ -13,17 +13,22 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from hf_lorafa import LoRAFAConfig, inject_adapters  # noqa: E402
+from hf_lorafa.layers import AdapterLayer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from accuracy import LAMDA  # noqa: E402
+from accuracy import LAMDA, TASKS, load_model  # noqa: E402
 from accuracy_tables import (  # noqa: E402
     accuracy_part,
     current_runs,
     done_when,
     gap_error,
     grouped,
+    lamdapp_ranks,
     se_paragraph,
     values,
     verdict,
@@ -81,3 +86,31 @@ def test_benchmarks_md_is_what_the_results_give():
     lines = accuracy_part(save_figure)
     missing = [line for line in lines if line and not re.match(r"!\[", line) and line not in page]
     assert not missing, f"BENCHMARKS.md is stale (run `python scripts/make_benchmarks_md.py`): {missing[:3]}"
+
+
+def test_lamdapp_on_drugreview_is_lamda_but_for_the_layers_its_rule_moves():
+    """The page's LaMDA++ paragraph: at one seed the two methods start alike except in the layers whose rank moved,
+    and those ranks are the ones the committed runs trained (their r² sums differ by what the ranks say)."""
+    ranks, scores = lamdapp_ranks("drugreview")
+    spec = TASKS["drugreview"]
+    moved = {name for name, rank in ranks.items() if rank != spec["r"]}
+    assert 0 < len(moved) < len(ranks) and set(scores) == set(ranks)
+
+    def adapters(method: str) -> dict[str, dict[str, torch.Tensor]]:
+        head = spec["head"].split(",")
+        config = LoRAFAConfig(method=method, r=spec["r"], alpha=spec["alpha"], modules_to_save=head, init_seed=3)
+        model = inject_adapters(load_model("drugreview", spec), config)
+        return {n: m.adapter_tensors() for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+    lamda, plus = adapters("lamda"), adapters("lamda++")
+    assert set(lamda) == set(plus) == set(ranks)
+    for name in ranks:  # torch.equal is False for tensors of different shapes
+        same = all(torch.equal(tensor, plus[name][key]) for key, tensor in lamda[name].items())
+        assert same == (name not in moved), name
+
+    groups = grouped(current_runs())
+    runs = {m: groups[("drugreview", "ours", m, LAMDA)] for m in ("lamda", "lamda++")}
+    extra = sum(rank**2 for rank in ranks.values()) - len(ranks) * spec["r"] ** 2
+    assert {r["trainable_parameters"] for r in runs["lamda++"]} == {
+        r["trainable_parameters"] + extra for r in runs["lamda"]
+    }
