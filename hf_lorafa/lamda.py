@@ -48,7 +48,8 @@ Adaptation" (arXiv:2406.12832). What is the paper's and what is ours:
 - §3.3 (LaMDA++): ranks per layer from a "normalized spectrum analysis" of each W, singular values only. The rule is
   our reading: a layer's score is the share of its energy (Σσ²) *outside* its top-r directions at the mean rank r,
   so layers whose top singular values hold less of the energy get more rank. Ranks are proportional to the score,
-  at least `lamda_min_rank`, and sum exactly to the budget (largest-remainder rounding).
+  at least `lamda_min_rank`, and sum exactly to the budget (largest-remainder rounding). Where the layers' scores are
+  close, the ranks stay close to r and LaMDA++ trains nearly what LaMDA does (drug-review's MiniLM, BENCHMARKS.md).
 
 Frozen columns are kept fixed against optimizer momentum and weight decay by restoring them after each step from
 a snapshot (`lamda_schedule_step`), so any `torch.optim` optimizer can be used.
