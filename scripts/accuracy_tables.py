@@ -398,15 +398,19 @@ def gap_error(a: list[float], b: list[float]) -> float:
     return math.sqrt(sum(statistics.variance(v) / len(v) for v in (a, b) if len(v) > 1))
 
 
-def done_when(runs: list[dict]) -> tuple[list[str], dict[str, float]]:
+# The done-when rows' groups, as `done_when` returns their (gap, s.e.) and `se_paragraph` reads them.
+DRUG_VS_LORA, CHAT_VS_LORA, PLUS_VS_LAMDA = "drug-review vs LoRA", "chatterbot vs LoRA", "LaMDA++ vs LaMDA"
+
+
+def done_when(runs: list[dict]) -> tuple[list[str], dict[str, dict[str, tuple[float, float]]]]:
     """Issue 13's criteria, computed from the runs: method − LoRA (drug-review: PEFT's and ours), eval-loss gap
     (chatterbot), LaMDA++ against LaMDA; each gap with its standard error over the seeds. Also returns each
-    measured row's (gap, s.e.) by its label."""
+    measured row's (gap, s.e.) by its label, in its group (`DRUG_VS_LORA`, `CHAT_VS_LORA`, `PLUS_VS_LAMDA`)."""
     groups = grouped(runs)
-    measured = {}
+    measured = defaultdict(dict)
     out = ["| criterion (issue 13) | seeds | measured (± s.e.) | target | |", "|---|---|---|---|---|"]
 
-    def row(label: str, ref: list[dict], rs: list[dict], key: str, target: float) -> None:
+    def row(group: str, label: str, ref: list[dict], rs: list[dict], key: str, target: float) -> None:
         """`ref` − `rs` in points of a score, or for a loss `rs` / `ref` − 1 in % of ref's mean (lower is better)."""
         loss = key == "eval_loss"
         limit = f"≤ {target:g}" + ("" if not target else "%" if loss else " point")
@@ -421,7 +425,7 @@ def done_when(runs: list[dict]) -> tuple[list[str], dict[str, float]]:
             a, b = values(ref, key, 100), values(rs, key, 100)
             gap = statistics.mean(a) - statistics.mean(b)
         ok = verdict(gap, target, min(len(rs), len(ref)), "percentage points" if loss else "points")
-        measured[label] = (gap, gap_error(a, b))
+        measured[group][label] = (gap, gap_error(a, b))
         unit = "%" if loss else " points"
         out.append(
             f"| {label} | {len(ref)} vs {len(rs)} | {gap:+.1f} ± {gap_error(a, b):.1f}{unit} | {limit} | {ok} |"
@@ -434,10 +438,10 @@ def done_when(runs: list[dict]) -> tuple[list[str], dict[str, float]]:
             refs.items(), (("eval_accuracy", "accuracy"), ("eval_macro_f1", "macro-F1"))
         ):
             label = f"drug-review {name}: {'PEFT' if impl == 'peft' else 'ours'} LoRA − {method}"
-            row(label, ref, rs, key, 1.0)
+            row(DRUG_VS_LORA, label, ref, rs, key, 1.0)
         chat_ref = groups.get(("chatterbot", "ours", "lora", ()), [])
         rs = groups.get(("chatterbot", "ours", method, opts), [])
-        row(f"chatterbot eval loss: {method} / ours LoRA − 1", chat_ref, rs, "eval_loss", 1.5)
+        row(CHAT_VS_LORA, f"chatterbot eval loss: {method} / ours LoRA − 1", chat_ref, rs, "eval_loss", 1.5)
     # LaMDA++ at least as good as LaMDA at the same budget (its ranks average LaMDA's r).
     for task, key, label in (
         ("drugreview", "eval_accuracy", "drug-review accuracy: lamda − lamda++"),
@@ -445,13 +449,13 @@ def done_when(runs: list[dict]) -> tuple[list[str], dict[str, float]]:
         ("chatterbot", "eval_loss", "chatterbot eval loss: lamda++ / lamda − 1"),
     ):
         lamda, plus = (groups.get((task, "ours", m, LAMDA), []) for m in ("lamda", "lamda++"))
-        row(label, lamda, plus, key, 0.0)
-    return out, measured
+        row(PLUS_VS_LAMDA, label, lamda, plus, key, 0.0)
+    return out, dict(measured)
 
 
-def se_paragraph(measured: dict[str, tuple[float, float]], n: int) -> list[str]:
+def se_paragraph(measured: dict[str, dict[str, tuple[float, float]]], n: int) -> list[str]:
     """What the s.e. column means, with the drug-review range and LaMDA++ against LaMDA read from `measured`."""
-    drug = [se for label, (_, se) in measured.items() if label.startswith("drug-review") and "LoRA −" in label]
+    drug = [se for _, se in measured.get(DRUG_VS_LORA, {}).values()]
     spread = f"{min(drug):.1f}-{max(drug):.1f} points" if drug else "not measured yet"
     text = (
         "The s.e. column is the standard error of the gap between the two means, from each side's spread over its "
@@ -459,7 +463,7 @@ def se_paragraph(measured: dict[str, tuple[float, float]], n: int) -> list[str]:
         "so a gap under about twice its s.e. (either verdict) is not evidence of a difference. Ours LoRA is the "
         "same algorithm as PEFT LoRA in this tool (the rows above compare each method with both)."
     )
-    plus = {label: v for label, v in measured.items() if "lamda − lamda++" in label or "lamda++ / lamda" in label}
+    plus = measured.get(PLUS_VS_LAMDA, {})
     if plus:
         within = all(abs(gap) <= se for gap, se in plus.values())
         text += (

@@ -23,6 +23,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from accuracy import LAMDA, TASKS, load_model  # noqa: E402
 from accuracy_tables import (  # noqa: E402
+    DRUG_VS_LORA,
+    PLUS_VS_LAMDA,
     accuracy_part,
     current_runs,
     done_when,
@@ -48,15 +50,16 @@ def test_verdict_needs_three_seeds_to_count_as_reached():
 
 
 def test_se_paragraph_reads_the_lamdapp_rows():
-    within = {
-        "drug-review accuracy: PEFT LoRA − lamda++": (2.0, 0.9),  # a LoRA row: sets the range, not LaMDA++'s verdict
+    lora = {"drug-review accuracy: PEFT LoRA − lamda++": (2.0, 0.9)}  # sets the range, not LaMDA++'s verdict
+    plus = {
         "drug-review accuracy: lamda − lamda++": (0.5, 0.6),
         "chatterbot eval loss: lamda++ / lamda − 1": (-1.0, 4.2),
     }
-    (text,) = se_paragraph(within, 379)
+    (text,) = se_paragraph({DRUG_VS_LORA: lora, PLUS_VS_LAMDA: plus}, 379)
     assert "On drug-review it is 0.9-0.9 points" in text
     assert "neither helps nor hurts" in text
-    (text,) = se_paragraph({**within, "drug-review macro-F1: lamda − lamda++": (3.0, 1.0)}, 379)
+    plus["drug-review macro-F1: lamda − lamda++"] = (3.0, 1.0)
+    (text,) = se_paragraph({DRUG_VS_LORA: lora, PLUS_VS_LAMDA: plus}, 379)
     assert "not every gap is within one s.e." in text
 
 
@@ -67,7 +70,7 @@ def test_done_when_gaps_match_the_result_files():
     lora = groups[("drugreview", "ours", "lora", ())]
     lamda = groups[("drugreview", "ours", "lamda", LAMDA)]
     assert len(lora) >= 3 and len(lamda) >= 3  # the default LaMDA has at least the protocol's three seeds
-    gap, se = measured["drug-review accuracy: ours LoRA − lamda"]
+    gap, se = measured[DRUG_VS_LORA]["drug-review accuracy: ours LoRA − lamda"]
     expected = 100 * (statistics.mean(values(lora, "eval_accuracy")) - statistics.mean(values(lamda, "eval_accuracy")))
     assert math.isclose(gap, expected)
     assert se > 0
