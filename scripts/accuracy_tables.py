@@ -478,6 +478,39 @@ def se_paragraph(measured: dict[str, dict[str, tuple[float, float]]], n: int) ->
     return [text]
 
 
+def pooled_sd(samples: list[list[float]]) -> float:
+    """The spread the samples share: √(Σ (nᵢ − 1)·varᵢ / Σ (nᵢ − 1)) over those with at least two values."""
+    samples = [v for v in samples if len(v) > 1]
+    dof = sum(len(v) - 1 for v in samples)
+    return math.sqrt(sum((len(v) - 1) * statistics.variance(v) for v in samples) / dof) if dof else math.nan
+
+
+def seeds_for(sd: float, gap: float = 1.0, z: float = 2.0) -> int:
+    """Seeds per side for a `gap` to stand at `z` standard errors when both sides spread by `sd`: the gap's s.e.
+    is sd·√(2/n), so z·sd·√(2/n) ≤ gap needs n ≥ 2·(z·sd/gap)² (8·sd² for a 1-point gap at two s.e.)."""
+    return math.ceil(2 * (z * sd / gap) ** 2 - 1e-9)
+
+
+def seeds_needed(runs: list[dict]) -> list[str]:
+    """The pooled spread of the drug-review done-when rows, and the seeds a 1-point gap needs at two s.e."""
+    groups = grouped(runs)
+    rows = [("peft", "lora", ()), ("ours", "lora", ()), ("ours", "lorafa", LORAFA)]
+    rows += [("ours", method, LAMDA) for method in ("lamda", "lamda++")]
+    runs_of = [groups.get(("drugreview", *row), []) for row in rows]
+    parts = []
+    for key, name in (("eval_accuracy", "accuracy"), ("eval_macro_f1", "macro-F1")):
+        sd = pooled_sd([values(rs, key, 100) for rs in runs_of])
+        if math.isnan(sd):
+            return []
+        parts.append(f"{sd:.1f} points of {name} ({seeds_for(sd)} seeds a row)")
+    return [
+        "",
+        f"Pooled over the {len(rows)} done-when rows, one run's spread over seeds is {' and '.join(parts)}: that many "
+        "seeds on each side would let a 1-point gap stand at two standard errors (the gap's s.e. is sd·√(2/n) "
+        "with n seeds a side, so n ≥ 8·sd²).",
+    ]
+
+
 @functools.cache
 def lamdapp_ranks(task: str) -> tuple[dict[str, int], dict[str, float]]:
     """Each adapted layer's LaMDA++ rank as the library sets it on `task`'s model, and its spectrum score."""
@@ -556,6 +589,7 @@ def accuracy_part(save_figure) -> list[str]:
         *criteria,
         "",
         *se_paragraph(measured, n),
+        *seeds_needed(runs),
         *lamdapp_paragraph(runs),
         *lamda_note(runs),
         "",

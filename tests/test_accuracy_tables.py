@@ -31,7 +31,9 @@ from accuracy_tables import (  # noqa: E402
     gap_error,
     grouped,
     lamdapp_ranks,
+    pooled_sd,
     se_paragraph,
+    seeds_for,
     values,
     verdict,
 )
@@ -41,6 +43,15 @@ def test_gap_error_is_the_standard_error_of_a_difference_of_means():
     a, b = [1.0, 2.0, 3.0], [2.0, 4.0, 6.0]
     assert math.isclose(gap_error(a, b), math.sqrt(1.0 / 3 + 4.0 / 3))
     assert gap_error([1.0], [2.0]) == 0.0  # one run a side: no spread to estimate
+
+
+def test_seeds_for_a_one_point_gap_at_two_standard_errors():
+    assert math.isclose(pooled_sd([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [5.0]]), math.sqrt((2 * 1.0 + 2 * 4.0) / 4))
+    assert math.isnan(pooled_sd([[1.0]]))
+    assert seeds_for(1.0) == 8 and seeds_for(2.5) == 50
+    for sd in (0.7, 1.0, 1.3, 2.5):  # the fewest seeds whose gap s.e. is at most half the gap
+        n = seeds_for(sd)
+        assert 2 * sd * math.sqrt(2 / n) <= 1.0 + 1e-9 < 2 * sd * math.sqrt(2 / (n - 1))
 
 
 def test_verdict_needs_three_seeds_to_count_as_reached():
