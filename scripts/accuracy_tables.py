@@ -398,6 +398,8 @@ def gap_error(a: list[float], b: list[float]) -> float:
     return math.sqrt(sum(statistics.variance(v) / len(v) for v in (a, b) if len(v) > 1))
 
 
+# The methods issue 13 holds to LoRA, with the options of their default rows.
+HELD_TO_LORA = (("lorafa", LORAFA), ("lamda", LAMDA), ("lamda++", LAMDA))
 # The done-when rows' groups, as `done_when` returns their (gap, s.e.) and `se_paragraph` reads them.
 DRUG_VS_LORA, CHAT_VS_LORA, PLUS_VS_LAMDA = "drug-review vs LoRA", "chatterbot vs LoRA", "LaMDA++ vs LaMDA"
 
@@ -432,7 +434,7 @@ def done_when(runs: list[dict]) -> tuple[list[str], dict[str, dict[str, tuple[fl
         )
 
     refs = {impl: groups.get(("drugreview", impl, "lora", ()), []) for impl in ("peft", "ours")}
-    for method, opts in (("lorafa", LORAFA), ("lamda", LAMDA), ("lamda++", LAMDA)):
+    for method, opts in HELD_TO_LORA:
         rs = groups.get(("drugreview", "ours", method, opts), [])
         for (impl, ref), (key, name) in itertools.product(
             refs.items(), (("eval_accuracy", "accuracy"), ("eval_macro_f1", "macro-F1"))
@@ -494,8 +496,7 @@ def seeds_for(sd: float, gap: float = 1.0, z: float = 2.0) -> int:
 def seeds_needed(runs: list[dict]) -> list[str]:
     """The pooled spread of the drug-review done-when rows, and the seeds a 1-point gap needs at two s.e."""
     groups = grouped(runs)
-    rows = [("peft", "lora", ()), ("ours", "lora", ()), ("ours", "lorafa", LORAFA)]
-    rows += [("ours", method, LAMDA) for method in ("lamda", "lamda++")]
+    rows = [("peft", "lora", ()), ("ours", "lora", ()), *(("ours", method, opts) for method, opts in HELD_TO_LORA)]
     runs_of = [groups.get(("drugreview", *row), []) for row in rows]
     parts = []
     for key, name in (("eval_accuracy", "accuracy"), ("eval_macro_f1", "macro-F1")):
