@@ -457,13 +457,26 @@ def done_when(runs: list[dict]) -> tuple[list[str], dict[str, dict[str, tuple[fl
 
 def se_paragraph(measured: dict[str, dict[str, tuple[float, float]]], n: int) -> list[str]:
     """What the s.e. column means, with the drug-review range and LaMDA++ against LaMDA read from `measured`."""
-    drug = [se for _, se in measured.get(DRUG_VS_LORA, {}).values()]
-    spread = f"{min(drug):.1f}-{max(drug):.1f} points" if drug else "not measured yet"
+    drug = measured.get(DRUG_VS_LORA, {})
+    spread = f"{min(se for _, se in drug.values()):.1f}-{max(se for _, se in drug.values()):.1f} points"
     text = (
         "The s.e. column is the standard error of the gap between the two means, from each side's spread over its "
-        f"seeds. On drug-review it is {spread}: a 1-point target is finer than these seeds on {n} test rows resolve, "
-        "so a gap under about twice its s.e. (either verdict) is not evidence of a difference. Ours LoRA is the "
-        "same algorithm as PEFT LoRA in this tool (the rows above compare each method with both)."
+        f"seeds. On drug-review ({n} test rows) it is {spread if drug else 'not measured yet'}: a gap within about "
+        "twice its s.e. of a value is not evidence that it differs from it."
+    )
+    if drug:
+
+        def beyond(value: float) -> str:
+            """How many drug-review gaps are more than two s.e. above `value`, and which."""
+            rows = [label.removeprefix("drug-review ") for label, (gap, se) in drug.items() if gap - value > 2 * se]
+            return f"{len(rows)}" + (f" ({'; '.join(rows)})" if rows else "")
+
+        text += (
+            f" Of the {len(drug)} drug-review gaps, {beyond(0.0)} are more than two s.e. above 0, LoRA ahead beyond "
+            f"the seeds' noise, and {beyond(1.0)} more than two s.e. above the 1-point target."
+        )
+    text += (
+        " Ours LoRA is the same algorithm as PEFT LoRA in this tool (the rows above compare each method with both)."
     )
     plus = measured.get(PLUS_VS_LAMDA, {})
     if plus:

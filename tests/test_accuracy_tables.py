@@ -67,8 +67,12 @@ def test_se_paragraph_reads_the_lamdapp_rows():
         "chatterbot eval loss: lamda++ / lamda − 1": (-1.0, 4.2),
     }
     (text,) = se_paragraph({DRUG_VS_LORA: lora, PLUS_VS_LAMDA: plus}, 379)
-    assert "On drug-review it is 0.9-0.9 points" in text
+    assert "On drug-review (379 test rows) it is 0.9-0.9 points" in text
     assert "neither helps nor hurts" in text
+    assert "Of the 1 drug-review gaps, 1 (accuracy: PEFT LoRA − lamda++) are more than two s.e. above 0" in text
+    assert "and 0 more than two s.e. above the 1-point target" in text  # 2.0 − 1 is not above 2 × 0.9
+    (text,) = se_paragraph({DRUG_VS_LORA: {**lora, "drug-review macro-F1: ours LoRA − lorafa": (3.0, 0.5)}}, 379)
+    assert "and 1 (macro-F1: ours LoRA − lorafa) more than two s.e. above the 1-point target" in text
     plus["drug-review macro-F1: lamda − lamda++"] = (3.0, 1.0)
     (text,) = se_paragraph({DRUG_VS_LORA: lora, PLUS_VS_LAMDA: plus}, 379)
     assert "not every gap is within one s.e." in text
