@@ -434,6 +434,7 @@ def done_when(runs: list[dict]) -> tuple[list[str], dict[str, dict[str, tuple[fl
         )
 
     refs = {impl: groups.get(("drugreview", impl, "lora", ()), []) for impl in ("peft", "ours")}
+    chat_ref = groups.get(("chatterbot", "ours", "lora", ()), [])
     for method, opts in HELD_TO_LORA:
         rs = groups.get(("drugreview", "ours", method, opts), [])
         for (impl, ref), (key, name) in itertools.product(
@@ -441,7 +442,6 @@ def done_when(runs: list[dict]) -> tuple[list[str], dict[str, dict[str, tuple[fl
         ):
             label = f"drug-review {name}: {'PEFT' if impl == 'peft' else 'ours'} LoRA − {method}"
             row(DRUG_VS_LORA, label, ref, rs, key, 1.0)
-        chat_ref = groups.get(("chatterbot", "ours", "lora", ()), [])
         rs = groups.get(("chatterbot", "ours", method, opts), [])
         row(CHAT_VS_LORA, f"chatterbot eval loss: {method} / ours LoRA − 1", chat_ref, rs, "eval_loss", 1.5)
     # LaMDA++ at least as good as LaMDA at the same budget (its ranks average LaMDA's r).
@@ -458,10 +458,11 @@ def done_when(runs: list[dict]) -> tuple[list[str], dict[str, dict[str, tuple[fl
 def se_paragraph(measured: dict[str, dict[str, tuple[float, float]]], n: int) -> list[str]:
     """What the s.e. column means, with the drug-review range and LaMDA++ against LaMDA read from `measured`."""
     drug = measured.get(DRUG_VS_LORA, {})
-    spread = f"{min(se for _, se in drug.values()):.1f}-{max(se for _, se in drug.values()):.1f} points"
+    errors = [se for _, se in drug.values()]
+    spread = f"{min(errors):.1f}-{max(errors):.1f} points" if errors else "not measured yet"
     text = (
         "The s.e. column is the standard error of the gap between the two means, from each side's spread over its "
-        f"seeds. On drug-review ({n} test rows) it is {spread if drug else 'not measured yet'}: a gap within about "
+        f"seeds. On drug-review ({n} test rows) it is {spread}: a gap within about "
         "twice its s.e. of a value is not evidence that it differs from it."
     )
     if drug:
@@ -525,17 +526,26 @@ def seeds_needed(runs: list[dict]) -> list[str]:
     ]
 
 
-@functools.cache
-def lamdapp_ranks(task: str) -> tuple[dict[str, int], dict[str, float]]:
-    """Each adapted layer's LaMDA++ rank as the library sets it on `task`'s model, and its spectrum score."""
+def adapter_layers(task: str, method: str, init_seed: int = 0) -> dict[str, AdapterLayer]:
+    """`task`'s model with `method`'s adapters as its runs inject them (r, alpha, head from TASKS), by layer name."""
     spec = TASKS[task]
     head = spec.get("head")
     config = LoRAFAConfig(
-        method="lamda++", r=spec["r"], alpha=spec["alpha"], modules_to_save=head.split(",") if head else None
+        method=method,
+        r=spec["r"],
+        alpha=spec["alpha"],
+        modules_to_save=head.split(",") if head else None,
+        init_seed=init_seed,
     )
     model = inject_adapters(load_model(task, spec), config)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
-    scores = spectrum_scores({name: base_weight(m.base_layer) for name, m in layers.items()}, spec["r"])
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+@functools.cache
+def lamdapp_ranks(task: str) -> tuple[dict[str, int], dict[str, float]]:
+    """Each adapted layer's LaMDA++ rank as the library sets it on `task`'s model, and its spectrum score."""
+    layers = adapter_layers(task, "lamda++")
+    scores = spectrum_scores({name: base_weight(m.base_layer) for name, m in layers.items()}, TASKS[task]["r"])
     return {name: m.r for name, m in layers.items()}, scores
 
 

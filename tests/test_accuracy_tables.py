@@ -15,17 +15,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from hf_lorafa import LoRAFAConfig, inject_adapters  # noqa: E402
-from hf_lorafa.layers import AdapterLayer  # noqa: E402
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from accuracy import LAMDA, TASKS, load_model  # noqa: E402
+from accuracy import LAMDA, TASKS  # noqa: E402
 from accuracy_tables import (  # noqa: E402
     DRUG_VS_LORA,
     PLUS_VS_LAMDA,
     accuracy_part,
+    adapter_layers,
     current_runs,
     done_when,
     gap_error,
@@ -115,10 +113,7 @@ def test_lamdapp_on_drugreview_is_lamda_but_for_the_layers_its_rule_moves():
     assert 0 < len(moved) < len(ranks) and set(scores) == set(ranks)
 
     def adapters(method: str) -> dict[str, dict[str, torch.Tensor]]:
-        head = spec["head"].split(",")
-        config = LoRAFAConfig(method=method, r=spec["r"], alpha=spec["alpha"], modules_to_save=head, init_seed=3)
-        model = inject_adapters(load_model("drugreview", spec), config)
-        return {n: m.adapter_tensors() for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
+        return {n: m.adapter_tensors() for n, m in adapter_layers("drugreview", method, init_seed=3).items()}
 
     lamda, plus = adapters("lamda"), adapters("lamda++")
     assert set(lamda) == set(plus) == set(ranks)
