@@ -24,6 +24,7 @@ from accuracy import (
     PROTOCOL,
     RESULTS,
     TASKS,
+    full_options,
     lamda_options,
     load_model,
     recorded_options,
@@ -275,6 +276,62 @@ def ablation_section(runs: list[dict], old: list[dict]) -> list[str]:
             f"({100 * (statistics.mean(old_lamda) / statistics.mean(old_lora) - 1):+.1f}%), a different budget "
             "from the rows above.",
         ]
+    return out
+
+
+def lorafa_ratio_section(runs: list[dict]) -> list[str]:
+    """LoRA-FA's B learning-rate multiple (`lorafa_lr_ratio`) on both tasks, each against ours LoRA on its task."""
+    groups = grouped(runs)
+    ratios = sorted({dict(k[3])["lorafa_lr_ratio"] for k in groups if k[1:3] == ("ours", "lorafa")})
+    refs = {task: groups.get((task, "ours", "lora", ()), []) for task in ("drugreview", "chatterbot")}
+    out = [
+        "### LoRA-FA's B learning-rate multiple (`lorafa_lr_ratio`), both tasks",
+        "",
+        "| lorafa_lr_ratio | drug-review seeds | accuracy | macro-F1 | eval loss | ours LoRA − LoRA-FA: accuracy | "
+        "macro-F1 | chatterbot seeds | eval loss | LoRA-FA / ours LoRA − 1 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    meets = {}
+    for ratio in ratios:
+        opts = full_options("ours", "lorafa", {"lorafa_lr_ratio": ratio})
+        drug, chat = (groups.get((task, "ours", "lorafa", opts), []) for task in ("drugreview", "chatterbot"))
+        cells, ok = [], bool(drug) and bool(chat)
+        for key in ("eval_accuracy", "eval_macro_f1"):
+            a, b = values(refs["drugreview"], key, 100), values(drug, key, 100)
+            if a and b:
+                gap = statistics.mean(a) - statistics.mean(b)
+                cells.append(f"{gap:+.1f} ± {gap_error(a, b):.1f}")
+                ok = ok and gap <= 1.0
+            else:
+                cells.append("–")
+        ref = values(refs["chatterbot"], "eval_loss")
+        if chat and ref:
+            scale = 100 / statistics.mean(ref)
+            a, b = values(chat, "eval_loss", scale), values(refs["chatterbot"], "eval_loss", scale)
+            gap = statistics.mean(a) - 100
+            cells.append(f"{gap:+.1f} ± {gap_error(a, b):.1f}%")
+            ok = ok and gap <= 1.5
+        else:
+            cells.append("–")
+        meets[ratio] = ok and min(len(drug), len(chat)) >= 3
+        out.append(
+            f"| {ratio:g}{' (default)' if opts == LORAFA else ''} | {len(drug) or '–'} | "
+            f"{stat(values(drug, 'eval_accuracy', 100), 1)} | {stat(values(drug, 'eval_macro_f1'))} | "
+            f"{stat(values(drug, 'eval_loss'))} | {cells[0]} | {cells[1]} | {len(chat) or '–'} | "
+            f"{stat(values(chat, 'eval_loss'))} | {cells[2]} |"
+        )
+    good = [f"{ratio:g}" for ratio, ok in meets.items() if ok]
+    out += [
+        "",
+        "Command: `python scripts/accuracy.py sweep --plan issue13-ratio` (ratios 1 and 2; each row's `run` command "
+        "is in the task tables below). Targets as in the done-when table: within 1 point of ours LoRA in accuracy and "
+        "macro-F1 on drug-review, within 1.5% of its held-out loss on chatterbot, 3 seeds or more on each side. "
+        + (
+            f"Ratios meeting every target on both tasks: {', '.join(good)}."
+            if good
+            else "No ratio measured meets every target on both tasks."
+        ),
+    ]
     return out
 
 
@@ -595,7 +652,8 @@ def accuracy_part(save_figure) -> list[str]:
     criteria, measured = done_when(runs)
     out = [
         "Command: `python scripts/accuracy.py sweep --plan issue13`, then `--plan issue13-seeds` and "
-        "`--plan issue13-seeds8` (seeds 3 and 4, then 5 to 7, of the done-when rows on drug-review) (each run in "
+        "`--plan issue13-seeds8` (seeds 3 and 4, then 5 to 7, of the done-when rows on drug-review) and "
+        "`--plan issue13-ratio` (LoRA-FA's B learning-rate multiple) (each run in "
         "its own process, skipping finished ones; `--shard 0/2` and `--shard 1/2` split a plan between two sweeps; "
         "each row's `run` command is in its table). Protocols: "
         "chatterbot "
@@ -621,10 +679,12 @@ def accuracy_part(save_figure) -> list[str]:
         "",
         *ablation_section(runs, old),
         "",
+        *lorafa_ratio_section(runs),
+        "",
         *task_tables(runs, save_figure),
     ]
     done = {p.stem for p in RESULTS.glob("*.json")}
-    for plan in ("issue13", "issue13-seeds", "issue13-seeds8"):
+    for plan in ("issue13", "issue13-seeds", "issue13-seeds8", "issue13-ratio"):
         if missing := [run_name(*r) for r in PLANS[plan] if run_name(*r) not in done]:
             out += ["", f"Planned in `--plan {plan}` but not run when this page was generated: {', '.join(missing)}."]
     return out

@@ -29,6 +29,7 @@ from accuracy_tables import (  # noqa: E402
     gap_error,
     grouped,
     lamdapp_ranks,
+    lorafa_ratio_section,
     pooled_sd,
     se_paragraph,
     seeds_for,
@@ -74,6 +75,31 @@ def test_se_paragraph_reads_the_lamdapp_rows():
     plus["drug-review macro-F1: lamda − lamda++"] = (3.0, 1.0)
     (text,) = se_paragraph({DRUG_VS_LORA: lora, PLUS_VS_LAMDA: plus}, 379)
     assert "not every gap is within one s.e." in text
+
+
+def test_lorafa_ratio_section_holds_each_ratio_to_lora_on_both_tasks():
+    def run(task: str, method: str, seed: int, ratio: float | None = None, **metrics: float) -> dict:
+        options = {"lorafa_lr_ratio": ratio} if ratio else {}
+        return {"task": task, "impl": "ours", "method": method, "seed": seed, "protocol": 3,
+                "effective_options": options, "train_loss": 1.0, **metrics}  # fmt: skip
+
+    def drug(method: str, seed: int, acc: float, f1: float, ratio: float | None = None) -> dict:
+        return run("drugreview", method, seed, ratio, eval_accuracy=acc, eval_macro_f1=f1, eval_loss=1.0)
+
+    runs = [drug("lora", s, 0.70 + 0.01 * s, 0.50) for s in range(3)]
+    runs += [run("chatterbot", "lora", s, eval_loss=1.0 + 0.01 * s) for s in range(3)]
+    runs += [drug("lorafa", s, 0.695 + 0.01 * s, 0.49, 1.0) for s in range(3)]  # 0.5 points below, F1 1 point
+    runs += [run("chatterbot", "lorafa", s, 1.0, eval_loss=0.99) for s in range(3)]
+    runs += [drug("lorafa", s, 0.68 + 0.01 * s, 0.50, 4.0) for s in range(3)]  # 2 points below in accuracy
+    runs += [run("chatterbot", "lorafa", s, 4.0, eval_loss=0.9) for s in range(3)]
+    lines = lorafa_ratio_section(runs)
+    row = next(line for line in lines if line.startswith("| 1 |"))
+    assert "| 3 | 70.5 ± 1.0 | 0.490 ± 0.000 |" in row and "| +0.5 ± 0.8 | +1.0 ± 0.0 |" in row
+    assert row.endswith("| 3 | 0.990 ± 0.000 | -2.0 ± 0.6% |")
+    assert next(line for line in lines if line.startswith("| 4 (default) |")).count("+2.0 ± 0.8") == 1
+    assert "Ratios meeting every target on both tasks: 1." in lines[-1]
+    runs = [r for r in runs if not (r["method"] == "lorafa" and r["seed"] == 2)]  # 2 seeds a row count for nothing
+    assert "No ratio measured meets every target on both tasks." in lorafa_ratio_section(runs)[-1]
 
 
 def test_done_when_gaps_match_the_result_files():
