@@ -222,21 +222,28 @@ PLANS["issue13-seeds8"] = [
 ]
 # LoRA-FA's B learning-rate multiple on drug-review, where the default 4 (chosen on chatterbot) over-fits: held-out
 # loss 1.36 against LoRA's 1.16 and PEFT's LoRA-FA's 0.84 (B at the learning rate itself, scoring higher). Ratios 1
-# and 2, seed by seed (a sweep cut short leaves both rows level), with chatterbot's 3 seeds at each after seed 3.
+# and 2 for seeds 0-3, chatterbot's 3 seeds at each, then LoRA-FA at LoRA's trainable parameters: B alone at r=16
+# (alpha 32, the same scale) has r·d_out = 16·d_out parameters a square layer, LoRA's r·(d_in + d_out) at r=8, while
+# its backward still keeps 16 values a token, not x (384). Then seeds 4-7 of ratios 2 and 1 (seed by seed throughout:
+# a sweep cut short leaves the rows it reached level).
 RATIOS = [full_options("ours", "lorafa", {"lorafa_lr_ratio": ratio}) for ratio in (1.0, 2.0)]
+EQUAL_PARAMETERS = (("r", 16), ("alpha", 32))
 PLANS["issue13-ratio"] = [
     *[("drugreview", "ours", "lorafa", seed, opts) for seed in (0, 1, 2, 3) for opts in RATIOS],
     *[("chatterbot", "ours", "lorafa", seed, opts) for seed in SEEDS for opts in RATIOS],
-    *[("drugreview", "ours", "lorafa", seed, opts) for seed in (4, 5, 6, 7) for opts in RATIOS],
+    *[("drugreview", "ours", "lorafa", seed, LORAFA, EQUAL_PARAMETERS) for seed in range(8)],
+    *[("drugreview", "ours", "lorafa", seed, opts) for seed in (4, 5, 6, 7) for opts in RATIOS[::-1]],
 ]
 PLANS = {plan: list(dict.fromkeys(runs)) for plan, runs in PLANS.items()}  # a run listed twice runs once
 
 
-def run_name(task: str, impl: str, method: str, seed: int, options: tuple = ()) -> str:
+def run_name(task: str, impl: str, method: str, seed: int, options: tuple = (), spec_changes: tuple = ()) -> str:
+    """A run's file name: its options, then the protocol variant's changes of TASKS' entries after the seed."""
     suffix = "".join(
         f"-{OPTION_NAMES[k]}{v:g}" if isinstance(v, float) else f"-{OPTION_NAMES[k]}{v}" for k, v in options
     )
-    return f"{task}-{impl}-{method.replace('+', 'p')}{suffix}-seed{seed}"
+    variant = "".join(f"-{k}{v}" for k, v in spec_changes if TASKS[task].get(k) != v)
+    return f"{task}-{impl}-{method.replace('+', 'p')}{suffix}-seed{seed}{variant}"
 
 
 def _data(task: str, tokenizer, spec: dict):
@@ -267,7 +274,7 @@ def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: P
         own = METHOD_OPTIONS.get(method, ())
         options = full_options(impl, method, options) + tuple((k, v) for k, v in options if k not in own)
     spec_changes = tuple((k, v) for k, v in spec_changes if TASKS[task].get(k) != v)
-    name = run_name(task, impl, method, seed, options) + "".join(f"-{k}{v}" for k, v in spec_changes)
+    name = run_name(task, impl, method, seed, options, spec_changes)
     torch.manual_seed(seed)
     path = resolve_model(spec["model"])
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -418,11 +425,11 @@ def sweep(plan: str, out_dir: Path, shard: tuple[int, int] = (0, 1)) -> None:
     `shard` (k, n) takes every n-th run from the k-th on, so n sweeps side by side split a plan between them.
     """
     k, n = shard
-    for task, impl, method, seed, options in PLANS[plan][k::n]:
-        name = run_name(task, impl, method, seed, options)
+    for entry in PLANS[plan][k::n]:  # (task, impl, method, seed, options[, spec_changes])
+        name = run_name(*entry)
         if (out_dir / f"{name}.json").exists():
             continue
-        argv = [sys.executable, __file__, "run", *run_argv(task, impl, method, seed, options), "--out", str(out_dir)]
+        argv = [sys.executable, __file__, "run", *run_argv(*entry), "--out", str(out_dir)]
         started = time.time()
         code = subprocess.call(argv, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
         print(f"[accuracy] {name}: exit {code} after {time.time() - started:.0f} s", flush=True)

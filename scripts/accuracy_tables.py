@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 from accuracy import (
     ABLATION,
     DRUG_ABLATION,
+    EQUAL_PARAMETERS,
     LAMDA,
     LORAFA,
     PLANS,
@@ -279,22 +280,35 @@ def ablation_section(runs: list[dict], old: list[dict]) -> list[str]:
     return out
 
 
-def lorafa_ratio_section(runs: list[dict]) -> list[str]:
-    """LoRA-FA's B learning-rate multiple (`lorafa_lr_ratio`) on both tasks, each against ours LoRA on its task."""
-    groups = grouped(runs)
+def equal_parameter_runs() -> list[dict]:
+    """Drug-review LoRA-FA runs at LoRA's trainable parameters (`EQUAL_PARAMETERS`: r=16, alpha 32)."""
+    spec = {**TASKS["drugreview"], **dict(EQUAL_PARAMETERS)}
+    return [r for r in load_runs(RESULTS) if r["task"] == "drugreview" and recorded_spec(r) == spec]
+
+
+def lorafa_ratio_section(runs: list[dict], equal: list[dict]) -> list[str]:
+    """LoRA-FA's B learning-rate multiple (`lorafa_lr_ratio`) on both tasks, and on drug-review at LoRA's trainable
+    parameters (`equal`: r=16 runs), each against ours LoRA on its task."""
+    groups, equal_groups = grouped(runs), grouped(equal)
     ratios = sorted({dict(k[3])["lorafa_lr_ratio"] for k in groups if k[1:3] == ("ours", "lorafa")})
     refs = {task: groups.get((task, "ours", "lora", ()), []) for task in ("drugreview", "chatterbot")}
+    r, variant = TASKS["drugreview"]["r"], dict(EQUAL_PARAMETERS)
     out = [
-        "### LoRA-FA's B learning-rate multiple (`lorafa_lr_ratio`), both tasks",
+        "### LoRA-FA's B learning-rate multiple (`lorafa_lr_ratio`) and rank",
         "",
-        "| lorafa_lr_ratio | drug-review seeds | accuracy | macro-F1 | eval loss | ours LoRA − LoRA-FA: accuracy | "
-        "macro-F1 | chatterbot seeds | eval loss | LoRA-FA / ours LoRA − 1 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| drug-review r | lorafa_lr_ratio | drug-review seeds | accuracy | macro-F1 | eval loss | "
+        "ours LoRA − LoRA-FA: accuracy | macro-F1 | chatterbot seeds | eval loss | LoRA-FA / ours LoRA − 1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    meets = {}
+    rows = []
     for ratio in ratios:
         opts = full_options("ours", "lorafa", {"lorafa_lr_ratio": ratio})
-        drug, chat = (groups.get((task, "ours", "lorafa", opts), []) for task in ("drugreview", "chatterbot"))
+        rows.append((r, ratio, opts, *(groups.get((task, "ours", "lorafa", opts), []) for task in refs)))
+    for (_, impl, method, opts), rs in sorted(equal_groups.items(), key=lambda kv: str(kv[0])):
+        if (impl, method) == ("ours", "lorafa"):
+            rows.append((variant["r"], dict(opts)["lorafa_lr_ratio"], opts, rs, []))
+    meets = {}
+    for rank, ratio, opts, drug, chat in rows:
         cells, ok = [], bool(drug) and bool(chat)
         for key in ("eval_accuracy", "eval_macro_f1"):
             a, b = values(refs["drugreview"], key, 100), values(drug, key, 100)
@@ -313,9 +327,10 @@ def lorafa_ratio_section(runs: list[dict]) -> list[str]:
             ok = ok and gap <= 1.5
         else:
             cells.append("–")
-        meets[ratio] = ok and min(len(drug), len(chat)) >= 3
+        if rank == r:
+            meets[ratio] = ok and min(len(drug), len(chat)) >= 3
         out.append(
-            f"| {ratio:g}{' (default)' if opts == LORAFA else ''} | {len(drug) or '–'} | "
+            f"| {rank} | {ratio:g}{' (default)' if opts == LORAFA else ''} | {len(drug) or '–'} | "
             f"{stat(values(drug, 'eval_accuracy', 100), 1)} | {stat(values(drug, 'eval_macro_f1'))} | "
             f"{stat(values(drug, 'eval_loss'))} | {cells[0]} | {cells[1]} | {len(chat) or '–'} | "
             f"{stat(values(chat, 'eval_loss'))} | {cells[2]} |"
@@ -323,15 +338,27 @@ def lorafa_ratio_section(runs: list[dict]) -> list[str]:
     good = [f"{ratio:g}" for ratio, ok in meets.items() if ok]
     out += [
         "",
-        "Command: `python scripts/accuracy.py sweep --plan issue13-ratio` (ratios 1 and 2; each row's `run` command "
-        "is in the task tables below). Targets as in the done-when table: within 1 point of ours LoRA in accuracy and "
-        "macro-F1 on drug-review, within 1.5% of its held-out loss on chatterbot, 3 seeds or more on each side. "
+        "Command: `python scripts/accuracy.py sweep --plan issue13-ratio` (each row's `run` command is in the task "
+        "tables below). Targets as in the done-when table: within 1 point of ours LoRA in accuracy and macro-F1 on "
+        "drug-review, within 1.5% of its held-out loss on chatterbot, 3 seeds or more on each side. "
         + (
-            f"Ratios meeting every target on both tasks: {', '.join(good)}."
+            f"Ratios meeting every target on both tasks at r={r}: {', '.join(good)}."
             if good
-            else "No ratio measured meets every target on both tasks."
+            else f"No ratio measured meets every target on both tasks at r={r}."
         ),
     ]
+    lora, wide = refs["drugreview"], [rs for rank, *_, rs, _ in rows if rank != r and rs]
+    if lora and wide:
+        argv = run_argv("drugreview", "ours", "lorafa", 0, recorded_options(wide[0][0]), EQUAL_PARAMETERS)
+        out += [
+            "",
+            f"The r={variant['r']} row (alpha {variant['alpha']}, the same scale alpha/r; `python scripts/accuracy.py "
+            f"run {' '.join(argv)}`) gives LoRA-FA LoRA's trainable parameters: B alone at r={variant['r']} has "
+            f"r·d_out = {variant['r']}·d_out a square layer, LoRA's r·(d_in + d_out) at r={r} ("
+            f"{wide[0][0]['trainable_parameters']:,} trainable against ours LoRA's "
+            f"{lora[0]['trainable_parameters']:,}, head included); its backward still keeps A·x ({variant['r']} "
+            "values a token per adapted layer), never x.",
+        ]
     return out
 
 
@@ -679,7 +706,7 @@ def accuracy_part(save_figure) -> list[str]:
         "",
         *ablation_section(runs, old),
         "",
-        *lorafa_ratio_section(runs),
+        *lorafa_ratio_section(runs, equal_parameter_runs()),
         "",
         *task_tables(runs, save_figure),
     ]

@@ -92,14 +92,21 @@ def test_lorafa_ratio_section_holds_each_ratio_to_lora_on_both_tasks():
     runs += [run("chatterbot", "lorafa", s, 1.0, eval_loss=0.99) for s in range(3)]
     runs += [drug("lorafa", s, 0.68 + 0.01 * s, 0.50, 4.0) for s in range(3)]  # 2 points below in accuracy
     runs += [run("chatterbot", "lorafa", s, 4.0, eval_loss=0.9) for s in range(3)]
-    lines = lorafa_ratio_section(runs)
-    row = next(line for line in lines if line.startswith("| 1 |"))
+    lines = lorafa_ratio_section(runs, [])
+    row = next(line for line in lines if line.startswith("| 8 | 1 |"))
     assert "| 3 | 70.5 ± 1.0 | 0.490 ± 0.000 |" in row and "| +0.5 ± 0.8 | +1.0 ± 0.0 |" in row
     assert row.endswith("| 3 | 0.990 ± 0.000 | -2.0 ± 0.6% |")
-    assert next(line for line in lines if line.startswith("| 4 (default) |")).count("+2.0 ± 0.8") == 1
-    assert "Ratios meeting every target on both tasks: 1." in lines[-1]
+    assert next(line for line in lines if line.startswith("| 8 | 4 (default) |")).count("+2.0 ± 0.8") == 1
+    assert "Ratios meeting every target on both tasks at r=8: 1." in lines[-1]
+    wide = [{**drug("lorafa", s, 0.71 + 0.01 * s, 0.50, 4.0), "trainable_parameters": 55} for s in range(3)]
+    runs[0]["trainable_parameters"] = 56
+    lines = lorafa_ratio_section(runs, wide)
+    row = next(line for line in lines if line.startswith("| 16 | 4 (default) |"))
+    assert "| 3 | 72.0 ± 1.0 | 0.500 ± 0.000 | 1.000 ± 0.000 | -1.0 ± 0.8 | +0.0 ± 0.0 | – | – | – |" in row
+    assert "Ratios meeting every target on both tasks at r=8: 1." in lines[-3]  # r=16 has no chatterbot row
+    assert "(55 trainable against ours LoRA's 56, head included)" in lines[-1]
     runs = [r for r in runs if not (r["method"] == "lorafa" and r["seed"] == 2)]  # 2 seeds a row count for nothing
-    assert "No ratio measured meets every target on both tasks." in lorafa_ratio_section(runs)[-1]
+    assert "No ratio measured meets every target on both tasks at r=8." in lorafa_ratio_section(runs, [])[-1]
 
 
 def test_done_when_gaps_match_the_result_files():
