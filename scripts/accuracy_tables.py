@@ -25,6 +25,7 @@ from accuracy import (
     PROTOCOL,
     RESULTS,
     TASKS,
+    equal_parameters,
     full_options,
     lamda_options,
     load_model,
@@ -280,55 +281,66 @@ def ablation_section(runs: list[dict], old: list[dict]) -> list[str]:
     return out
 
 
+TASK_LABELS = {"drugreview": "drug-review", "chatterbot": "chatterbot"}
+
+
 def equal_parameter_runs() -> list[dict]:
-    """Drug-review LoRA-FA runs at LoRA's trainable parameters (`EQUAL_PARAMETERS`: r=16, alpha 32)."""
-    spec = {**TASKS["drugreview"], **dict(EQUAL_PARAMETERS)}
-    return [r for r in load_runs(RESULTS) if r["task"] == "drugreview" and recorded_spec(r) == spec]
+    """Runs at each task's `equal_parameters` variant: twice the task's r and alpha (LoRA's trainable parameters for
+    LoRA-FA; drug-review r=16, chatterbot r=32)."""
+    specs = {task: {**TASKS[task], **dict(equal_parameters(task))} for task in TASKS}
+    return [r for r in load_runs(RESULTS) if recorded_spec(r) == specs[r["task"]]]
+
+
+def _gap_cells(refs: dict[str, list[dict]], drug: list[dict], chat: list[dict]) -> tuple[list[str], bool]:
+    """A row's gaps to ours LoRA (drug-review accuracy and macro-F1 in points, chatterbot held-out loss in %), and
+    whether it meets every done-when target with 3 seeds or more on each side of each task."""
+    cells, ok = [], min(len(drug), len(chat), *(len(v) for v in refs.values())) >= 3
+    for key in ("eval_accuracy", "eval_macro_f1"):
+        a, b = values(refs["drugreview"], key, 100), values(drug, key, 100)
+        if a and b:
+            gap = statistics.mean(a) - statistics.mean(b)
+            cells.append(f"{gap:+.1f} ± {gap_error(a, b):.1f}")
+            ok = ok and gap <= 1.0
+        else:
+            cells.append("–")
+    ref = values(refs["chatterbot"], "eval_loss")
+    if chat and ref:
+        scale = 100 / statistics.mean(ref)
+        a, b = values(chat, "eval_loss", scale), values(refs["chatterbot"], "eval_loss", scale)
+        gap = statistics.mean(a) - 100
+        cells.append(f"{gap:+.1f} ± {gap_error(a, b):.1f}%")
+        ok = ok and gap <= 1.5
+    else:
+        cells.append("–")
+    return cells, ok
 
 
 def lorafa_ratio_section(runs: list[dict], equal: list[dict]) -> list[str]:
-    """LoRA-FA's B learning-rate multiple (`lorafa_lr_ratio`) on both tasks, and on drug-review at LoRA's trainable
-    parameters (`equal`: r=16 runs), each against ours LoRA on its task."""
+    """LoRA-FA's B learning-rate multiple (`lorafa_lr_ratio`) on both tasks, and at LoRA's trainable parameters
+    (`equal`: each task's `equal_parameters` runs), each against ours LoRA on its task."""
     groups, equal_groups = grouped(runs), grouped(equal)
     ratios = sorted({dict(k[3])["lorafa_lr_ratio"] for k in groups if k[1:3] == ("ours", "lorafa")})
     refs = {task: groups.get((task, "ours", "lora", ()), []) for task in ("drugreview", "chatterbot")}
-    r, variant = TASKS["drugreview"]["r"], dict(EQUAL_PARAMETERS)
+    ranks = " / ".join(str(TASKS[task]["r"]) for task in refs)
+    wide_ranks = " / ".join(str(dict(equal_parameters(task))["r"]) for task in refs)
     out = [
         "### LoRA-FA's B learning-rate multiple (`lorafa_lr_ratio`) and rank",
         "",
-        "| drug-review r | lorafa_lr_ratio | drug-review seeds | accuracy | macro-F1 | eval loss | "
+        "| r (drug-review / chatterbot) | lorafa_lr_ratio | drug-review seeds | accuracy | macro-F1 | eval loss | "
         "ours LoRA − LoRA-FA: accuracy | macro-F1 | chatterbot seeds | eval loss | LoRA-FA / ours LoRA − 1 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = []
     for ratio in ratios:
         opts = full_options("ours", "lorafa", {"lorafa_lr_ratio": ratio})
-        rows.append((r, ratio, opts, *(groups.get((task, "ours", "lorafa", opts), []) for task in refs)))
-    for (_, impl, method, opts), rs in sorted(equal_groups.items(), key=lambda kv: str(kv[0])):
-        if (impl, method) == ("ours", "lorafa"):
-            rows.append((variant["r"], dict(opts)["lorafa_lr_ratio"], opts, rs, []))
-    meets = {}
+        rows.append((ranks, ratio, opts, *(groups.get((task, "ours", "lorafa", opts), []) for task in refs)))
+    for opts in sorted({k[3] for k in equal_groups if k[1:3] == ("ours", "lorafa")}, key=str):
+        got = [equal_groups.get((task, "ours", "lorafa", opts), []) for task in refs]
+        rows.append((wide_ranks, dict(opts)["lorafa_lr_ratio"], opts, *got))
+    meets, wide_meets = {}, {}
     for rank, ratio, opts, drug, chat in rows:
-        cells, ok = [], bool(drug) and bool(chat)
-        for key in ("eval_accuracy", "eval_macro_f1"):
-            a, b = values(refs["drugreview"], key, 100), values(drug, key, 100)
-            if a and b:
-                gap = statistics.mean(a) - statistics.mean(b)
-                cells.append(f"{gap:+.1f} ± {gap_error(a, b):.1f}")
-                ok = ok and gap <= 1.0
-            else:
-                cells.append("–")
-        ref = values(refs["chatterbot"], "eval_loss")
-        if chat and ref:
-            scale = 100 / statistics.mean(ref)
-            a, b = values(chat, "eval_loss", scale), values(refs["chatterbot"], "eval_loss", scale)
-            gap = statistics.mean(a) - 100
-            cells.append(f"{gap:+.1f} ± {gap_error(a, b):.1f}%")
-            ok = ok and gap <= 1.5
-        else:
-            cells.append("–")
-        if rank == r:
-            meets[ratio] = ok and min(len(drug), len(chat)) >= 3
+        cells, ok = _gap_cells(refs, drug, chat)
+        (meets if rank == ranks else wide_meets)[ratio] = ok
         out.append(
             f"| {rank} | {ratio:g}{' (default)' if opts == LORAFA else ''} | {len(drug) or '–'} | "
             f"{stat(values(drug, 'eval_accuracy', 100), 1)} | {stat(values(drug, 'eval_macro_f1'))} | "
@@ -336,29 +348,83 @@ def lorafa_ratio_section(runs: list[dict], equal: list[dict]) -> list[str]:
             f"{stat(values(chat, 'eval_loss'))} | {cells[2]} |"
         )
     good = [f"{ratio:g}" for ratio, ok in meets.items() if ok]
+    wide_good = [f"{ratio:g}" for ratio, ok in wide_meets.items() if ok]
+    verdict = (
+        f"Ratios meeting every target on both tasks at r={ranks}: {', '.join(good)}."
+        if good
+        else f"No ratio measured meets every target on both tasks at r={ranks}."
+    )
+    if wide_meets:
+        verdict += f" At r={wide_ranks} (LoRA's trainable parameters): " + (
+            f"ratio {', '.join(wide_good)} meets every target." if wide_good else "no ratio meets every target."
+        )
     out += [
         "",
-        "Command: `python scripts/accuracy.py sweep --plan issue13-ratio` (each row's `run` command is in the task "
-        "tables below). Targets as in the done-when table: within 1 point of ours LoRA in accuracy and macro-F1 on "
-        "drug-review, within 1.5% of its held-out loss on chatterbot, 3 seeds or more on each side. "
-        + (
-            f"Ratios meeting every target on both tasks at r={r}: {', '.join(good)}."
-            if good
-            else f"No ratio measured meets every target on both tasks at r={r}."
-        ),
+        "Command: `python scripts/accuracy.py sweep --plan issue13-ratio`, then `--plan issue13-rank` (each row's "
+        "`run` command is in the task tables below). Targets as in the done-when table: within 1 point of ours LoRA "
+        "in accuracy and macro-F1 on drug-review, within 1.5% of its held-out loss on chatterbot, 3 seeds or more on "
+        "each side. " + verdict,
     ]
-    lora, wide = refs["drugreview"], [rs for rank, *_, rs, _ in rows if rank != r and rs]
-    if lora and wide:
-        argv = run_argv("drugreview", "ours", "lorafa", 0, recorded_options(wide[0][0]), EQUAL_PARAMETERS)
+    wide = {task: [r for r in equal if r["task"] == task and r["method"] == "lorafa"] for task in refs}
+    counts = [
+        f"{TASK_LABELS[task]}: {wide[task][0]['trainable_parameters']:,} trainable against ours LoRA's "
+        f"{refs[task][0]['trainable_parameters']:,}"
+        for task in refs
+        if wide[task] and refs[task] and "trainable_parameters" in wide[task][0]
+    ]
+    if counts:
+        first = wide["drugreview"][0] if wide["drugreview"] else next(rs[0] for rs in wide.values() if rs)
+        argv = run_argv(first["task"], "ours", "lorafa", 0, recorded_options(first), equal_parameters(first["task"]))
         out += [
             "",
-            f"The r={variant['r']} row (alpha {variant['alpha']}, the same scale alpha/r; `python scripts/accuracy.py "
-            f"run {' '.join(argv)}`) gives LoRA-FA LoRA's trainable parameters: B alone at r={variant['r']} has "
-            f"r·d_out = {variant['r']}·d_out a square layer, LoRA's r·(d_in + d_out) at r={r} ("
-            f"{wide[0][0]['trainable_parameters']:,} trainable against ours LoRA's "
-            f"{lora[0]['trainable_parameters']:,}, head included); its backward still keeps A·x ({variant['r']} "
-            "values a token per adapted layer), never x.",
+            f"The r={wide_ranks} row (twice each task's r, alpha likewise: the same scale alpha/r; "
+            f"`python scripts/accuracy.py run {' '.join(argv)}`) gives LoRA-FA LoRA's trainable parameters: B alone "
+            "at rank 2r has 2r·d_out parameters a square layer, LoRA's r·(d_in + d_out) at rank r ("
+            + "; ".join(counts)
+            + ", heads included). Its backward still keeps A·x (2r values a token per adapted layer), never x, so "
+            "its activation memory stays far below LoRA's while its optimizer state equals LoRA's.",
         ]
+    return out
+
+
+def lamda_rank_section(runs: list[dict], equal: list[dict]) -> list[str]:
+    """LaMDA and LaMDA++ on drug-review at their default rank and at twice it, against ours LoRA at its rank."""
+    groups, equal_groups = grouped(runs), grouped(equal)
+    lora = groups.get(("drugreview", "ours", "lora", ()), [])
+    r, wide_r = TASKS["drugreview"]["r"], dict(EQUAL_PARAMETERS)["r"]
+    rows = [
+        (method, rank, source.get(("drugreview", "ours", method, LAMDA), []))
+        for method in ("lamda", "lamda++")
+        for rank, source in ((r, groups), (wide_r, equal_groups))
+    ]
+    if not any(rs for method, rank, rs in rows if rank == wide_r):
+        return []
+    out = [
+        f"### LaMDA and LaMDA++ at twice the rank (drug-review, r={wide_r} against r={r})",
+        "",
+        f"| method | r | seeds | accuracy | macro-F1 | eval loss | trainable (step 0) | ours LoRA (r={r}) − method: "
+        "accuracy | macro-F1 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, rank, rs in rows:
+        cells = []
+        for key in ("eval_accuracy", "eval_macro_f1"):
+            a, b = values(lora, key, 100), values(rs, key, 100)
+            cells.append(f"{statistics.mean(a) - statistics.mean(b):+.1f} ± {gap_error(a, b):.1f}" if a and b else "–")
+        trainable = f"{rs[0]['trainable_parameters']:,}" if rs and "trainable_parameters" in rs[0] else "–"
+        out.append(
+            f"| {method} | {rank} | {len(rs) or '–'} | {stat(values(rs, 'eval_accuracy', 100), 1)} | "
+            f"{stat(values(rs, 'eval_macro_f1'))} | {stat(values(rs, 'eval_loss'))} | {trainable} | "
+            f"{cells[0]} | {cells[1]} |"
+        )
+    wide = next(rs for method, rank, rs in rows if rank == wide_r and rs)
+    argv = run_argv("drugreview", "ours", wide[0]["method"], 0, recorded_options(wide[0]), EQUAL_PARAMETERS)
+    out += [
+        "",
+        f"Command: `python scripts/accuracy.py sweep --plan issue13-rank` (first run: `python scripts/accuracy.py run "
+        f"{' '.join(argv)}`). Default options otherwise (`lamda_init=spectral`, B's window over 3/4 of the steps); "
+        f"after the schedule a layer keeps r² trainable: {wide_r**2} at r={wide_r}, {r**2} at r={r}.",
+    ]
     return out
 
 
@@ -670,6 +736,7 @@ def lamdapp_paragraph(runs: list[dict]) -> list[str]:
 def accuracy_part(save_figure) -> list[str]:
     """The accuracy section's lines; `save_figure(fig, ax, name, alt, legend_size)` writes a plot, returns its link."""
     runs, old, earlier = current_runs(), load_runs(RESULTS / "v1"), load_runs(RESULTS / "v2")
+    equal = equal_parameter_runs()
     if not runs:
         return ["No accuracy runs of the current protocol finished yet."]
     first = runs[0]
@@ -680,7 +747,8 @@ def accuracy_part(save_figure) -> list[str]:
     out = [
         "Command: `python scripts/accuracy.py sweep --plan issue13`, then `--plan issue13-seeds` and "
         "`--plan issue13-seeds8` (seeds 3 and 4, then 5 to 7, of the done-when rows on drug-review) and "
-        "`--plan issue13-ratio` (LoRA-FA's B learning-rate multiple) (each run in "
+        "`--plan issue13-ratio` (LoRA-FA's B learning-rate multiple) and `--plan issue13-rank` (twice the rank) (each "
+        "run in "
         "its own process, skipping finished ones; `--shard 0/2` and `--shard 1/2` split a plan between two sweeps; "
         "each row's `run` command is in its table). Protocols: "
         "chatterbot "
@@ -706,12 +774,13 @@ def accuracy_part(save_figure) -> list[str]:
         "",
         *ablation_section(runs, old),
         "",
-        *lorafa_ratio_section(runs, equal_parameter_runs()),
+        *lorafa_ratio_section(runs, equal),
         "",
+        *(section + [""] if (section := lamda_rank_section(runs, equal)) else []),
         *task_tables(runs, save_figure),
     ]
     done = {p.stem for p in RESULTS.glob("*.json")}
-    for plan in ("issue13", "issue13-seeds", "issue13-seeds8", "issue13-ratio"):
+    for plan in ("issue13", "issue13-seeds", "issue13-seeds8", "issue13-ratio", "issue13-rank"):
         if missing := [run_name(*r) for r in PLANS[plan] if run_name(*r) not in done]:
             out += ["", f"Planned in `--plan {plan}` but not run when this page was generated: {', '.join(missing)}."]
     return out

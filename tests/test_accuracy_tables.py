@@ -28,6 +28,7 @@ from accuracy_tables import (  # noqa: E402
     done_when,
     gap_error,
     grouped,
+    lamda_rank_section,
     lamdapp_ranks,
     lorafa_ratio_section,
     pooled_sd,
@@ -93,20 +94,50 @@ def test_lorafa_ratio_section_holds_each_ratio_to_lora_on_both_tasks():
     runs += [drug("lorafa", s, 0.68 + 0.01 * s, 0.50, 4.0) for s in range(3)]  # 2 points below in accuracy
     runs += [run("chatterbot", "lorafa", s, 4.0, eval_loss=0.9) for s in range(3)]
     lines = lorafa_ratio_section(runs, [])
-    row = next(line for line in lines if line.startswith("| 8 | 1 |"))
+    row = next(line for line in lines if line.startswith("| 8 / 16 | 1 |"))
     assert "| 3 | 70.5 ± 1.0 | 0.490 ± 0.000 |" in row and "| +0.5 ± 0.8 | +1.0 ± 0.0 |" in row
     assert row.endswith("| 3 | 0.990 ± 0.000 | -2.0 ± 0.6% |")
-    assert next(line for line in lines if line.startswith("| 8 | 4 (default) |")).count("+2.0 ± 0.8") == 1
-    assert "Ratios meeting every target on both tasks at r=8: 1." in lines[-1]
+    assert next(line for line in lines if line.startswith("| 8 / 16 | 4 (default) |")).count("+2.0 ± 0.8") == 1
+    assert lines[-1].endswith("Ratios meeting every target on both tasks at r=8 / 16: 1.")
     wide = [{**drug("lorafa", s, 0.71 + 0.01 * s, 0.50, 4.0), "trainable_parameters": 55} for s in range(3)]
     runs[0]["trainable_parameters"] = 56
     lines = lorafa_ratio_section(runs, wide)
-    row = next(line for line in lines if line.startswith("| 16 | 4 (default) |"))
+    row = next(line for line in lines if line.startswith("| 16 / 32 | 4 (default) |"))
     assert "| 3 | 72.0 ± 1.0 | 0.500 ± 0.000 | 1.000 ± 0.000 | -1.0 ± 0.8 | +0.0 ± 0.0 | – | – | – |" in row
-    assert "Ratios meeting every target on both tasks at r=8: 1." in lines[-3]  # r=16 has no chatterbot row
-    assert "(55 trainable against ours LoRA's 56, head included)" in lines[-1]
+    # r=16 / 32 has no chatterbot runs: it meets nothing yet
+    assert lines[-3].endswith("r=8 / 16: 1. At r=16 / 32 (LoRA's trainable parameters): no ratio meets every target.")
+    assert "(drug-review: 55 trainable against ours LoRA's 56, heads included)" in lines[-1]
+    wide += [run("chatterbot", "lorafa", s, 4.0, eval_loss=1.0) for s in range(3)]  # 1% below LoRA's mean 1.01
+    lines = lorafa_ratio_section(runs, wide)
+    assert next(line for line in lines if line.startswith("| 16 / 32 |")).endswith(
+        "| 3 | 1.000 ± 0.000 | -1.0 ± 0.6% |"
+    )
+    assert lines[-3].endswith("At r=16 / 32 (LoRA's trainable parameters): ratio 4 meets every target.")
+    wide[-1]["eval_loss"] = 1.1  # mean 1.033: 2.3% above LoRA's
+    assert lorafa_ratio_section(runs, wide)[-3].endswith("no ratio meets every target.")
     runs = [r for r in runs if not (r["method"] == "lorafa" and r["seed"] == 2)]  # 2 seeds a row count for nothing
-    assert "No ratio measured meets every target on both tasks at r=8." in lorafa_ratio_section(runs, [])[-1]
+    assert "No ratio measured meets every target on both tasks at r=8 / 16." in lorafa_ratio_section(runs, [])[-1]
+
+
+def test_lamda_rank_section_holds_each_rank_to_lora():
+    def drug(method: str, seed: int, acc: float, f1: float, r: int = 8) -> dict:
+        options = dict(LAMDA) if method != "lora" else {}
+        return {"task": "drugreview", "impl": "ours", "method": method, "seed": seed, "protocol": 3,
+                "effective_options": options, "eval_accuracy": acc, "eval_macro_f1": f1, "eval_loss": 1.0,
+                "trainable_parameters": 10 * r}  # fmt: skip
+
+    runs = [drug("lora", s, 0.71 + 0.01 * s, 0.50) for s in range(3)]
+    runs += [drug(m, s, 0.69 + 0.01 * s, 0.47) for s in range(3) for m in ("lamda", "lamda++")]
+    assert lamda_rank_section(runs, []) == []  # nothing at twice the rank: no section
+    wide = [drug("lamda", s, 0.705 + 0.01 * s, 0.49, 16) for s in range(3)]
+    lines = lamda_rank_section(runs, wide)
+    assert lines[0].startswith("### LaMDA and LaMDA++ at twice the rank (drug-review, r=16 against r=8)")
+    rows = [line for line in lines if line.startswith("| lamda")]
+    assert rows[0] == "| lamda | 8 | 3 | 70.0 ± 1.0 | 0.470 ± 0.000 | 1.000 ± 0.000 | 80 | +2.0 ± 0.8 | +3.0 ± 0.0 |"
+    assert rows[1] == "| lamda | 16 | 3 | 71.5 ± 1.0 | 0.490 ± 0.000 | 1.000 ± 0.000 | 160 | +0.5 ± 0.8 | +1.0 ± 0.0 |"
+    assert rows[3] == "| lamda++ | 16 | – | – | – | – | – | – | – |"
+    assert "--method lamda --seed 0" in lines[-1] and "--spec r=16 --spec alpha=32" in lines[-1]
+    assert "256 at r=16, 64 at r=8" in lines[-1]
 
 
 def test_done_when_gaps_match_the_result_files():
