@@ -243,7 +243,7 @@ def _table(results: list[dict], device: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`hf-lorafa bench --preset cpu-small|cpu|gpu [--output FILE] [--methods a,b] [--no-4bit]`."""
+    """`hf-lorafa bench --preset cpu-small|cpu|gpu [--output FILE] [--methods a,b] [--no-4bit] [--lorafa-r N]`."""
     parser = argparse.ArgumentParser(prog="hf-lorafa bench", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
     parser.add_argument("--output", default=None, help="Write the JSON results here (e.g. benchmarks/cpu.json).")
@@ -252,7 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=None, help="Override the preset's sequence length.")
     parser.add_argument("--batch", type=int, default=None, help="Override the preset's batch size.")
     parser.add_argument("--jobs", type=int, default=None, help="Configurations measured at once (timings skew).")
+    parser.add_argument(
+        "--lorafa-r",
+        type=int,
+        default=None,
+        help="Rank of the LoRA-FA configurations (ours and PEFT's; LoRA's stays the preset's r). Twice the preset's "
+        "r gives LoRA-FA LoRA's trainable parameters, the rank at which it matched LoRA's accuracy (BENCHMARKS.md).",
+    )
     args = parser.parse_args(argv)
+    if args.lorafa_r is not None and args.lorafa_r < 1:
+        parser.error(f"--lorafa-r must be a positive rank, got {args.lorafa_r}")
     preset = dict(PRESETS[args.preset])
     if args.methods:
         unknown = set(args.methods.split(",")) - set(preset["methods"])
@@ -261,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         preset["methods"] = [m for m in preset["methods"] if m in args.methods.split(",")]
     if args.no_4bit:
         preset["quant"] = [False]
-    preset.update({k: v for k, v in (("seq", args.seq), ("batch", args.batch)) if v})
+    preset.update({k: v for k, v in (("seq", args.seq), ("batch", args.batch), ("lorafa_r", args.lorafa_r)) if v})
     notes = []
     if True in preset["quant"]:
         try:
@@ -276,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 **{k: preset[k] for k in ("model", "batch", "seq", "r", "steps", "dtype", "device")},
                 **config,
+                **({"r": preset["lorafa_r"]} if "lorafa" in config["method"] and preset.get("lorafa_r") else {}),
                 "seq_sweep": preset["seq_sweep"] if sweep else [],
             }
         )

@@ -1,6 +1,6 @@
 """Regenerate BENCHMARKS.md and its plots from the JSON results under benchmarks/ (nothing is measured here).
 
-python scripts/make_benchmarks_md.py        # reads benchmarks/{cpu,gpu}.json and benchmarks/accuracy/*.json
+python scripts/make_benchmarks_md.py  # reads benchmarks/{cpu,gpu,cpu-lorafa-2r}.json and benchmarks/accuracy/*.json
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def memory_section(report: dict, tag: str) -> list[str]:
         f"### {tag}: {dev.get('gpu') or dev.get('cpu')} ({dev['cores']} cores), torch {dev['torch']}",
         "",
         f"Llama architecture, random init: {json.dumps(s['model'])}; batch {s['batch']} × seq {s['seq']}, "
-        f"r={s['r']}, alpha=2r, all linear layers, AdamW, {s['dtype']}; median of {s['steps']} steps after a warm "
+        f"r={s['r']}{f' (LoRA-FA r={lorafa_r})' if (lorafa_r := s.get('lorafa_r')) else ''}, alpha=2r, all linear "
+        f"layers, AdamW, {s['dtype']}; median of {s['steps']} steps after a warm "
         f"step{'' if cuda else TIMING_NOTE}. Command: `{report['command']}` ({report['seconds']:.0f} s; "
         f"load average at the end "
         f"{', '.join(dev.get('load_average', []))}).",
@@ -88,8 +89,9 @@ def memory_section(report: dict, tag: str) -> list[str]:
         if "trainable_parameters_after_freeze" in r:
             trainable += f" → {r['trainable_parameters_after_freeze']:,}"
         over_floor = f"{r['saved_bytes'] / f['saved_bytes']:.3f}" if f else "–"
+        method = r["method"] + (f" (r={r['r']})" if r.get("r", s["r"]) != s["r"] else "")
         out.append(
-            f"| {r['method']} | {r['dropout']:g} | {quant} | {mib(r['saved_bytes'])} | {over_floor} | "
+            f"| {method} | {r['dropout']:g} | {quant} | {mib(r['saved_bytes'])} | {over_floor} | "
             f"{mib(r['retained_rss_bytes'])} | {mib(peak)} | {mib(est_peak)} | {err} | {r['step_seconds']:.3f} | "
             f"{r['tokens_per_second']:.0f} | {p['step_seconds'] / r['step_seconds'] if p else float('nan'):.2f} | "
             f"{trainable} |"
@@ -113,6 +115,36 @@ def save_figure(fig, ax, name: str, alt: str, legend_size: int | None = None) ->
     fig.savefig(BENCH / name, dpi=110)
     plt.close(fig)
     return f"![{alt}](benchmarks/{name})"
+
+
+def equal_rank_section(report: dict) -> list[str]:
+    """Memory with LoRA-FA at twice LoRA's rank: LoRA's trainable parameters, where it matched LoRA's accuracy."""
+    s, ratios = report["settings"], report["ratios"].get(f"{report['settings']['dtype']}-dropout0.05", {})
+    trainable = {r["method"]: r["trainable_parameters"] for r in report["results"] if "error" not in r}
+    out = [
+        f"### Memory at the same accuracy: LoRA-FA at r={s['lorafa_r']}, LoRA at r={s['r']}",
+        "",
+        f"The accuracy section below finds LoRA-FA level with LoRA on drug-review at twice LoRA's rank, where B alone "
+        f"has LoRA's trainable parameters. This run measures that pairing on the cpu preset's model: ours and PEFT's "
+        f"LoRA-FA at r={s['lorafa_r']}, PEFT LoRA at r={s['r']}, in one run.",
+    ]
+    if ratios:
+        out += [
+            "",
+            f"With dropout 0.05, LoRA-FA at r={s['lorafa_r']} keeps "
+            f"{ratios['lorafa_saved_over_peft_lora']:.3f}× PEFT LoRA's saved-for-backward bytes "
+            f"({ratios.get('lorafa_savers_saved_over_peft_lora', float('nan')):.3f}× with the trainer's default "
+            f"activation savers) and {ratios['lorafa_saved_over_floor']:.3f}× the frozen floor's; PEFT LoRA's step "
+            f"peak is {ratios['peft_lora_peak_over_lorafa']:.2f}× its own "
+            f"({ratios.get('peft_lora_peak_over_lorafa_savers', float('nan')):.2f}× with the savers). Its gradients "
+            f"and optimizer states are about LoRA's ({trainable['lorafa']:,} trainable against PEFT LoRA's "
+            f"{trainable['peft-lora']:,}: B's 2r·d_out summed over the layers against LoRA's r·(d_in + d_out)), so "
+            "the gain is the activations' share of the peak. The step times were taken beside two accuracy runs "
+            "(load average in the heading): read them from the cpu table above.",
+        ]
+    out += ["", *memory_section(report, f"cpu, LoRA-FA at r={s['lorafa_r']}")]
+    out += ["Ratios (from the JSON):", "", "```json", json.dumps(report["ratios"], indent=1), "```", ""]
+    return out
 
 
 def plots(report: dict, tag: str) -> list[str]:
@@ -214,6 +246,8 @@ def main() -> int:
         if report:
             lines += memory_section(report, tag) + [""] + plots(report, tag)
             lines += ["Ratios (from the JSON):", "", "```json", json.dumps(report["ratios"], indent=1), "```", ""]
+    if equal := load("cpu-lorafa-2r.json"):
+        lines += equal_rank_section(equal)
     if not gpu:
         lines += [
             "No GPU run yet: on a lent GPU, `hf-lorafa bench --preset gpu --output benchmarks/gpu.json` "

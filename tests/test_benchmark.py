@@ -57,6 +57,31 @@ def test_lorafa_keeps_no_more_than_the_floor_and_less_than_peft_lora(report):
     assert ours["trainable_parameters"] * 2 == peft["trainable_parameters"]
 
 
+def test_lorafa_r_gives_lorafa_loras_trainable_parameters_and_still_keeps_less(tmp_path, report):
+    out = tmp_path / "equal.json"
+    assert (
+        main(["--preset", "cpu-small", "--lorafa-r", "8", "--methods", "peft-lora,lorafa", "--output", str(out)]) == 0
+    )
+    equal = json.loads(out.read_text())
+    peft, ours = (by_method(equal, m) for m in ("peft-lora", "lorafa"))
+    assert (peft["r"], ours["r"]) == (4, 8) and equal["settings"]["lorafa_r"] == 8
+    # B alone at 2r: 2r·d_out a layer, LoRA's r·(d_in + d_out); the tiny Llama's d_in and d_out sum alike.
+    assert (
+        ours["trainable_parameters"]
+        == peft["trainable_parameters"]
+        == 2 * by_method(report, "lorafa")["trainable_parameters"]
+    )
+    # Twice the rank keeps 2r values a token per adapted layer: still far below LoRA's dropout(x) and mask.
+    assert by_method(report, "lorafa")["saved_bytes"] < ours["saved_bytes"] < peft["saved_bytes"]
+    assert ours["estimate"]["activations"] == pytest.approx(ours["saved_bytes"], rel=0.10)
+
+
+def test_lorafa_r_must_be_a_positive_rank(capsys):
+    with pytest.raises(SystemExit):
+        main(["--preset", "cpu-small", "--lorafa-r", "0"])
+    assert "--lorafa-r must be a positive rank, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("method", ["floor", "peft-lora", "lorafa"])
 def test_estimate_predicts_the_measurements(report, method):
     result = by_method(report, method)
