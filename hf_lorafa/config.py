@@ -29,7 +29,9 @@ class LoRAFAConfig:
             backward), `"lamda"` (frozen A, trained r×r core `lora_S`, B frozen early in training) or
             `"lamda++"` (LaMDA with per-layer ranks from each weight's spectrum).
         r (`int`, *optional*, defaults to `16`):
-            Adapter rank; for LaMDA++ the mean rank (the total budget is `r` × adapted layers by default).
+            Adapter rank; for LaMDA++ the mean rank (the total budget is `r` × adapted layers by default). LoRA-FA
+            at twice a LoRA's rank (alpha likewise) has that LoRA's trainable parameters and matched its accuracy in
+            BENCHMARKS.md, while its backward still keeps `r` values a token per layer instead of the input.
         alpha (`float`, *optional*, defaults to `32`):
             Scaling numerator: the adapter's output is multiplied by `alpha / r`.
         dropout (`float`, *optional*, defaults to `0.0`):
