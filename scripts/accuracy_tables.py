@@ -402,8 +402,8 @@ def lamda_rank_section(runs: list[dict], equal: list[dict]) -> list[str]:
     out = [
         f"### LaMDA and LaMDA++ at twice the rank (drug-review, r={wide_r} against r={r})",
         "",
-        f"| method | r | seeds | accuracy | macro-F1 | eval loss | trainable (step 0) | ours LoRA (r={r}) − method: "
-        "accuracy | macro-F1 |",
+        f"| method | r | seeds | accuracy | macro-F1 | eval loss | trainable (end of training) | "
+        f"ours LoRA (r={r}) − method: accuracy | macro-F1 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, rank, rs in rows:
@@ -423,7 +423,8 @@ def lamda_rank_section(runs: list[dict], equal: list[dict]) -> list[str]:
         "",
         f"Command: `python scripts/accuracy.py sweep --plan issue13-rank` (first run: `python scripts/accuracy.py run "
         f"{' '.join(argv)}`). Default options otherwise (`lamda_init=spectral`, B's window over 3/4 of the steps); "
-        f"after the schedule a layer keeps r² trainable: {wide_r**2} at r={wide_r}, {r**2} at r={r}.",
+        f"after the schedule a layer keeps r² trainable: {wide_r**2} at r={wide_r}, {r**2} at r={r} (the trainable "
+        "column counts them at the end of training, BERT's classifier and pooler included).",
     ]
     return out
 
