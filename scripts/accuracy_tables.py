@@ -387,44 +387,58 @@ def lorafa_ratio_section(runs: list[dict], equal: list[dict]) -> list[str]:
     return out
 
 
-def lamda_rank_section(runs: list[dict], equal: list[dict]) -> list[str]:
-    """LaMDA and LaMDA++ on drug-review at their default rank and at twice it, against ours LoRA at its rank."""
+# The frozen-A methods at twice the rank, each with the options of its done-when row.
+AT_TWICE_THE_RANK = (
+    ("ours", "lorafa", LORAFA),
+    ("peft", "lorafa", ()),
+    ("ours", "lamda", LAMDA),
+    ("ours", "lamda++", LAMDA),
+)
+
+
+def rank_section(runs: list[dict], equal: list[dict]) -> list[str]:
+    """The frozen-A methods on drug-review at their default rank and at twice it, against ours LoRA at its rank."""
     groups, equal_groups = grouped(runs), grouped(equal)
     lora = groups.get(("drugreview", "ours", "lora", ()), [])
     r, wide_r = TASKS["drugreview"]["r"], dict(EQUAL_PARAMETERS)["r"]
     rows = [
-        (method, rank, source.get(("drugreview", "ours", method, LAMDA), []))
-        for method in ("lamda", "lamda++")
+        (impl, method, rank, source.get(("drugreview", impl, method, opts), []))
+        for impl, method, opts in AT_TWICE_THE_RANK
         for rank, source in ((r, groups), (wide_r, equal_groups))
     ]
-    if not any(rs for method, rank, rs in rows if rank == wide_r):
+    if not any(rs for *_, rank, rs in rows if rank == wide_r):
         return []
     out = [
-        f"### LaMDA and LaMDA++ at twice the rank (drug-review, r={wide_r} against r={r})",
+        f"### The frozen-A methods at twice the rank (drug-review, r={wide_r} against r={r})",
         "",
-        f"| method | r | seeds | accuracy | macro-F1 | eval loss | trainable (end of training) | "
+        f"| implementation | method | r | seeds | accuracy | macro-F1 | eval loss | trainable (end of training) | "
         f"ours LoRA (r={r}) − method: accuracy | macro-F1 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for method, rank, rs in rows:
+    for impl, method, rank, rs in rows:
         cells = []
         for key in ("eval_accuracy", "eval_macro_f1"):
             a, b = values(lora, key, 100), values(rs, key, 100)
             cells.append(f"{statistics.mean(a) - statistics.mean(b):+.1f} ± {gap_error(a, b):.1f}" if a and b else "–")
         trainable = f"{rs[0]['trainable_parameters']:,}" if rs and "trainable_parameters" in rs[0] else "–"
         out.append(
-            f"| {method} | {rank} | {len(rs) or '–'} | {stat(values(rs, 'eval_accuracy', 100), 1)} | "
+            f"| {impl} | {method} | {rank} | {len(rs) or '–'} | {stat(values(rs, 'eval_accuracy', 100), 1)} | "
             f"{stat(values(rs, 'eval_macro_f1'))} | {stat(values(rs, 'eval_loss'))} | {trainable} | "
             f"{cells[0]} | {cells[1]} |"
         )
-    wide = next(rs for method, rank, rs in rows if rank == wide_r and rs)
-    argv = run_argv("drugreview", "ours", wide[0]["method"], 0, recorded_options(wide[0]), EQUAL_PARAMETERS)
+    commands = [
+        f"`python scripts/accuracy.py run "
+        f"{' '.join(run_argv('drugreview', impl, method, 0, recorded_options(rs[0]), EQUAL_PARAMETERS))}`"
+        for impl, method, rank, rs in rows
+        if rank == wide_r and rs
+    ]
     out += [
         "",
-        f"Command: `python scripts/accuracy.py sweep --plan issue13-rank` (first run: `python scripts/accuracy.py run "
-        f"{' '.join(argv)}`). Default options otherwise (`lamda_init=spectral`, B's window over 3/4 of the steps); "
-        f"after the schedule a layer keeps r² trainable: {wide_r**2} at r={wide_r}, {r**2} at r={r} (the trainable "
-        "column counts them at the end of training, BERT's classifier and pooler included).",
+        f"Command: `python scripts/accuracy.py sweep --plan issue13-rank`; first runs: {', '.join(commands)}. "
+        f"LoRA-FA at r={wide_r} has ours LoRA's trainable parameters (B alone, 2r·d_out a layer); LaMDA keeps its "
+        f"default options (`lamda_init=spectral`, B's window over 3/4 of the steps) and after the schedule a layer "
+        f"keeps r² trainable: {wide_r**2} at r={wide_r}, {r**2} at r={r} (the trainable column counts at the end of "
+        "training, BERT's classifier and pooler included).",
     ]
     return out
 
@@ -777,7 +791,7 @@ def accuracy_part(save_figure) -> list[str]:
         "",
         *lorafa_ratio_section(runs, equal),
         "",
-        *(section + [""] if (section := lamda_rank_section(runs, equal)) else []),
+        *(section + [""] if (section := rank_section(runs, equal)) else []),
         *task_tables(runs, save_figure),
     ]
     done = {p.stem for p in RESULTS.glob("*.json")}

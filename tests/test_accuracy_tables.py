@@ -28,10 +28,10 @@ from accuracy_tables import (  # noqa: E402
     done_when,
     gap_error,
     grouped,
-    lamda_rank_section,
     lamdapp_ranks,
     lorafa_ratio_section,
     pooled_sd,
+    rank_section,
     se_paragraph,
     seeds_for,
     values,
@@ -119,25 +119,36 @@ def test_lorafa_ratio_section_holds_each_ratio_to_lora_on_both_tasks():
     assert "No ratio measured meets every target on both tasks at r=8 / 16." in lorafa_ratio_section(runs, [])[-1]
 
 
-def test_lamda_rank_section_holds_each_rank_to_lora():
-    def drug(method: str, seed: int, acc: float, f1: float, r: int = 8) -> dict:
-        options = dict(LAMDA) if method != "lora" else {}
-        return {"task": "drugreview", "impl": "ours", "method": method, "seed": seed, "protocol": 3,
-                "effective_options": options, "eval_accuracy": acc, "eval_macro_f1": f1, "eval_loss": 1.0,
-                "trainable_parameters": 10 * r}  # fmt: skip
+def test_rank_section_holds_each_method_at_each_rank_to_lora():
+    def drug(method: str, seed: int, acc: float, f1: float, r: int = 8, impl: str = "ours") -> dict:
+        options = dict(LAMDA) if method.startswith("lamda") else {"lorafa_lr_ratio": 4.0} if impl == "ours" else {}
+        return {"task": "drugreview", "impl": impl, "method": method, "seed": seed, "protocol": 3,
+                "effective_options": options if method != "lora" else {}, "eval_accuracy": acc,
+                "eval_macro_f1": f1, "eval_loss": 1.0, "trainable_parameters": 10 * r}  # fmt: skip
 
     runs = [drug("lora", s, 0.71 + 0.01 * s, 0.50) for s in range(3)]
-    runs += [drug(m, s, 0.69 + 0.01 * s, 0.47) for s in range(3) for m in ("lamda", "lamda++")]
-    assert lamda_rank_section(runs, []) == []  # nothing at twice the rank: no section
+    runs += [drug(m, s, 0.69 + 0.01 * s, 0.47) for s in range(3) for m in ("lamda", "lamda++", "lorafa")]
+    assert rank_section(runs, []) == []  # nothing at twice the rank: no section
     wide = [drug("lamda", s, 0.705 + 0.01 * s, 0.49, 16) for s in range(3)]
-    lines = lamda_rank_section(runs, wide)
-    assert lines[0].startswith("### LaMDA and LaMDA++ at twice the rank (drug-review, r=16 against r=8)")
-    rows = [line for line in lines if line.startswith("| lamda")]
-    assert rows[0] == "| lamda | 8 | 3 | 70.0 ± 1.0 | 0.470 ± 0.000 | 1.000 ± 0.000 | 80 | +2.0 ± 0.8 | +3.0 ± 0.0 |"
-    assert rows[1] == "| lamda | 16 | 3 | 71.5 ± 1.0 | 0.490 ± 0.000 | 1.000 ± 0.000 | 160 | +0.5 ± 0.8 | +1.0 ± 0.0 |"
-    assert rows[3] == "| lamda++ | 16 | – | – | – | – | – | – | – |"
-    assert "--method lamda --seed 0" in lines[-1] and "--spec r=16 --spec alpha=32" in lines[-1]
-    assert "256 at r=16, 64 at r=8" in lines[-1]
+    wide += [drug("lorafa", s, 0.715, 0.51, 16, impl="peft") for s in range(2)]
+    lines = rank_section(runs, wide)
+    assert lines[0].startswith("### The frozen-A methods at twice the rank (drug-review, r=16 against r=8)")
+    rows = {
+        tuple(line.split(" | ")[:3]): line for line in lines if line.startswith("| ours") or line.startswith("| peft")
+    }
+    assert rows[("| ours", "lorafa", "8")].endswith(
+        "| 3 | 70.0 ± 1.0 | 0.470 ± 0.000 | 1.000 ± 0.000 | 80 | +2.0 ± 0.8 | +3.0 ± 0.0 |"
+    )
+    assert rows[("| ours", "lorafa", "16")].endswith("| – | – | – | – | – | – | – |")
+    assert rows[("| peft", "lorafa", "16")].endswith(
+        "| 2 | 71.5 ± 0.0 | 0.510 ± 0.000 | 1.000 ± 0.000 | 160 | +0.5 ± 0.6 | -1.0 ± 0.0 |"
+    )
+    assert rows[("| ours", "lamda", "16")].endswith(
+        "| 3 | 71.5 ± 1.0 | 0.490 ± 0.000 | 1.000 ± 0.000 | 160 | +0.5 ± 0.8 | +1.0 ± 0.0 |"
+    )
+    assert rows[("| ours", "lamda++", "16")].endswith("| – | – | – | – | – | – | – |")
+    assert "--impl peft --method lorafa --seed 0 --spec r=16 --spec alpha=32" in lines[-1]
+    assert "--impl ours --method lamda --seed 0" in lines[-1] and "256 at r=16, 64 at r=8" in lines[-1]
 
 
 def test_done_when_gaps_match_the_result_files():
