@@ -246,7 +246,8 @@ PLANS["issue13-ratio"] = [
 # chatterbot's LoRA-FA at its LoRA's trainable parameters (chatterbot's LoRA has r=16, so r=32, alpha 64), 3 seeds;
 # then LaMDA and LaMDA++ on drug-review at twice the rank (r=16, alpha 32: r² = 256 trainable a layer after the
 # schedule, against LoRA's r·(d_in + d_out) = 6144 at r=8), seed by seed; then PEFT's LoRA-FA at r=16, 3 seeds (the
-# same pairing for the other implementation the memory tables compare).
+# same pairing for the other implementation the memory tables compare), and ours at r=16 with B at the learning rate
+# itself (ratio 1, as PEFT's), 3 seeds: with the ratio alike, the two differ in the v2 gradient correction.
 PLANS["issue13-rank"] = [
     *[("chatterbot", "ours", "lorafa", seed, LORAFA, equal_parameters("chatterbot")) for seed in SEEDS],
     *[
@@ -255,6 +256,7 @@ PLANS["issue13-rank"] = [
         for method in ("lamda", "lamda++")
     ],
     *[("drugreview", "peft", "lorafa", seed, (), EQUAL_PARAMETERS) for seed in SEEDS],
+    *[("drugreview", "ours", "lorafa", seed, RATIOS[0], EQUAL_PARAMETERS) for seed in SEEDS],
 ]
 PLANS = {plan: list(dict.fromkeys(runs)) for plan, runs in PLANS.items()}  # a run listed twice runs once
 
