@@ -291,18 +291,27 @@ def equal_parameter_runs() -> list[dict]:
     return [r for r in load_runs(RESULTS) if recorded_spec(r) == specs[r["task"]]]
 
 
+def _drug_gaps(lora: list[dict], runs: list[dict]) -> list[tuple[str, float | None]]:
+    """Ours LoRA − `runs` on drug-review, accuracy then macro-F1, in points: each as its table cell and the gap
+    (None, cell "–", where a side has no runs)."""
+    out = []
+    for key in ("eval_accuracy", "eval_macro_f1"):
+        a, b = values(lora, key, 100), values(runs, key, 100)
+        if a and b:
+            gap = statistics.mean(a) - statistics.mean(b)
+            out.append((f"{gap:+.1f} ± {gap_error(a, b):.1f}", gap))
+        else:
+            out.append(("–", None))
+    return out
+
+
 def _gap_cells(refs: dict[str, list[dict]], drug: list[dict], chat: list[dict]) -> tuple[list[str], bool]:
     """A row's gaps to ours LoRA (drug-review accuracy and macro-F1 in points, chatterbot held-out loss in %), and
     whether it meets every done-when target with 3 seeds or more on each side of each task."""
     cells, ok = [], min(len(drug), len(chat), *(len(v) for v in refs.values())) >= 3
-    for key in ("eval_accuracy", "eval_macro_f1"):
-        a, b = values(refs["drugreview"], key, 100), values(drug, key, 100)
-        if a and b:
-            gap = statistics.mean(a) - statistics.mean(b)
-            cells.append(f"{gap:+.1f} ± {gap_error(a, b):.1f}")
-            ok = ok and gap <= 1.0
-        else:
-            cells.append("–")
+    for cell, gap in _drug_gaps(refs["drugreview"], drug):
+        cells.append(cell)
+        ok = ok and gap is not None and gap <= 1.0
     ref = values(refs["chatterbot"], "eval_loss")
     if chat and ref:
         scale = 100 / statistics.mean(ref)
@@ -416,10 +425,7 @@ def rank_section(runs: list[dict], equal: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for impl, method, rank, rs in rows:
-        cells = []
-        for key in ("eval_accuracy", "eval_macro_f1"):
-            a, b = values(lora, key, 100), values(rs, key, 100)
-            cells.append(f"{statistics.mean(a) - statistics.mean(b):+.1f} ± {gap_error(a, b):.1f}" if a and b else "–")
+        cells = [cell for cell, _ in _drug_gaps(lora, rs)]
         trainable = f"{rs[0]['trainable_parameters']:,}" if rs and "trainable_parameters" in rs[0] else "–"
         out.append(
             f"| {impl} | {method} | {rank} | {len(rs) or '–'} | {stat(values(rs, 'eval_accuracy', 100), 1)} | "

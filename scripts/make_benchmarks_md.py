@@ -117,6 +117,10 @@ def save_figure(fig, ax, name: str, alt: str, legend_size: int | None = None) ->
     return f"![{alt}](benchmarks/{name})"
 
 
+def ratios_block(report: dict) -> list[str]:
+    return ["Ratios (from the JSON):", "", "```json", json.dumps(report["ratios"], indent=1), "```", ""]
+
+
 def equal_rank_section(report: dict) -> list[str]:
     """Memory with LoRA-FA at twice LoRA's rank: LoRA's trainable parameters, where it matched LoRA's accuracy."""
     s, ratios = report["settings"], report["ratios"].get(f"{report['settings']['dtype']}-dropout0.05", {})
@@ -142,9 +146,7 @@ def equal_rank_section(report: dict) -> list[str]:
             "the gain is the activations' share of the peak. The step times were taken beside two accuracy runs "
             "(load average in the heading): read them from the cpu table above.",
         ]
-    out += ["", *memory_section(report, f"cpu, LoRA-FA at r={s['lorafa_r']}")]
-    out += ["Ratios (from the JSON):", "", "```json", json.dumps(report["ratios"], indent=1), "```", ""]
-    return out
+    return out + ["", *memory_section(report, f"cpu, LoRA-FA at r={s['lorafa_r']}"), *ratios_block(report)]
 
 
 def plots(report: dict, tag: str) -> list[str]:
@@ -244,8 +246,7 @@ def main() -> int:
     ]
     for report, tag in ((cpu, "cpu"), (gpu, "gpu")):
         if report:
-            lines += memory_section(report, tag) + [""] + plots(report, tag)
-            lines += ["Ratios (from the JSON):", "", "```json", json.dumps(report["ratios"], indent=1), "```", ""]
+            lines += memory_section(report, tag) + [""] + plots(report, tag) + ratios_block(report)
     if equal := load("cpu-lorafa-2r.json"):
         lines += equal_rank_section(equal)
     if not gpu:
