@@ -374,7 +374,7 @@ def lorafa_ratio_section(runs: list[dict], equal: list[dict]) -> list[str]:
         "in accuracy and macro-F1 on drug-review, within 1.5% of its held-out loss on chatterbot, 3 seeds or more on "
         "each side. " + verdict,
     ]
-    wide = {task: [r for r in equal if r["task"] == task and r["method"] == "lorafa"] for task in refs}
+    wide = {task: equal_groups.get((task, "ours", "lorafa", LORAFA), []) for task in refs}  # the default row's runs
     counts = [
         f"{TASK_LABELS[task]}: {wide[task][0]['trainable_parameters']:,} trainable against ours LoRA's "
         f"{refs[task][0]['trainable_parameters']:,}"
@@ -390,8 +390,9 @@ def lorafa_ratio_section(runs: list[dict], equal: list[dict]) -> list[str]:
             f"`python scripts/accuracy.py run {' '.join(argv)}`) gives LoRA-FA LoRA's trainable parameters: B alone "
             "at rank 2r has 2r·d_out parameters a square layer, LoRA's r·(d_in + d_out) at rank r ("
             + "; ".join(counts)
-            + ", heads included). Its backward still keeps A·x (2r values a token per adapted layer), never x, so "
-            "its activation memory stays far below LoRA's while its optimizer state equals LoRA's.",
+            + ", heads included), equal where the adapted layers' d_in and d_out sum alike. Its backward still keeps "
+            "A·x (2r values a token per adapted layer), never x, so its activation memory stays far below LoRA's "
+            "while its gradients and optimizer states are about LoRA's.",
         ]
     return out
 
