@@ -30,8 +30,9 @@ class LoRAFAConfig:
             `"lamda++"` (LaMDA with per-layer ranks from each weight's spectrum).
         r (`int`, *optional*, defaults to `16`):
             Adapter rank; for LaMDA++ the mean rank (the total budget is `r` × adapted layers by default). LoRA-FA
-            at twice a LoRA's rank (alpha likewise) has that LoRA's trainable parameters and matched its accuracy in
-            BENCHMARKS.md, while its backward still keeps `r` values a token per layer instead of the input.
+            at twice a LoRA's rank (alpha likewise) has about that LoRA's trainable parameters and matched its
+            accuracy in BENCHMARKS.md, while its backward still keeps `r` values a token per layer instead of the
+            input.
         alpha (`float`, *optional*, defaults to `32`):
             Scaling numerator: the adapter's output is multiplied by `alpha / r`.
         dropout (`float`, *optional*, defaults to `0.0`):
@@ -50,8 +51,8 @@ class LoRAFAConfig:
             recovers the pace. Chosen on the main job's budget (chatterbot, 40 steps, 3 seeds; BENCHMARKS.md): at
             1.0 LoRA-FA ends 37% above LoRA's held-out loss, at 2.0 8% above, at 4.0 14% below it. On drug-review
             (MiniLM, 8 epochs, 8 seeds) 1.0, 2.0 and 4.0 all end 1.3-1.7 accuracy points below LoRA at the same r;
-            at twice LoRA's r (the same trainable parameters) LoRA-FA at 4.0 is within 0.4 points of LoRA, at 1.0
-            still 2.1 points below it (3 seeds; PEFT's LoRA-FA optimizer at that rank likewise).
+            at twice LoRA's r (about the same trainable parameters) LoRA-FA at 4.0 is within 0.4 points of LoRA, at
+            1.0 still 2.1 points below it (3 seeds; PEFT's LoRA-FA optimizer at that rank likewise).
         lamda_freeze_fraction (`float`, *optional*, defaults to `0.75`):
             Fraction of the total training steps over which LaMDA's B (PMB) is frozen, column by column; after it
             only S (r² per layer) trains. Chosen by BENCHMARKS.md's LaMDA ablation: on chatterbot at the main job's
