@@ -93,6 +93,7 @@ OPTION_NAMES = {
     "lamda_lr_ratio": "lr",
     "lamda_s_lr_ratio": "slr",
     "lamda_freeze_fraction": "ff",
+    "lamda_freeze_order": "order-",
 }
 # The options that define each of our methods, in the order run names list them. Every planned run names all of
 # its method's options (defaults filled in), so a later change of a default never renames or mixes runs.
@@ -101,6 +102,8 @@ METHOD_OPTIONS = {
     "lamda": ("lamda_init", "lamda_lr_ratio", "lamda_s_lr_ratio", "lamda_freeze_fraction"),
     "lamda++": ("lamda_init", "lamda_lr_ratio", "lamda_s_lr_ratio", "lamda_freeze_fraction"),
 }
+# Options a run names only where it sets them away from the default (runs before them did not vary them).
+NAMED_WHEN_SET = {"lamda": ("lamda_freeze_order",), "lamda++": ("lamda_freeze_order",)}
 # Options runs recorded only from some point on, at the value they had before: protocol 2 began with
 # `lamda_freeze_fraction` defaulting to 0.1, and S trained at B's learning rate until `lamda_s_lr_ratio` came.
 RECORDED_LATER = {"lamda_freeze_fraction": 0.1, "lamda_s_lr_ratio": 1.0}
@@ -121,26 +124,37 @@ def recorded_spec(run: dict) -> dict:
     return {**TASKS[run["task"]], **EARLIER_SPEC.get(run["task"], {}), **run.get("spec_changes", {})}
 
 
+def extra_options(method: str, options: tuple | dict) -> tuple:
+    """The method's NAMED_WHEN_SET options in `options` that differ from LoRAFAConfig's defaults: a run names these
+    after its METHOD_OPTIONS, and one at its default is the run without it (the runs from before it was an option)."""
+    given = dict(options)
+    return tuple(
+        (k, given[k]) for k in NAMED_WHEN_SET.get(method, ()) if k in given and given[k] != getattr(LoRAFAConfig, k)
+    )
+
+
 def recorded_options(run: dict) -> tuple:
     """The options a finished run trained with (its effective options; RECORDED_LATER where it predates them)."""
     effective = {**RECORDED_LATER, **run.get("effective_options", {})}
     if run["impl"] != "ours":
         return ()
-    return tuple((k, effective[k]) for k in METHOD_OPTIONS.get(run["method"], ()))
+    own = tuple((k, effective[k]) for k in METHOD_OPTIONS.get(run["method"], ()))
+    return own + extra_options(run["method"], effective)
 
 
 LORAFA = full_options("ours", "lorafa")
 LAMDA = full_options("ours", "lamda")
 
 
-def lamda_options(init: str, ratio: float, s_ratio: float, ff: float) -> tuple:
-    """LaMDA's options in METHOD_OPTIONS' order, every one spelled out (a later change of default renames nothing)."""
+def lamda_options(init: str, ratio: float, s_ratio: float, ff: float, order: str = "ascending") -> tuple:
+    """LaMDA's options in METHOD_OPTIONS' order, every one spelled out (a later change of default renames nothing),
+    then the freeze order where it is not the default (runs before it was an option froze in ascending order)."""
     return (
         ("lamda_init", init),
         ("lamda_lr_ratio", ratio),
         ("lamda_s_lr_ratio", s_ratio),
         ("lamda_freeze_fraction", ff),
-    )
+    ) + extra_options("lamda", {"lamda_freeze_order": order})
 
 
 # LaMDA's ablation (lamda.py): (init, S/B lr multiple, S's further multiple, freeze window). The published code's
@@ -258,6 +272,26 @@ PLANS["issue13-rank"] = [
     *[("drugreview", "peft", "lorafa", seed, (), EQUAL_PARAMETERS) for seed in SEEDS],
     *[("drugreview", "ours", "lorafa", seed, RATIOS[0], EQUAL_PARAMETERS) for seed in SEEDS],
 ]
+# LaMDA's learning-rate multiples, where issue13-rank found that twice the rank alone leaves LaMDA where it was
+# (70.2 / .471 at r=16 against 70.4 / .470 at r=8) and that LoRA-FA's extra rank pays only with B at a multiple of the
+# learning rate (ratio 4: 70.9 / .500; ratio 1: 69.2 / .468). First B at 2x and 4x at r=16, S kept at the learning
+# rate itself (lamda_s_lr_ratio = 1 / lamda_lr_ratio: S's own larger steps lowered nothing but the training loss in
+# the drug-review ablation), and B at 2x at r=8. Every larger step ran worse (4x at r=16 and 2x at r=8 at seed 0, as
+# S and B at 4x and 8x in the ablation), so the next goes the other way: S and B at half the learning rate, r=8, 3
+# seeds (the spectral init already moves W σ_i/s times as far per step on B's column i as LoRA-FA's B). Then the
+# freeze order at r=16 with B at 2x: B whole until 3/4 of the steps ("all"), where the ascending order freezes half of
+# B's columns by 3/8 of them; LoRA-FA's B at that rank keeps lowering the training loss to the end (0.03 against
+# LaMDA's 0.22 at seed 0), seed by seed.
+LAMDA_B_RATIOS = [lamda_options("spectral", ratio, 1.0 / ratio, 0.75) for ratio in (2.0, 4.0)]
+LAMDA_HALF = lamda_options("spectral", 0.5, 1.0, 0.75)
+LAMDA_B_WHOLE = lamda_options("spectral", 2.0, 0.5, 0.75, "all")
+PLANS["issue13-lamda-lr"] = [
+    *[("drugreview", "ours", "lamda", seed, LAMDA_B_RATIOS[0], EQUAL_PARAMETERS) for seed in SEEDS],
+    ("drugreview", "ours", "lamda", 0, LAMDA_B_RATIOS[1], EQUAL_PARAMETERS),
+    ("drugreview", "ours", "lamda", 0, LAMDA_B_RATIOS[0]),
+    *[("drugreview", "ours", "lamda", seed, LAMDA_HALF) for seed in SEEDS],
+    *[("drugreview", "ours", "lamda", seed, LAMDA_B_WHOLE, EQUAL_PARAMETERS) for seed in range(8)],
+]
 PLANS = {plan: list(dict.fromkeys(runs)) for plan, runs in PLANS.items()}  # a run listed twice runs once
 
 
@@ -295,8 +329,7 @@ def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: P
     """
     spec = {**TASKS[task], **dict(spec_changes)}
     if impl == "ours":  # named with every option of the method, so the name says what ran whatever the defaults
-        own = METHOD_OPTIONS.get(method, ())
-        options = full_options(impl, method, options) + tuple((k, v) for k, v in options if k not in own)
+        options = full_options(impl, method, options) + extra_options(method, options)
     spec_changes = tuple((k, v) for k, v in spec_changes if TASKS[task].get(k) != v)
     name = run_name(task, impl, method, seed, options, spec_changes)
     torch.manual_seed(seed)

@@ -450,6 +450,85 @@ def rank_section(runs: list[dict], equal: list[dict]) -> list[str]:
     return out
 
 
+FREEZE_ORDERS = {"ascending": "column by column", "all": "whole at the window's end"}
+
+
+def lamda_ratio_section(runs: list[dict], equal: list[dict]) -> list[str]:
+    """LaMDA and LaMDA++ at each B and S learning-rate multiple and freeze order measured with the other options at
+    their defaults, at each task's rank and at twice it (`equal`: the `equal_parameters` runs), against ours LoRA at
+    its own rank on both tasks, with which rows meet every target."""
+    groups, equal_groups = grouped(runs), grouped(equal)
+    refs = {task: groups.get((task, "ours", "lora", ()), []) for task in ("drugreview", "chatterbot")}
+    ranks = " / ".join(str(TASKS[task]["r"]) for task in refs)
+    wide_ranks = " / ".join(str(dict(equal_parameters(task))["r"]) for task in refs)
+
+    def multiples_only(opts: tuple) -> bool:
+        o, d = dict(opts), dict(LAMDA)
+        varied = ("lamda_lr_ratio", "lamda_s_lr_ratio", "lamda_freeze_order")
+        return bool(o) and set(o) - set(d) <= set(varied) and all(o[k] == v for k, v in d.items() if k not in varied)
+
+    keys = sorted(
+        {
+            (rank, k[2], k[3])
+            for rank, source in ((ranks, groups), (wide_ranks, equal_groups))
+            for k in source
+            if k[1] == "ours" and k[2] in ("lamda", "lamda++") and multiples_only(k[3])
+        },
+        key=lambda k: (k[0] != ranks, k[1], dict(k[2]).get("lamda_freeze_order", ""), dict(k[2])["lamda_lr_ratio"]),
+    )
+    if not any(dict(opts) != dict(LAMDA) for _, _, opts in keys):
+        return []
+    out = [
+        "### LaMDA's learning-rate multiples and freeze order",
+        "",
+        "| r (drug-review / chatterbot) | method | B's multiple | S's multiple | B freezes | drug-review seeds | "
+        "accuracy | "
+        "macro-F1 | eval loss | train loss | ours LoRA − method: accuracy | macro-F1 | chatterbot seeds | eval loss | "
+        "method / ours LoRA − 1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    good = []
+    for rank, method, opts in keys:
+        o, source = dict(opts), groups if rank == ranks else equal_groups
+        drug, chat = (source.get((task, "ours", method, opts), []) for task in refs)
+        cells, ok = _gap_cells(refs, drug, chat)
+        b, s = o["lamda_lr_ratio"], o["lamda_lr_ratio"] * o["lamda_s_lr_ratio"]
+        order = FREEZE_ORDERS[o.get("lamda_freeze_order", "ascending")]
+        if ok:
+            good.append(f"{method} at r={rank} with B at {b:g}x and S at {s:g}x, B freezing {order}")
+        out.append(
+            f"| {rank} | {method} | {b:g} | {s:g} | {order} | {len(drug) or '–'} | "
+            f"{stat(values(drug, 'eval_accuracy', 100), 1)} | {stat(values(drug, 'eval_macro_f1'))} | "
+            f"{stat(values(drug, 'eval_loss'))} | {stat(values(drug, 'train_loss'))} | {cells[0]} | {cells[1]} | "
+            f"{len(chat) or '–'} | {stat(values(chat, 'eval_loss'))} | {cells[2]} |"
+        )
+    rank, first = next(
+        (rank, rs[0])
+        for rank, method, opts in keys
+        if dict(opts) != dict(LAMDA)
+        and (rs := (groups if rank == ranks else equal_groups).get(("drugreview", "ours", method, opts)))
+    )
+    spec = () if rank == ranks else EQUAL_PARAMETERS
+    argv = run_argv("drugreview", "ours", first["method"], 0, recorded_options(first), spec)
+    out += [
+        "",
+        "Command: `python scripts/accuracy.py sweep --plan issue13-lamda-lr`; a row's runs are "
+        f"`python scripts/accuracy.py run {' '.join(argv)}` with its method, rank, options and seed (r=16 on "
+        "drug-review: `--spec r=16 --spec alpha=32`). The multiples are of the learning rate: B (PMB) trains at "
+        "`lamda_lr_ratio` x it during its window, S at `lamda_lr_ratio` x `lamda_s_lr_ratio` x it throughout. B's "
+        "window is the first 3/4 of the steps (the default); over it B's columns freeze one by one from the smallest "
+        "singular value (`lamda_freeze_order=ascending`, the default), or B trains whole until its end (`all`). "
+        "The other options are the defaults (`lamda_init=spectral`). Targets as in the "
+        "done-when table, 3 seeds or more on each side of each task. "
+        + (
+            f"Meeting every target on both tasks: {'; '.join(good)}."
+            if good
+            else "No row measured meets every target on both tasks."
+        ),
+    ]
+    return out
+
+
 def drug_ablation(groups: dict[tuple, list[dict]]) -> list[str]:
     """LaMDA's inits on drug-review at seed 0, against PEFT LoRA and ours LoRA-FA at the same seed."""
     out = [
@@ -769,11 +848,10 @@ def accuracy_part(save_figure) -> list[str]:
     out = [
         "Command: `python scripts/accuracy.py sweep --plan issue13`, then `--plan issue13-seeds` and "
         "`--plan issue13-seeds8` (seeds 3 and 4, then 5 to 7, of the done-when rows on drug-review) and "
-        "`--plan issue13-ratio` (LoRA-FA's B learning-rate multiple) and `--plan issue13-rank` (twice the rank) (each "
-        "run in "
-        "its own process, skipping finished ones; `--shard 0/2` and `--shard 1/2` split a plan between two sweeps; "
-        "each row's `run` command is in its table). Protocols: "
-        "chatterbot "
+        "`--plan issue13-ratio` (LoRA-FA's B learning-rate multiple), `--plan issue13-rank` (twice the rank) and "
+        "`--plan issue13-lamda-lr` (LaMDA's learning-rate multiples) (each run in its own process, skipping finished "
+        "ones; `--shard 0/2` and `--shard 1/2` split a plan between two sweeps; each row's `run` command is in its "
+        "table). Protocols: chatterbot "
         f"{PROTOCOL['chatterbot']}, drug-review {PROTOCOL['drugreview']} (below). Device: a "
         f"{first.get('cpu_count', 2)}-core CPU machine, torch {first.get('torch', '2.13.0+cpu')}; most runs took "
         "1 thread each, two at a time under `nice`, so `train s` is not a speed measure (the memory tables are). "
@@ -799,10 +877,11 @@ def accuracy_part(save_figure) -> list[str]:
         *lorafa_ratio_section(runs, equal),
         "",
         *(section + [""] if (section := rank_section(runs, equal)) else []),
+        *(section + [""] if (section := lamda_ratio_section(runs, equal)) else []),
         *task_tables(runs, save_figure),
     ]
     done = {p.stem for p in RESULTS.glob("*.json")}
-    for plan in ("issue13", "issue13-seeds", "issue13-seeds8", "issue13-ratio", "issue13-rank"):
+    for plan in ("issue13", "issue13-seeds", "issue13-seeds8", "issue13-ratio", "issue13-rank", "issue13-lamda-lr"):
         if missing := [run_name(*r) for r in PLANS[plan] if run_name(*r) not in done]:
             out += ["", f"Planned in `--plan {plan}` but not run when this page was generated: {', '.join(missing)}."]
     return out

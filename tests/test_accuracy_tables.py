@@ -18,7 +18,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from accuracy import LAMDA, TASKS  # noqa: E402
+from accuracy import LAMDA, TASKS, lamda_options, recorded_options, run_name  # noqa: E402
 from accuracy_tables import (  # noqa: E402
     DRUG_VS_LORA,
     PLUS_VS_LAMDA,
@@ -28,6 +28,7 @@ from accuracy_tables import (  # noqa: E402
     done_when,
     gap_error,
     grouped,
+    lamda_ratio_section,
     lamdapp_ranks,
     lorafa_ratio_section,
     pooled_sd,
@@ -149,6 +150,79 @@ def test_rank_section_holds_each_method_at_each_rank_to_lora():
     assert rows[("| ours", "lamda++", "16")].endswith("| – | – | – | – | – | – | – |")
     assert "--impl peft --method lorafa --seed 0 --spec r=16 --spec alpha=32" in lines[-1]
     assert "--impl ours --method lamda --seed 0" in lines[-1] and "256 at r=16, 64 at r=8" in lines[-1]
+
+
+def test_lamda_ratio_section_holds_each_multiple_at_each_rank_to_lora_on_both_tasks():
+    def run(task: str, method: str, seed: int, ratio: float | None = None, order: str = "", **metrics) -> dict:
+        options = {**dict(LAMDA), "lamda_lr_ratio": ratio, "lamda_s_lr_ratio": 1 / ratio} if ratio else {}
+        options |= {"lamda_freeze_order": order} if order else {}
+        return {"task": task, "impl": "ours", "method": method, "seed": seed, "protocol": 3,
+                "effective_options": options, "train_loss": 0.5, **metrics}  # fmt: skip
+
+    def drug(method: str, seed: int, acc: float, f1: float, ratio: float | None = None, order: str = "") -> dict:
+        return run("drugreview", method, seed, ratio, order, eval_accuracy=acc, eval_macro_f1=f1, eval_loss=1.0)
+
+    runs = [drug("lora", s, 0.70 + 0.01 * s, 0.50) for s in range(3)]
+    runs += [run("chatterbot", "lora", s, eval_loss=1.0 + 0.01 * s) for s in range(3)]
+    default = [{**drug("lamda", s, 0.69, 0.47), "effective_options": dict(LAMDA)} for s in range(3)]
+    assert lamda_ratio_section(runs + default, default) == []  # only the default options: no section
+    wide = default + [drug("lamda", s, 0.705 + 0.01 * s, 0.50, 2.0) for s in range(3)]
+    wide += [drug("lamda++", s, 0.68 + 0.01 * s, 0.50, 4.0) for s in range(3)]  # 2 points below in accuracy
+    wide += [drug("lamda", s, 0.70, 0.49, 2.0, "all") for s in range(2)]  # B whole until the window's end, 2 seeds
+    at_r = runs + default + [drug("lamda", 0, 0.66, 0.42, 2.0)]  # one seed at r=8
+    at_r += [{**drug("lamda", 0, 0.70, 0.50), "effective_options": {**dict(LAMDA), "lamda_freeze_fraction": 0.5}}]
+    lines = lamda_ratio_section(at_r, wide)
+    assert lines[0] == "### LaMDA's learning-rate multiples and freeze order"
+    rows = [line for line in lines if line.startswith("| 8 / 16") or line.startswith("| 16 / 32")]
+    by_column = "column by column"
+    assert [row.split(" | ")[:5] for row in rows] == [  # the freeze-fraction run is not one of this table's rows
+        ["| 8 / 16", "lamda", "1", "1", by_column],
+        ["| 8 / 16", "lamda", "2", "1", by_column],
+        ["| 16 / 32", "lamda", "1", "1", by_column],
+        ["| 16 / 32", "lamda", "2", "1", by_column],
+        ["| 16 / 32", "lamda", "2", "1", "whole at the window's end"],
+        ["| 16 / 32", "lamda++", "4", "1", by_column],
+    ]
+    assert rows[0].endswith(
+        "| 3 | 69.0 ± 0.0 | 0.470 ± 0.000 | 1.000 ± 0.000 | 0.500 ± 0.000 | +2.0 ± 0.6 | +3.0 ± 0.0 | – | – | – |"
+    )
+    assert rows[1].endswith("| 1 | 66.0 | 0.420 | 1.000 | 0.500 | +5.0 ± 0.6 | +8.0 ± 0.0 | – | – | – |")
+    assert rows[3].endswith(
+        "| 3 | 71.5 ± 1.0 | 0.500 ± 0.000 | 1.000 ± 0.000 | 0.500 ± 0.000 | -0.5 ± 0.8 | +0.0 ± 0.0 | – | – | – |"
+    )
+    assert "| 2 | 70.0 ± 0.0 | 0.490 ± 0.000 |" in rows[4]
+    assert "| 3 | 69.0 ± 1.0 | 0.500 ± 0.000 |" in rows[5]
+    assert "--method lamda --seed 0" in lines[-1] and "lamda_lr_ratio=2.0" in lines[-1]
+    assert "--spec r=16" not in lines[-1].split("`")[3]  # the first row's command is the r=8 run's
+    assert lines[-1].endswith("No row measured meets every target on both tasks.")  # no chatterbot runs at 32
+    wide += [run("chatterbot", m, s, ratio, eval_loss=0.9) for s in range(3) for m, ratio in (("lamda", 2.0),
+             ("lamda++", 4.0))]  # fmt: skip
+    lines = lamda_ratio_section(at_r, wide)
+    row = next(line for line in lines if line.startswith("| 16 / 32 | lamda | 2 |"))
+    assert row.endswith("| 3 | 0.900 ± 0.000 | -10.9 ± 0.6% |")
+    assert lines[-1].endswith(
+        "Meeting every target on both tasks: lamda at r=16 / 32 with B at 2x and S at 1x, B freezing column by column."
+    )
+
+
+def test_the_freeze_order_is_named_only_away_from_its_default():
+    whole = lamda_options("spectral", 2.0, 0.5, 0.75, "all")
+    assert lamda_options("spectral", 1.0, 1.0, 0.75, "ascending") == LAMDA  # the runs from before it was an option
+    assert (
+        run_name("drugreview", "ours", "lamda", 3, LAMDA)
+        == "drugreview-ours-lamda-init-spectral-lr1-slr1-ff0.75-seed3"
+    )
+    assert run_name("drugreview", "ours", "lamda", 3, whole).endswith("-lr2-slr0.5-ff0.75-order-all-seed3")
+    old = {"impl": "ours", "method": "lamda", "effective_options": dict(LAMDA)}  # recorded before the option
+    new = {**old, "effective_options": {**dict(LAMDA), "lamda_freeze_order": "ascending"}}
+    assert recorded_options(old) == recorded_options(new) == LAMDA
+    assert recorded_options({**old, "effective_options": dict(whole)}) == whole
+    lorafa = {
+        "impl": "ours",
+        "method": "lorafa",
+        "effective_options": {"lorafa_lr_ratio": 4.0, "lamda_freeze_order": "all"},
+    }
+    assert recorded_options(lorafa) == (("lorafa_lr_ratio", 4.0),)  # not one of LoRA-FA's options
 
 
 def test_done_when_gaps_match_the_result_files():
