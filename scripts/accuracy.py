@@ -281,16 +281,26 @@ PLANS["issue13-rank"] = [
 # seeds (the spectral init already moves W σ_i/s times as far per step on B's column i as LoRA-FA's B). Then the
 # freeze order at r=16 with B at 2x: B whole until 3/4 of the steps ("all"), where the ascending order freezes half of
 # B's columns by 3/8 of them; LoRA-FA's B at that rank keeps lowering the training loss to the end (0.03 against
-# LaMDA's 0.22 at seed 0), seed by seed.
+# LaMDA's 0.22 at seed 0). It fitted more and scored lower again (seeds 0 and 1), so the spectral B and S themselves
+# come next: the published code's A and B = 0 with S = I ("identity": while B trains, exactly LoRA-FA's update), B at
+# 4x (LoRA-FA's default multiple), S at 1x, B whole until 3/4 of the steps, at twice the rank: LoRA-FA at r=16 with
+# B at 4x for most of the run, then S alone (r² a layer) for the rest. Drug-review seeds 0 and 1, then chatterbot's
+# three at its twice the rank (r=32), then the other drug-review seeds.
 LAMDA_B_RATIOS = [lamda_options("spectral", ratio, 1.0 / ratio, 0.75) for ratio in (2.0, 4.0)]
 LAMDA_HALF = lamda_options("spectral", 0.5, 1.0, 0.75)
 LAMDA_B_WHOLE = lamda_options("spectral", 2.0, 0.5, 0.75, "all")
+LAMDA_AS_LORAFA = lamda_options("identity", 4.0, 0.25, 0.75, "all")
 PLANS["issue13-lamda-lr"] = [
     *[("drugreview", "ours", "lamda", seed, LAMDA_B_RATIOS[0], EQUAL_PARAMETERS) for seed in SEEDS],
     ("drugreview", "ours", "lamda", 0, LAMDA_B_RATIOS[1], EQUAL_PARAMETERS),
     ("drugreview", "ours", "lamda", 0, LAMDA_B_RATIOS[0]),
     *[("drugreview", "ours", "lamda", seed, LAMDA_HALF) for seed in SEEDS],
-    *[("drugreview", "ours", "lamda", seed, LAMDA_B_WHOLE, EQUAL_PARAMETERS) for seed in range(8)],
+    *[("drugreview", "ours", "lamda", seed, LAMDA_B_WHOLE, EQUAL_PARAMETERS) for seed in (0, 1)],
+    *[("drugreview", "ours", "lamda", seed, LAMDA_AS_LORAFA, EQUAL_PARAMETERS) for seed in (0, 1)],
+    *[("chatterbot", "ours", "lamda", seed, LAMDA_AS_LORAFA, equal_parameters("chatterbot")) for seed in (0, 1)],
+    ("drugreview", "ours", "lamda", 2, LAMDA_AS_LORAFA, EQUAL_PARAMETERS),
+    ("chatterbot", "ours", "lamda", 2, LAMDA_AS_LORAFA, equal_parameters("chatterbot")),
+    *[("drugreview", "ours", "lamda", seed, LAMDA_AS_LORAFA, EQUAL_PARAMETERS) for seed in range(3, 8)],
 ]
 PLANS = {plan: list(dict.fromkeys(runs)) for plan, runs in PLANS.items()}  # a run listed twice runs once
 
