@@ -285,7 +285,7 @@ PLANS["issue13-rank"] = [
 # come next: the published code's A and B = 0 with S = I ("identity": while B trains, exactly LoRA-FA's update), B at
 # 4x (LoRA-FA's default multiple), S at 1x, B whole until 3/4 of the steps, at twice the rank: LoRA-FA at r=16 with
 # B at 4x for most of the run, then S alone (r² a layer) for the rest. Drug-review seeds 0 and 1, then chatterbot's
-# three at its twice the rank (r=32), then the other drug-review seeds.
+# three at its twice the rank (r=32), then drug-review seeds 2-4, LaMDA++ likewise (3 seeds each task), seeds 5-7.
 LAMDA_B_RATIOS = [lamda_options("spectral", ratio, 1.0 / ratio, 0.75) for ratio in (2.0, 4.0)]
 LAMDA_HALF = lamda_options("spectral", 0.5, 1.0, 0.75)
 LAMDA_B_WHOLE = lamda_options("spectral", 2.0, 0.5, 0.75, "all")
@@ -300,7 +300,15 @@ PLANS["issue13-lamda-lr"] = [
     *[("chatterbot", "ours", "lamda", seed, LAMDA_AS_LORAFA, equal_parameters("chatterbot")) for seed in (0, 1)],
     ("drugreview", "ours", "lamda", 2, LAMDA_AS_LORAFA, EQUAL_PARAMETERS),
     ("chatterbot", "ours", "lamda", 2, LAMDA_AS_LORAFA, equal_parameters("chatterbot")),
-    *[("drugreview", "ours", "lamda", seed, LAMDA_AS_LORAFA, EQUAL_PARAMETERS) for seed in range(3, 8)],
+    *[
+        (task, "ours", method, seed, LAMDA_AS_LORAFA, equal_parameters(task))
+        for seed, task, method in [
+            (3, "drugreview", "lamda"),
+            (4, "drugreview", "lamda"),
+            *[(seed, task, "lamda++") for seed in SEEDS for task in ("drugreview", "chatterbot")],
+            *[(seed, "drugreview", "lamda") for seed in (5, 6, 7)],
+        ]
+    ],
 ]
 PLANS = {plan: list(dict.fromkeys(runs)) for plan, runs in PLANS.items()}  # a run listed twice runs once
 
@@ -489,16 +497,29 @@ def parse_shard(text: str) -> tuple[int, int]:
 def sweep(plan: str, out_dir: Path, shard: tuple[int, int] = (0, 1)) -> None:
     """Each run in a fresh subprocess (independent memory and RNG), skipping runs whose JSON already exists.
 
-    `shard` (k, n) takes every n-th run from the k-th on, so n sweeps side by side split a plan between them.
+    `shard` (k, n) takes every n-th run from the k-th on, so n sweeps side by side split a plan between them. Sweeps
+    side by side on the whole plan (no shard) share it instead: each claims a run (`tmp/NAME.claim` under `out_dir`)
+    before starting it and skips runs another has claimed, so the runs go to whichever sweep is free first. A claim
+    is dropped when its run ends; one left by a killed sweep is deleted by hand.
     """
     k, n = shard
+    claims = out_dir / "tmp"
+    claims.mkdir(parents=True, exist_ok=True)
     for entry in PLANS[plan][k::n]:  # (task, impl, method, seed, options[, spec_changes])
         name = run_name(*entry)
         if (out_dir / f"{name}.json").exists():
             continue
+        claim = claims / f"{name}.claim"
+        try:
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            continue
         argv = [sys.executable, __file__, "run", *run_argv(*entry), "--out", str(out_dir)]
         started = time.time()
-        code = subprocess.call(argv, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        try:
+            code = subprocess.call(argv, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        finally:
+            claim.unlink(missing_ok=True)
         print(f"[accuracy] {name}: exit {code} after {time.time() - started:.0f} s", flush=True)
 
 
@@ -533,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         type=parse_shard,
         default=(0, 1),
         metavar="K/N",
-        help="run every N-th run of the plan from the K-th on (0-based), to split it between N sweeps side by side",
+        help="run every N-th run of the plan from the K-th on (0-based), to split it between N sweeps side by side "
+        "(without it, sweeps side by side share the plan, each claiming the next run not claimed)",
     )
     args = parser.parse_args(argv)
     if args.command == "sweep":

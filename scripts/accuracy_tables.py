@@ -454,8 +454,8 @@ FREEZE_ORDERS = {"ascending": "column by column", "all": "whole at the window's 
 
 
 def lamda_ratio_section(runs: list[dict], equal: list[dict]) -> list[str]:
-    """LaMDA and LaMDA++ at each B and S learning-rate multiple and freeze order measured with the other options at
-    their defaults, at each task's rank and at twice it (`equal`: the `equal_parameters` runs), against ours LoRA at
+    """LaMDA and LaMDA++ at each B and S learning-rate multiple, freeze order and init measured with B's window at its
+    default, at each task's rank and at twice it (`equal`: the `equal_parameters` runs), against ours LoRA at
     its own rank on both tasks, with which rows meet every target."""
     groups, equal_groups = grouped(runs), grouped(equal)
     refs = {task: groups.get((task, "ours", "lora", ()), []) for task in ("drugreview", "chatterbot")}
@@ -464,7 +464,7 @@ def lamda_ratio_section(runs: list[dict], equal: list[dict]) -> list[str]:
 
     def multiples_only(opts: tuple) -> bool:
         o, d = dict(opts), dict(LAMDA)
-        varied = ("lamda_lr_ratio", "lamda_s_lr_ratio", "lamda_freeze_order")
+        varied = ("lamda_init", "lamda_lr_ratio", "lamda_s_lr_ratio", "lamda_freeze_order")
         return bool(o) and set(o) - set(d) <= set(varied) and all(o[k] == v for k, v in d.items() if k not in varied)
 
     keys = sorted(
@@ -474,18 +474,25 @@ def lamda_ratio_section(runs: list[dict], equal: list[dict]) -> list[str]:
             for k in source
             if k[1] == "ours" and k[2] in ("lamda", "lamda++") and multiples_only(k[3])
         },
-        key=lambda k: (k[0] != ranks, k[1], dict(k[2]).get("lamda_freeze_order", ""), dict(k[2])["lamda_lr_ratio"]),
+        key=lambda k: (
+            k[0] != ranks,
+            k[1],
+            dict(k[2])["lamda_init"] != "spectral",
+            dict(k[2]).get("lamda_freeze_order", ""),
+            dict(k[2])["lamda_lr_ratio"],
+        ),
     )
     if not any(dict(opts) != dict(LAMDA) for _, _, opts in keys):
         return []
     out = [
-        "### LaMDA's learning-rate multiples and freeze order",
+        "### LaMDA's learning-rate multiples, freeze order and init",
         "",
-        "| r (drug-review / chatterbot) | method | B's multiple | S's multiple | B freezes | drug-review seeds | "
+        "| r (drug-review / chatterbot) | method | lamda_init | B's multiple | S's multiple | B freezes | "
+        "drug-review seeds | "
         "accuracy | "
         "macro-F1 | eval loss | train loss | ours LoRA − method: accuracy | macro-F1 | chatterbot seeds | eval loss | "
         "method / ours LoRA − 1 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     good = []
     for rank, method, opts in keys:
@@ -495,9 +502,9 @@ def lamda_ratio_section(runs: list[dict], equal: list[dict]) -> list[str]:
         b, s = o["lamda_lr_ratio"], o["lamda_lr_ratio"] * o["lamda_s_lr_ratio"]
         order = FREEZE_ORDERS[o.get("lamda_freeze_order", "ascending")]
         if ok:
-            good.append(f"{method} at r={rank} with B at {b:g}x and S at {s:g}x, B freezing {order}")
+            good.append(f"{method} at r={rank}, {o['lamda_init']}, B at {b:g}x and S at {s:g}x, B freezing {order}")
         out.append(
-            f"| {rank} | {method} | {b:g} | {s:g} | {order} | {len(drug) or '–'} | "
+            f"| {rank} | {method} | {o['lamda_init']} | {b:g} | {s:g} | {order} | {len(drug) or '–'} | "
             f"{stat(values(drug, 'eval_accuracy', 100), 1)} | {stat(values(drug, 'eval_macro_f1'))} | "
             f"{stat(values(drug, 'eval_loss'))} | {stat(values(drug, 'train_loss'))} | {cells[0]} | {cells[1]} | "
             f"{len(chat) or '–'} | {stat(values(chat, 'eval_loss'))} | {cells[2]} |"
@@ -518,7 +525,8 @@ def lamda_ratio_section(runs: list[dict], equal: list[dict]) -> list[str]:
         "`lamda_lr_ratio` x it during its window, S at `lamda_lr_ratio` x `lamda_s_lr_ratio` x it throughout. B's "
         "window is the first 3/4 of the steps (the default); over it B's columns freeze one by one from the smallest "
         "singular value (`lamda_freeze_order=ascending`, the default), or B trains whole until its end (`all`). "
-        "The other options are the defaults (`lamda_init=spectral`). Targets as in the "
+        "`lamda_init` as in `hf_lorafa/lamda.py` (`spectral`, the default: B = U_r and S = diag(σ_r)/s from W's SVD; "
+        "`identity`: B = 0 and S = I, so that while B trains its update is LoRA-FA's). Targets as in the "
         "done-when table, 3 seeds or more on each side of each task. "
         + (
             f"Meeting every target on both tasks: {'; '.join(good)}."
@@ -849,9 +857,10 @@ def accuracy_part(save_figure) -> list[str]:
         "Command: `python scripts/accuracy.py sweep --plan issue13`, then `--plan issue13-seeds` and "
         "`--plan issue13-seeds8` (seeds 3 and 4, then 5 to 7, of the done-when rows on drug-review) and "
         "`--plan issue13-ratio` (LoRA-FA's B learning-rate multiple), `--plan issue13-rank` (twice the rank) and "
-        "`--plan issue13-lamda-lr` (LaMDA's learning-rate multiples) (each run in its own process, skipping finished "
-        "ones; `--shard 0/2` and `--shard 1/2` split a plan between two sweeps; each row's `run` command is in its "
-        "table). Protocols: chatterbot "
+        "`--plan issue13-lamda-lr` (LaMDA's learning-rate multiples, freeze order and init) (each run in its own "
+        "process, skipping finished ones; `--shard 0/2` and `--shard 1/2` split a plan between two sweeps, and two "
+        "sweeps without `--shard` share it, each claiming a run before starting it; each row's `run` command is in "
+        "its table). Protocols: chatterbot "
         f"{PROTOCOL['chatterbot']}, drug-review {PROTOCOL['drugreview']} (below). Device: a "
         f"{first.get('cpu_count', 2)}-core CPU machine, torch {first.get('torch', '2.13.0+cpu')}; most runs took "
         "1 thread each, two at a time under `nice`, so `train s` is not a speed measure (the memory tables are). "

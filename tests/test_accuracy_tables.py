@@ -18,6 +18,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import accuracy  # noqa: E402
 from accuracy import LAMDA, TASKS, lamda_options, recorded_options, run_name  # noqa: E402
 from accuracy_tables import (  # noqa: E402
     DRUG_VS_LORA,
@@ -156,6 +157,7 @@ def test_lamda_ratio_section_holds_each_multiple_at_each_rank_to_lora_on_both_ta
     def run(task: str, method: str, seed: int, ratio: float | None = None, order: str = "", **metrics) -> dict:
         options = {**dict(LAMDA), "lamda_lr_ratio": ratio, "lamda_s_lr_ratio": 1 / ratio} if ratio else {}
         options |= {"lamda_freeze_order": order} if order else {}
+        options |= {"lamda_init": "identity"} if order == "all" and ratio == 4.0 else {}
         return {"task": task, "impl": "ours", "method": method, "seed": seed, "protocol": 3,
                 "effective_options": options, "train_loss": 0.5, **metrics}  # fmt: skip
 
@@ -169,19 +171,22 @@ def test_lamda_ratio_section_holds_each_multiple_at_each_rank_to_lora_on_both_ta
     wide = default + [drug("lamda", s, 0.705 + 0.01 * s, 0.50, 2.0) for s in range(3)]
     wide += [drug("lamda++", s, 0.68 + 0.01 * s, 0.50, 4.0) for s in range(3)]  # 2 points below in accuracy
     wide += [drug("lamda", s, 0.70, 0.49, 2.0, "all") for s in range(2)]  # B whole until the window's end, 2 seeds
+    wide += [drug("lamda", s, 0.71, 0.50, 4.0, "all") for s in range(3)]  # and B = 0, S = I
     at_r = runs + default + [drug("lamda", 0, 0.66, 0.42, 2.0)]  # one seed at r=8
     at_r += [{**drug("lamda", 0, 0.70, 0.50), "effective_options": {**dict(LAMDA), "lamda_freeze_fraction": 0.5}}]
     lines = lamda_ratio_section(at_r, wide)
-    assert lines[0] == "### LaMDA's learning-rate multiples and freeze order"
+    assert lines[0] == "### LaMDA's learning-rate multiples, freeze order and init"
     rows = [line for line in lines if line.startswith("| 8 / 16") or line.startswith("| 16 / 32")]
     by_column = "column by column"
-    assert [row.split(" | ")[:5] for row in rows] == [  # the freeze-fraction run is not one of this table's rows
-        ["| 8 / 16", "lamda", "1", "1", by_column],
-        ["| 8 / 16", "lamda", "2", "1", by_column],
-        ["| 16 / 32", "lamda", "1", "1", by_column],
-        ["| 16 / 32", "lamda", "2", "1", by_column],
-        ["| 16 / 32", "lamda", "2", "1", "whole at the window's end"],
-        ["| 16 / 32", "lamda++", "4", "1", by_column],
+    whole = "whole at the window's end"
+    assert [row.split(" | ")[:6] for row in rows] == [  # the freeze-fraction run is not one of this table's rows
+        ["| 8 / 16", "lamda", "spectral", "1", "1", by_column],
+        ["| 8 / 16", "lamda", "spectral", "2", "1", by_column],
+        ["| 16 / 32", "lamda", "spectral", "1", "1", by_column],
+        ["| 16 / 32", "lamda", "spectral", "2", "1", by_column],
+        ["| 16 / 32", "lamda", "spectral", "2", "1", whole],
+        ["| 16 / 32", "lamda", "identity", "4", "1", whole],
+        ["| 16 / 32", "lamda++", "spectral", "4", "1", by_column],
     ]
     assert rows[0].endswith(
         "| 3 | 69.0 ± 0.0 | 0.470 ± 0.000 | 1.000 ± 0.000 | 0.500 ± 0.000 | +2.0 ± 0.6 | +3.0 ± 0.0 | – | – | – |"
@@ -191,17 +196,19 @@ def test_lamda_ratio_section_holds_each_multiple_at_each_rank_to_lora_on_both_ta
         "| 3 | 71.5 ± 1.0 | 0.500 ± 0.000 | 1.000 ± 0.000 | 0.500 ± 0.000 | -0.5 ± 0.8 | +0.0 ± 0.0 | – | – | – |"
     )
     assert "| 2 | 70.0 ± 0.0 | 0.490 ± 0.000 |" in rows[4]
-    assert "| 3 | 69.0 ± 1.0 | 0.500 ± 0.000 |" in rows[5]
+    assert "| 3 | 71.0 ± 0.0 | 0.500 ± 0.000 |" in rows[5]
+    assert "| 3 | 69.0 ± 1.0 | 0.500 ± 0.000 |" in rows[6]
     assert "--method lamda --seed 0" in lines[-1] and "lamda_lr_ratio=2.0" in lines[-1]
     assert "--spec r=16" not in lines[-1].split("`")[3]  # the first row's command is the r=8 run's
     assert lines[-1].endswith("No row measured meets every target on both tasks.")  # no chatterbot runs at 32
     wide += [run("chatterbot", m, s, ratio, eval_loss=0.9) for s in range(3) for m, ratio in (("lamda", 2.0),
              ("lamda++", 4.0))]  # fmt: skip
     lines = lamda_ratio_section(at_r, wide)
-    row = next(line for line in lines if line.startswith("| 16 / 32 | lamda | 2 |"))
+    row = next(line for line in lines if line.startswith(f"| 16 / 32 | lamda | spectral | 2 | 1 | {by_column} |"))
     assert row.endswith("| 3 | 0.900 ± 0.000 | -10.9 ± 0.6% |")
     assert lines[-1].endswith(
-        "Meeting every target on both tasks: lamda at r=16 / 32 with B at 2x and S at 1x, B freezing column by column."
+        "Meeting every target on both tasks: lamda at r=16 / 32, spectral, B at 2x and S at 1x, B freezing column by "
+        "column."
     )
 
 
@@ -223,6 +230,26 @@ def test_the_freeze_order_is_named_only_away_from_its_default():
         "effective_options": {"lorafa_lr_ratio": 4.0, "lamda_freeze_order": "all"},
     }
     assert recorded_options(lorafa) == (("lorafa_lr_ratio", 4.0),)  # not one of LoRA-FA's options
+
+
+def test_sweeps_side_by_side_claim_each_run_once(tmp_path, monkeypatch):
+    plan = [("drugreview", "ours", "lamda", seed, LAMDA) for seed in range(4)]
+    monkeypatch.setitem(accuracy.PLANS, "test", plan)
+    names = [run_name(*entry) for entry in plan]
+    (tmp_path / f"{names[0]}.json").write_text("{}")  # finished
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "tmp" / f"{names[1]}.claim").touch()  # running in another sweep
+    started = []
+
+    def call(argv, env):
+        started.append(argv[argv.index("--seed") + 1])
+        assert (tmp_path / "tmp" / f"{names[int(started[-1])]}.claim").exists()  # claimed while it runs
+        return 1 if started[-1] == "3" else 0
+
+    monkeypatch.setattr(accuracy.subprocess, "call", call)
+    accuracy.sweep("test", tmp_path)
+    assert started == ["2", "3"]
+    assert [p.name for p in (tmp_path / "tmp").iterdir()] == [f"{names[1]}.claim"]  # a failed run can be retried
 
 
 def test_done_when_gaps_match_the_result_files():
