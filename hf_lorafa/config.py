@@ -62,7 +62,11 @@ class LoRAFAConfig:
             the training loss).
         lamda_freeze_order (`str`, *optional*, defaults to `"ascending"`):
             Order in which B's columns freeze: `"ascending"` singular value first (the least important directions
-            stop moving first), or `"all"` (the whole of B at the end of the freezing window).
+            stop moving first), or `"all"` (the whole of B at the end of the freezing window). With `"all"`,
+            `lamda_init="identity"`, `lamda_lr_ratio=4` and `lamda_s_lr_ratio=0.25` at twice LoRA's r, LaMDA is LoRA-FA
+            at that rank until the window's end and S alone after it: level with LoRA's accuracy and macro-F1 on
+            drug-review (gaps +0.1 and -0.1 points, 8 seeds), 22% below its held-out loss on chatterbot (3 seeds;
+            BENCHMARKS.md). The spectral init at 2r with B whole scores lower.
         lamda_init (`str`, *optional*, defaults to `"spectral"`):
             How LaMDA starts (`hf_lorafa/lamda.py` says which parts are the paper's): `"spectral"` (A random and
             orthonormal as LoRA-FA's; B = U_r, S = diag(σ_r)/s from W's SVD, with C = B S taken off inside the
@@ -74,7 +78,9 @@ class LoRAFAConfig:
             LoRA's held-out loss on chatterbot, `"identity"` ends 16% above it; on drug-review (MiniLM) W's top-r
             right singular vectors are a poor frozen A (seed 0 stays at the class prior with them).
         lamda_lr_ratio (`float`, *optional*, defaults to `1.0`):
-            Learning-rate multiplier of LaMDA's `lora_S` and `lora_B`, applied by the trainer's optimizer.
+            Learning-rate multiplier of LaMDA's `lora_S` and `lora_B`, applied by the trainer's optimizer. With the
+            spectral init a step on B's column i already moves W σ_i/s times as far as LoRA-FA's: on drug-review
+            (MiniLM) B at 2x or 4x (S at 1x) and S and B at 0.5x all score below 1.0 (BENCHMARKS.md).
         lamda_s_lr_ratio (`float`, *optional*, defaults to `1.0`):
             Further learning-rate multiplier of LaMDA's r×r core `lora_S` alone (S trains at `lamda_lr_ratio` ×
             `lamda_s_lr_ratio` × the learning rate). An Adam step on one of S's r² entries moves W along one rank-1

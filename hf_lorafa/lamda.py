@@ -45,6 +45,17 @@ Adaptation" (arXiv:2406.12832). What is the paper's and what is ours:
   over three quarters); on drug-review the S-only part of a run hardly lowers the training loss, and 0.75 beats
   0.5's macro-F1 on every seed (BENCHMARKS.md). This is later than the paper's "early" freezing, which its longer
   GLUE runs can afford.
+- At twice LoRA's rank (ours; BENCHMARKS.md, "LaMDA's learning-rate multiples, freeze order and init"): at the same r
+  no LaMDA setting measured reaches LoRA on drug-review (MiniLM), and twice the rank alone leaves the spectral init
+  where it was (70.2% / .471 at r=16, 70.4% / .470 at r=8, 8 seeds). Larger steps on its B (2x, 4x) or B whole until
+  the window's end make it fit the training set further and score lower (B at 2x and whole: 66.6% / .472, 2 seeds); so
+  do S and B at half the rate (r=8: 69.2% / .440, 3 seeds). What reaches LoRA is LoRA-FA's pace while B trains: at 2r,
+  `lamda_init="identity"`, `lamda_lr_ratio=4`, `lamda_s_lr_ratio=0.25` and `lamda_freeze_order="all"` (B = 0 and S = I,
+  B at 4x the learning rate and whole for the first 3/4 of the steps, then S alone, r² a layer, at the rate itself):
+  drug-review 71.2% / .496 against ours LoRA's 71.3% / .495 at r (8 seeds), chatterbot 22% below LoRA's held-out loss
+  (3 seeds); LaMDA++ the same way 71.9% / .500 (3 seeds) and 22% below (3 seeds). For 3/4 of such a run LaMDA trains
+  what LoRA-FA at 2r does (about LoRA's parameter count); its saving over that is the last quarter's optimizer state
+  and B's gradient, and A·x keeps 2r values a token.
 - §3.3 (LaMDA++): ranks per layer from a "normalized spectrum analysis" of each W, singular values only. The rule is
   our reading: a layer's score is the share of its energy (Σσ²) *outside* its top-r directions at the mean rank r,
   so layers whose top singular values hold less of the energy get more rank. Ranks are proportional to the score,

@@ -156,3 +156,22 @@ def test_residual_lamda_trains_without_touching_the_base(llama, input_ids):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train_steps(model.train(), input_ids)
     assert_only_adapter_trained(model, before, a_trains=False)
+
+
+@pytest.mark.parametrize("method", ["lamda", "lamda++"])
+def test_twice_the_rank_recipe_trains_b_whole_at_four_times_then_r_squared(method, llama, input_ids):
+    """README's recipe for LoRA's accuracy (identity init, B at 4x and whole until the window's end, S at 1x): B's
+    every column trains up to the window's end, at 4x the learning rate, and S alone (r² a layer) after it."""
+    recipe = dict(lamda_lr_ratio=4.0, lamda_s_lr_ratio=0.25, lamda_freeze_order="all")
+    model = lamda_model(llama, "identity", method, **recipe)
+    assert lr_ratios(model.hf_lorafa_config) == {"lora_B": 4.0}  # S at 4 x 0.25 = the learning rate itself
+    layers = [m for m in model.modules() if isinstance(m, LaMDALayer)]
+    whole = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert whole == sum(m.r**2 + m.lora_B.weight.numel() for m in layers)
+    grads = first_step_grads(model, input_ids)
+    assert min(grads["lora_B"]) > 0  # every layer's B learns from the first step, as LoRA-FA's does
+    for progress in (0.0, 0.25, 0.5, 0.74):
+        assert lamda_schedule_step(model, progress=progress) == whole
+        assert all(m.frozen_columns == 0 for m in layers)
+    assert lamda_schedule_step(model, progress=0.75) == sum(m.r**2 for m in layers)
+    assert all(not m.lora_B.weight.requires_grad for m in layers)
