@@ -309,6 +309,12 @@ PLANS["issue13-lamda-lr"] = [
             *[(seed, "drugreview", "lamda") for seed in (5, 6, 7)],
         ]
     ],
+    # The same recipe at each task's own r (drug-review 8, chatterbot 16), to decide whether it should be the default.
+    *[
+        (task, "ours", "lamda", seed, LAMDA_AS_LORAFA)
+        for seed, task in [(0, "drugreview"), (0, "chatterbot"), (1, "chatterbot"), (2, "chatterbot")]
+        + [(seed, "drugreview") for seed in range(1, 8)]
+    ],
 ]
 PLANS = {plan: list(dict.fromkeys(runs)) for plan, runs in PLANS.items()}  # a run listed twice runs once
 
