@@ -353,7 +353,11 @@ def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: P
     """
     spec = {**TASKS[task], **dict(spec_changes)}
     if impl == "ours":  # named with every option of the method, so the name says what ran whatever the defaults
-        options = full_options(impl, method, options) + extra_options(method, options)
+        own, optional = METHOD_OPTIONS.get(method, ()), NAMED_WHEN_SET.get(method, ())
+        at_default = [k for k, v in options if k in optional and v == getattr(LoRAFAConfig, k)]
+        options = full_options(impl, method, options) + tuple(
+            (k, v) for k, v in options if k not in own and k not in at_default
+        )
     spec_changes = tuple((k, v) for k, v in spec_changes if TASKS[task].get(k) != v)
     name = run_name(task, impl, method, seed, options, spec_changes)
     torch.manual_seed(seed)

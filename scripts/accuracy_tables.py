@@ -462,17 +462,18 @@ def lamda_ratio_section(runs: list[dict], equal: list[dict]) -> list[str]:
     ranks = " / ".join(str(TASKS[task]["r"]) for task in refs)
     wide_ranks = " / ".join(str(dict(equal_parameters(task))["r"]) for task in refs)
 
-    def multiples_only(opts: tuple) -> bool:
+    def in_table(opts: tuple) -> bool:  # the defaults but for the init, the multiples and the freeze order
         o, d = dict(opts), dict(LAMDA)
         varied = ("lamda_init", "lamda_lr_ratio", "lamda_s_lr_ratio", "lamda_freeze_order")
         return bool(o) and set(o) - set(d) <= set(varied) and all(o[k] == v for k, v in d.items() if k not in varied)
 
+    sources = {ranks: groups, wide_ranks: equal_groups}
     keys = sorted(
         {
             (rank, k[2], k[3])
-            for rank, source in ((ranks, groups), (wide_ranks, equal_groups))
+            for rank, source in sources.items()
             for k in source
-            if k[1] == "ours" and k[2] in ("lamda", "lamda++") and multiples_only(k[3])
+            if k[1] == "ours" and k[2] in ("lamda", "lamda++") and in_table(k[3])
         },
         key=lambda k: (
             k[0] != ranks,
@@ -488,16 +489,14 @@ def lamda_ratio_section(runs: list[dict], equal: list[dict]) -> list[str]:
         "### LaMDA's learning-rate multiples, freeze order and init",
         "",
         "| r (drug-review / chatterbot) | method | lamda_init | B's multiple | S's multiple | B freezes | "
-        "drug-review seeds | "
-        "accuracy | "
-        "macro-F1 | eval loss | train loss | ours LoRA − method: accuracy | macro-F1 | chatterbot seeds | eval loss | "
-        "method / ours LoRA − 1 |",
+        "drug-review seeds | accuracy | macro-F1 | eval loss | train loss | ours LoRA − method: accuracy | macro-F1 | "
+        "chatterbot seeds | eval loss | method / ours LoRA − 1 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     good = []
     for rank, method, opts in keys:
-        o, source = dict(opts), groups if rank == ranks else equal_groups
-        drug, chat = (source.get((task, "ours", method, opts), []) for task in refs)
+        o = dict(opts)
+        drug, chat = (sources[rank].get((task, "ours", method, opts), []) for task in refs)
         cells, ok = _gap_cells(refs, drug, chat)
         b, s = o["lamda_lr_ratio"], o["lamda_lr_ratio"] * o["lamda_s_lr_ratio"]
         order = FREEZE_ORDERS[o.get("lamda_freeze_order", "ascending")]
@@ -512,8 +511,7 @@ def lamda_ratio_section(runs: list[dict], equal: list[dict]) -> list[str]:
     rank, first = next(
         (rank, rs[0])
         for rank, method, opts in keys
-        if dict(opts) != dict(LAMDA)
-        and (rs := (groups if rank == ranks else equal_groups).get(("drugreview", "ours", method, opts)))
+        if dict(opts) != dict(LAMDA) and (rs := sources[rank].get(("drugreview", "ours", method, opts)))
     )
     spec = () if rank == ranks else EQUAL_PARAMETERS
     argv = run_argv("drugreview", "ours", first["method"], 0, recorded_options(first), spec)

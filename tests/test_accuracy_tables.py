@@ -157,12 +157,16 @@ def test_lamda_ratio_section_holds_each_multiple_at_each_rank_to_lora_on_both_ta
     def run(task: str, method: str, seed: int, ratio: float | None = None, order: str = "", **metrics) -> dict:
         options = {**dict(LAMDA), "lamda_lr_ratio": ratio, "lamda_s_lr_ratio": 1 / ratio} if ratio else {}
         options |= {"lamda_freeze_order": order} if order else {}
-        options |= {"lamda_init": "identity"} if order == "all" and ratio == 4.0 else {}
+        options |= {"lamda_init": metrics.pop("init")} if "init" in metrics else {}
         return {"task": task, "impl": "ours", "method": method, "seed": seed, "protocol": 3,
                 "effective_options": options, "train_loss": 0.5, **metrics}  # fmt: skip
 
-    def drug(method: str, seed: int, acc: float, f1: float, ratio: float | None = None, order: str = "") -> dict:
-        return run("drugreview", method, seed, ratio, order, eval_accuracy=acc, eval_macro_f1=f1, eval_loss=1.0)
+    def drug(
+        method: str, seed: int, acc: float, f1: float, ratio: float | None = None, order: str = "", **init
+    ) -> dict:
+        return run(
+            "drugreview", method, seed, ratio, order, eval_accuracy=acc, eval_macro_f1=f1, eval_loss=1.0, **init
+        )
 
     runs = [drug("lora", s, 0.70 + 0.01 * s, 0.50) for s in range(3)]
     runs += [run("chatterbot", "lora", s, eval_loss=1.0 + 0.01 * s) for s in range(3)]
@@ -171,7 +175,7 @@ def test_lamda_ratio_section_holds_each_multiple_at_each_rank_to_lora_on_both_ta
     wide = default + [drug("lamda", s, 0.705 + 0.01 * s, 0.50, 2.0) for s in range(3)]
     wide += [drug("lamda++", s, 0.68 + 0.01 * s, 0.50, 4.0) for s in range(3)]  # 2 points below in accuracy
     wide += [drug("lamda", s, 0.70, 0.49, 2.0, "all") for s in range(2)]  # B whole until the window's end, 2 seeds
-    wide += [drug("lamda", s, 0.71, 0.50, 4.0, "all") for s in range(3)]  # and B = 0, S = I
+    wide += [drug("lamda", s, 0.71, 0.50, 4.0, "all", init="identity") for s in range(3)]  # and B = 0, S = I
     at_r = runs + default + [drug("lamda", 0, 0.66, 0.42, 2.0)]  # one seed at r=8
     at_r += [{**drug("lamda", 0, 0.70, 0.50), "effective_options": {**dict(LAMDA), "lamda_freeze_fraction": 0.5}}]
     lines = lamda_ratio_section(at_r, wide)
