@@ -18,6 +18,7 @@ _EXPORTS = {
     "apply_activation_savers": "savers",
     "count_parameters": "injection",
     "estimate_memory": "estimate",
+    "init_frozen_a_from_data": "calibration",
     "inject_adapters": "injection",
     "lamda_plus_plus_ranks": "lamda",
     "lamda_schedule_step": "lamda",
@@ -38,6 +39,7 @@ __all__ = sorted(_EXPORTS)  # one table: what is exported is what is lazily impo
 
 if TYPE_CHECKING:
     from .arguments import LoRAFAArguments, LoRAFATrainingArguments
+    from .calibration import init_frozen_a_from_data
     from .config import LoRAFAConfig
     from .data import resolve_model
     from .dataprep import load_raw_dataset, pad_collator, take_rows, tokenize_for_causal_lm

@@ -50,9 +50,9 @@ class LoRAFAArguments:
 
     Adapter fields (`adapter_method`, `lora_r`, `lora_alpha`, `lora_dropout`, `lora_target_modules`,
     `lora_modules_to_save`, `lorafa_gradient_correction`, `lorafa_lr_ratio`, `lamda_freeze_fraction`,
-    `lamda_freeze_order`, `lamda_init`, `lamda_lr_ratio`, `lamda_s_lr_ratio`, `lamda_rank_budget`) map onto
-    [`LoRAFAConfig`]; see its docstring for their meaning. `hub_base_model_id` names the base model on the Hub when it
-    was loaded from a local folder.
+    `lamda_freeze_order`, `lamda_init`, `lamda_lr_ratio`, `lamda_s_lr_ratio`, `frozen_a_init`,
+    `lamda_rank_budget`) map onto [`LoRAFAConfig`]; see its docstring for their meaning. `hub_base_model_id` names the
+    base model on the Hub when it was loaded from a local folder.
     """
 
     # Adapter: defaults and help come from LoRAFAConfig (one source); the CLI takes lists comma-separated.
@@ -69,6 +69,7 @@ class LoRAFAArguments:
     lamda_init: str = adapter_field("lamda_init", metavar="{residual,svd,published,identity,spectral}")
     lamda_lr_ratio: float = adapter_field("lamda_lr_ratio")
     lamda_s_lr_ratio: float = adapter_field("lamda_s_lr_ratio")
+    frozen_a_init: str = adapter_field("frozen_a_init", metavar="{random,gradient}")
     lamda_rank_budget: int | None = adapter_field("lamda_rank_budget")
 
     # Quantization of the base model (bitsandbytes)
@@ -148,6 +149,7 @@ class LoRAFAArguments:
             lamda_init=self.lamda_init,
             lamda_lr_ratio=self.lamda_lr_ratio,
             lamda_s_lr_ratio=self.lamda_s_lr_ratio,
+            frozen_a_init=self.frozen_a_init,
             lamda_rank_budget=self.lamda_rank_budget,
             init_seed=self.seed,
         )

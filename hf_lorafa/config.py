@@ -11,6 +11,7 @@ METHODS = ("lora", "lorafa", "lamda", "lamda++")  # each described in full by `h
 ADAPTER_PREFIX = "lora_"
 Method = Literal["lora", "lorafa", "lamda", "lamda++"]
 LAMDA_INITS = ("residual", "svd", "published", "identity", "spectral")
+FROZEN_A_INITS = ("random", "gradient", "activations")
 
 
 def is_adapter_tensor(name: str) -> bool:
@@ -86,6 +87,14 @@ class LoRAFAConfig:
             `lamda_s_lr_ratio` × the learning rate). An Adam step on one of S's r² entries moves W along one rank-1
             direction `B_i A_jᵀ`, a step on B's column i moves all of its d_out entries at once: once B is frozen,
             S's steps at the same rate change W far less than LoRA's do.
+        frozen_a_init (`str`, *optional*, defaults to `"random"`):
+            The frozen A of LoRA-FA, LaMDA and LaMDA++: `"random"` (orthonormal rows from `init_seed`), `"gradient"`
+            (the top-r right singular vectors of each layer's gradient `Σ g xᵀ` over the first 4 training batches) or
+            `"activations"` (the top-r principal directions of each layer's inputs over them), each row scaled to a
+            random row's output scale; set by the trainer before the first step (`hf_lorafa/calibration.py`;
+            outside it, `init_frozen_a_from_data`). With LaMDA it replaces the random A of `lamda_init`
+            `"spectral"`, `"identity"` or `"published"`. Measured in BENCHMARKS.md ("The frozen A: random, or from
+            the training data").
         lamda_rank_budget (`int`, *optional*):
             LaMDA++ total rank over all adapted layers; defaults to `r` × the number of adapted layers.
         lamda_min_rank (`int`, *optional*, defaults to `2`):
@@ -115,6 +124,7 @@ class LoRAFAConfig:
     lamda_init: Literal["residual", "svd", "published", "identity", "spectral"] = "spectral"
     lamda_lr_ratio: float = 1.0
     lamda_s_lr_ratio: float = 1.0
+    frozen_a_init: Literal["random", "gradient", "activations"] = "random"
     lamda_rank_budget: int | None = None
     lamda_min_rank: int = 2
     init_seed: int = 0
@@ -165,6 +175,21 @@ class LoRAFAConfig:
         if self.lamda_s_lr_ratio <= 0:
             raise ValueError(
                 f"`lamda_s_lr_ratio` must be positive (1.0 = S at B's learning rate); got {self.lamda_s_lr_ratio}"
+            )
+        if self.frozen_a_init not in FROZEN_A_INITS:
+            raise ValueError(
+                f"`frozen_a_init` must be one of {', '.join(FROZEN_A_INITS)}; got {self.frozen_a_init!r}."
+            )
+        if self.frozen_a_init != "random" and self.method == "lora":
+            raise ValueError(
+                f"`frozen_a_init={self.frozen_a_init!r}` sets the frozen A of method 'lorafa', 'lamda' or 'lamda++'; "
+                "LoRA trains its A. Use frozen_a_init='random' with method='lora'."
+            )
+        if self.frozen_a_init != "random" and self.method != "lorafa" and self.lamda_init in ("residual", "svd"):
+            raise ValueError(
+                f"`lamda_init={self.lamda_init!r}` takes A from W's singular vectors, so "
+                f"`frozen_a_init={self.frozen_a_init!r}` cannot set it; use lamda_init='spectral', 'identity' or "
+                "'published' with it."
             )
         if self.lamda_rank_budget is not None and self.lamda_rank_budget <= 0:
             raise ValueError(

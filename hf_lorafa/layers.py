@@ -177,6 +177,11 @@ class AdapterLayer(nn.Module):
             self.lora_A.weight.copy_(q.t() * A_ROW_NORM)
             self.lora_B.weight.zero_()
 
+    def set_frozen_a(self, a: torch.Tensor) -> None:
+        """Replace the frozen A (r×d_in) after init, e.g. from the training data's gradient (calibration.py)."""
+        with torch.no_grad():
+            self.lora_A.weight.copy_(a)
+
     def delta_weight(self) -> torch.Tensor:
         """`s · B A`, the dense update the adapter adds to the base weight."""
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
@@ -250,6 +255,10 @@ class LoRAFALayer(AdapterLayer):
 
     def load_peft_weights(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         super().load_peft_weights(lora_A, lora_B)
+        self.refresh_preconditioner()
+
+    def set_frozen_a(self, a: torch.Tensor) -> None:
+        super().set_frozen_a(a)
         self.refresh_preconditioner()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

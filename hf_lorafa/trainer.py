@@ -10,6 +10,7 @@ schedule and the activation-byte sampling are callbacks on step boundaries. The 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
 from .arguments import LoRAFAArguments, LoRAFATrainingArguments
+from .calibration import init_frozen_a_from_data
 from .callbacks import TRAINING_STATE_FILE, LaMDAScheduleCallback, MemoryCallback, complete_checkpoints
 from .checkpoints import resolve_resume
 from .chunked_loss import loss_only
@@ -33,6 +35,8 @@ from .run_facts import run_facts
 from .saving import atomic_write, save_adapter
 
 logger = logging.getLogger(__name__)
+# Training batches whose gradient sets a frozen A (`frozen_a_init="gradient"`): LoRA-GA's 64 examples at batch 16.
+FROZEN_A_BATCHES = 4
 
 
 class TrainingDivergedError(RuntimeError):
@@ -100,8 +104,24 @@ class LoRAFATrainerMixin:
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         if self.args.parallel_mode == ParallelMode.DISTRIBUTED and self.model_wrapped is self.model and not sharded:
             forget_accelerate_prepared(self.model)  # evaluate() before train() marked it prepared, unwrapped
+        if resume_from_checkpoint is None:
+            self.init_frozen_a()
         with preemptible(self):  # SIGTERM: save a checkpoint at the step's end, then exit 143 (see preemption.py)
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def init_frozen_a(self) -> None:
+        """`frozen_a_init="gradient"`: set each frozen A from the first training batches' gradient, once, before
+        the first step (a resumed run loads its A from the checkpoint instead)."""
+        model = self.accelerator.unwrap_model(self.model)
+        kind = self.lorafa_config.frozen_a_init
+        if kind == "random" or getattr(model, "hf_lorafa_a_batches", 0):
+            return
+        loader = self.get_train_dataloader()
+        batches = itertools.islice(loader, FROZEN_A_BATCHES)
+        batches = (self._prepare_inputs(b) for b in batches)
+        count = init_frozen_a_from_data(model, batches, lambda m, b: self.compute_loss(m, b), kind=kind)
+        model.hf_lorafa_a_batches = count
+        logger.info("hf-lorafa: frozen A set from the %s of %d training batches", kind, count)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """`Trainer.training_step`, stopping at the first non-finite loss instead of training on garbage."""

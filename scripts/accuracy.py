@@ -94,6 +94,7 @@ OPTION_NAMES = {
     "lamda_s_lr_ratio": "slr",
     "lamda_freeze_fraction": "ff",
     "lamda_freeze_order": "order-",
+    "frozen_a_init": "a-",
 }
 # The options that define each of our methods, in the order run names list them. Every planned run names all of
 # its method's options (defaults filled in), so a later change of a default never renames or mixes runs.
@@ -103,7 +104,11 @@ METHOD_OPTIONS = {
     "lamda++": ("lamda_init", "lamda_lr_ratio", "lamda_s_lr_ratio", "lamda_freeze_fraction"),
 }
 # Options a run names only where it sets them away from the default (runs before them did not vary them).
-NAMED_WHEN_SET = {"lamda": ("lamda_freeze_order",), "lamda++": ("lamda_freeze_order",)}
+NAMED_WHEN_SET = {
+    "lorafa": ("frozen_a_init",),
+    "lamda": ("lamda_freeze_order", "frozen_a_init"),
+    "lamda++": ("lamda_freeze_order", "frozen_a_init"),
+}
 # Options runs recorded only from some point on, at the value they had before: protocol 2 began with
 # `lamda_freeze_fraction` defaulting to 0.1, and S trained at B's learning rate until `lamda_s_lr_ratio` came.
 RECORDED_LATER = {"lamda_freeze_fraction": 0.1, "lamda_s_lr_ratio": 1.0}
@@ -315,6 +320,30 @@ PLANS["issue13-lamda-lr"] = [
         for seed, task in [(0, "drugreview"), (0, "chatterbot"), (1, "chatterbot"), (2, "chatterbot")]
         + [(seed, "drugreview") for seed in range(1, 8)]
     ],
+]
+# The frozen A from the training data instead of a random draw (`frozen_a_init`, hf_lorafa/calibration.py): the
+# gradient's or the inputs' top directions, LoRA-FA and LaMDA at their defaults otherwise, seed 0 first.
+FROZEN_A_KINDS = ("gradient", "activations")
+FROZEN_A = {kind: (("frozen_a_init", kind),) for kind in FROZEN_A_KINDS}
+PLANS["issue13-frozen-a"] = [
+    (task, "ours", method, seed, {"lorafa": LORAFA, "lamda": LAMDA}[method] + FROZEN_A[kind])
+    for task, method, kind, seed in [
+        ("drugreview", "lorafa", "gradient", 0),
+        ("drugreview", "lorafa", "activations", 0),
+        ("drugreview", "lorafa", "gradient", 1),
+        ("drugreview", "lamda", "gradient", 0),
+        ("chatterbot", "lorafa", "gradient", 0),
+        ("drugreview", "lorafa", "gradient", 2),
+        ("chatterbot", "lamda", "gradient", 0),
+        ("chatterbot", "lorafa", "activations", 0),
+        ("drugreview", "lamda", "gradient", 1),
+        ("drugreview", "lamda", "gradient", 2),
+        ("chatterbot", "lorafa", "gradient", 1),
+        ("chatterbot", "lorafa", "gradient", 2),
+        ("chatterbot", "lamda", "gradient", 1),
+        ("chatterbot", "lamda", "gradient", 2),
+        *[("drugreview", "lorafa", "gradient", seed) for seed in range(3, 8)],
+    ]
 ]
 PLANS = {plan: list(dict.fromkeys(runs)) for plan, runs in PLANS.items()}  # a run listed twice runs once
 

@@ -535,6 +535,93 @@ def lamda_ratio_section(runs: list[dict], equal: list[dict]) -> list[str]:
     return out
 
 
+FROZEN_A_LABELS = {
+    "random": "random (default)",
+    "gradient": "the gradient's top directions",
+    "activations": "the inputs' top directions",
+}
+
+
+def frozen_a_section(runs: list[dict]) -> list[str]:
+    """LoRA-FA and LaMDA at their defaults with each `frozen_a_init`, against ours LoRA, at seed 0 and over every
+    seed measured: whether a frozen A from the training data beats a random one."""
+    groups = grouped(runs)
+    defaults = {"lorafa": LORAFA, "lamda": LAMDA}
+
+    def rows_of(task: str, impl: str, method: str, opts: tuple) -> tuple[dict | None, list[dict]]:
+        rs = groups.get((task, impl, method, opts), [])
+        return next((r for r in rs if r["seed"] == 0), None), rs
+
+    kinds = [k for k in FROZEN_A_LABELS if k != "random"]
+    measured = [
+        (method, kind)
+        for method in defaults
+        for kind in kinds
+        if any(groups.get((t, "ours", method, defaults[method] + (("frozen_a_init", kind),))) for t in TASKS)
+    ]
+    if not measured:
+        return []
+    _, lora_drug = rows_of("drugreview", "ours", "lora", ())
+    lora_chat0, _ = rows_of("chatterbot", "ours", "lora", ())
+    out = [
+        "### The frozen A: random, or from the training data",
+        "",
+        "| method | frozen A (`frozen_a_init`) | drug-review seed 0: accuracy | macro-F1 | train loss | drug-review "
+        "seeds | accuracy | macro-F1 | chatterbot seed 0: eval loss | vs ours LoRA's seed 0 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in defaults:
+        for kind in FROZEN_A_LABELS:
+            if kind != "random" and (method, kind) not in measured:
+                continue
+            opts = defaults[method] + ((("frozen_a_init", kind),) if kind != "random" else ())
+            drug0, drug = rows_of("drugreview", "ours", method, opts)
+            chat0, _ = rows_of("chatterbot", "ours", method, opts)
+            vs = f"{100 * (chat0['eval_loss'] / lora_chat0['eval_loss'] - 1):+.1f}%" if chat0 and lora_chat0 else "–"
+            chat_loss = f"{chat0['eval_loss']:.3f}" if chat0 else "–"
+            out.append(
+                f"| {method} | {FROZEN_A_LABELS[kind]} | "
+                + (
+                    f"{100 * drug0['eval_accuracy']:.1f} | {drug0['eval_macro_f1']:.3f} | {drug0['train_loss']:.3f} | "
+                    if drug0
+                    else "– | – | – | "
+                )
+                + f"{len(drug) or '–'} | {stat(values(drug, 'eval_accuracy', 100), 1)} | "
+                f"{stat(values(drug, 'eval_macro_f1'))} | {chat_loss} | {vs} |"
+            )
+    lora0, _ = rows_of("drugreview", "ours", "lora", ())
+    probe_path = RESULTS.parent / "drugreview-probe.json"
+    probe = json.loads(probe_path.read_text()).get("frozen_a", {}) if probe_path.exists() else {}
+    scales = ""
+    if probe:
+        parts = [
+            f"{model} {v['gradient']['median']:.0f}x and {v['activations']['median']:.0f}x"
+            for model, v in probe.items()
+        ]
+        scales = (
+            " (unscaled, the top directions' mean square is, median over the adapted layers, gradient and inputs: "
+            f"{', '.join(parts)} a random direction's; `python scripts/drugreview_probe.py --only frozen_a`)"
+        )
+    out += [
+        "",
+        "Command: `python scripts/accuracy.py sweep --plan issue13-frozen-a` (each row's runs: the method's command "
+        "in the task tables below with `--opt frozen_a_init=gradient` or `activations`). `gradient`: A's rows are the "
+        "top-r right singular vectors of each layer's `Σ g xᵀ` (full fine-tuning's gradient of W) over the first 4 "
+        "training batches, as LoRA-GA and LoRA-SB start their adapters; `activations`: the top-r principal "
+        "directions of the layer's inputs over the same batches (padding left out), as EVA starts LoRA's A "
+        "(`hf_lorafa/calibration.py`). Each row is scaled so that its z_i has a random row's mean square over the "
+        f"inputs{scales}; the rest of each method at its defaults. "
+        + (
+            f"Ours LoRA at seed 0: {100 * lora0['eval_accuracy']:.1f} / {lora0['eval_macro_f1']:.3f} (train loss "
+            f"{lora0['train_loss']:.3f}); over {len(lora_drug)} seeds "
+            f"{stat(values(lora_drug, 'eval_accuracy', 100), 1)} / {stat(values(lora_drug, 'eval_macro_f1'))}."
+            if lora0
+            else ""
+        ),
+    ]
+    return out
+
+
 def drug_ablation(groups: dict[tuple, list[dict]]) -> list[str]:
     """LaMDA's inits on drug-review at seed 0, against PEFT LoRA and ours LoRA-FA at the same seed."""
     out = [
@@ -885,10 +972,19 @@ def accuracy_part(save_figure) -> list[str]:
         "",
         *(section + [""] if (section := rank_section(runs, equal)) else []),
         *(section + [""] if (section := lamda_ratio_section(runs, equal)) else []),
+        *(section + [""] if (section := frozen_a_section(runs)) else []),
         *task_tables(runs, save_figure),
     ]
     done = {p.stem for p in RESULTS.glob("*.json")}
-    for plan in ("issue13", "issue13-seeds", "issue13-seeds8", "issue13-ratio", "issue13-rank", "issue13-lamda-lr"):
+    for plan in (
+        "issue13",
+        "issue13-seeds",
+        "issue13-seeds8",
+        "issue13-ratio",
+        "issue13-rank",
+        "issue13-lamda-lr",
+        "issue13-frozen-a",
+    ):
         if missing := [run_name(*r) for r in PLANS[plan] if run_name(*r) not in done]:
             out += ["", f"Planned in `--plan {plan}` but not run when this page was generated: {', '.join(missing)}."]
     return out

@@ -9,9 +9,13 @@ It also measures what a frozen A passes to B in each adapted layer (`subspace`):
 training rows, the share of z's energy that varies from token to token (1 − ‖mean z‖² / mean ‖z‖²), with A = W's
 top-r right singular vectors (LaMDA's `"residual"` init) and with a random orthonormal A (LoRA-FA's, LaMDA's
 `"spectral"`). B's gradient is `g zᵀ`: the constant part of z can only shift every token the same way.
-Writes benchmarks/drugreview-probe.json, which BENCHMARKS.md quotes.
+`frozen_a` measures, for `frozen_a_init` (hf_lorafa/calibration.py), how much larger z_i's mean square is along
+the data's top directions than along a random one (`tr(M)/d_in`, M the inputs' second moment), before the rows are
+scaled to a random row's: the median over the adapted layers, over 4 training batches at each task's batch size.
+Writes benchmarks/drugreview-probe.json, which BENCHMARKS.md quotes (`--only frozen_a` updates that entry alone).
 
     python scripts/drugreview_probe.py
+    python scripts/drugreview_probe.py --only frozen_a
 """
 
 from __future__ import annotations
@@ -130,7 +134,53 @@ def subspaces() -> dict[str, dict[str, float]]:
     return out
 
 
+def frozen_a_scales() -> dict[str, dict[str, float]]:
+    """Per task: the median (and range) over adapted layers of z_i's mean square along `frozen_a_init`'s top
+    directions over a random direction's, over 4 batches of the first training rows (a run takes 4 shuffled ones)."""
+    from accuracy import _data, load_model
+
+    from hf_lorafa import LoRAFAConfig, inject_adapters
+    from hf_lorafa.calibration import _collect, _directions
+    from hf_lorafa.injection import adapter_layers
+
+    out = {}
+    for task in ("drugreview", "chatterbot"):
+        spec = TASKS[task]
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(spec["model"]))
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+        train, _, collator = _data(task, tokenizer, spec)
+        model = load_model(task, spec).eval()
+        model.config.pad_token_id = tokenizer.pad_token_id
+        head = ["classifier", "pooler"] if task == "drugreview" else None
+        inject_adapters(model, LoRAFAConfig(method="lorafa", r=spec["r"], alpha=spec["alpha"], modules_to_save=head))
+        size = spec["batch"]
+        batches = [collator([train[i] for i in range(b * size, (b + 1) * size)]) for b in range(4)]
+        layers = adapter_layers(model)
+        sums, _ = _collect(model, layers, batches, lambda m, b: m(**b).loss)
+        entry = {}
+        for kind in ("gradient", "activations"):
+            ratios = []
+            for name, layer in layers.items():
+                acc = sums[name]
+                second = acc.outer / acc.n
+                along = torch.einsum("ij,jk,ik->i", d := _directions(acc, layer.r, kind), second, d)
+                ratios.append(float(along.mean() / (torch.trace(second) / second.shape[0])))
+            entry[kind] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+        out[spec["model"]] = entry
+    return out
+
+
 def main() -> None:
+    import sys
+
+    path_out = RESULTS.parent / "drugreview-probe.json"
+    if sys.argv[1:] == ["--only", "frozen_a"]:
+        torch.manual_seed(0)
+        result = json.loads(path_out.read_text())
+        result["frozen_a"] = frozen_a_scales()
+        path_out.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result["frozen_a"], indent=1))
+        return
     torch.manual_seed(0)
     path = resolve_model(TASKS["drugreview"]["model"])
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -156,7 +206,8 @@ def main() -> None:
         TASKS[t]["model"]: top_singular_values(TASKS[t]["model"]) for t in ("drugreview", "chatterbot")
     }
     result["subspace"] = subspaces()
-    (RESULTS.parent / "drugreview-probe.json").write_text(json.dumps(result, indent=1))
+    result["frozen_a"] = frozen_a_scales()
+    path_out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
 

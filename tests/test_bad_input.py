@@ -175,6 +175,18 @@ CASES = [
         ["`lamda_s_lr_ratio`", "must be positive (1.0 = S at B's learning rate)"],
     ),
     Case(
+        "config-frozen-a-init-lora",
+        lambda t: LoRAFAConfig(method="lora", frozen_a_init="gradient"),
+        ValueError,
+        ["`frozen_a_init='gradient'`", "LoRA trains its A", "Use frozen_a_init='random' with method='lora'"],
+    ),
+    Case(
+        "config-frozen-a-init-residual",
+        lambda t: LoRAFAConfig(method="lamda", lamda_init="residual", frozen_a_init="activations"),
+        ValueError,
+        ["`lamda_init='residual'`", "cannot set it; use lamda_init='spectral', 'identity' or 'published'"],
+    ),
+    Case(
         "config-freeze-fraction",
         lambda t: LoRAFAConfig(lamda_freeze_fraction=2.0),
         ValueError,
