@@ -543,14 +543,26 @@ FROZEN_A_LABELS = {
 
 
 def frozen_a_section(runs: list[dict]) -> list[str]:
-    """LoRA-FA and LaMDA at their defaults with each `frozen_a_init`, against ours LoRA, at seed 0 and over every
-    seed measured: whether a frozen A from the training data beats a random one."""
+    """LoRA-FA and LaMDA at their defaults with A from the training data (`frozen_a_init`), each against the same
+    method with a random A and against ours LoRA at the same seeds: whether the data's directions beat a random A."""
     groups = grouped(runs)
     defaults = {"lorafa": LORAFA, "lamda": LAMDA}
 
     def rows_of(task: str, impl: str, method: str, opts: tuple) -> tuple[dict | None, list[dict]]:
         rs = groups.get((task, impl, method, opts), [])
         return next((r for r in rs if r["seed"] == 0), None), rs
+
+    def at_seeds(rs: list[dict], seeds: set[int]) -> list[dict]:
+        return [r for r in rs if r["seed"] in seeds]
+
+    def pair(key: str, ours: list[dict], ref: list[dict], scale: float, digits: int) -> str:
+        """`ours` − `ref` over the seeds both have (± the s.e. of the paired mean), or "–"."""
+        by_seed = {r["seed"]: r[key] for r in ref}
+        diffs = [scale * (r[key] - by_seed[r["seed"]]) for r in ours if r["seed"] in by_seed]
+        if not diffs:
+            return "–"
+        se = f" ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.{digits}f}" if len(diffs) > 1 else ""
+        return f"{statistics.mean(diffs):+.{digits}f}{se} ({len(diffs)})"
 
     kinds = [k for k in FROZEN_A_LABELS if k != "random"]
     measured = [
@@ -562,34 +574,33 @@ def frozen_a_section(runs: list[dict]) -> list[str]:
     if not measured:
         return []
     _, lora_drug = rows_of("drugreview", "ours", "lora", ())
-    lora_chat0, _ = rows_of("chatterbot", "ours", "lora", ())
+    _, lora_chat = rows_of("chatterbot", "ours", "lora", ())
     out = [
         "### The frozen A: random, or from the training data",
         "",
-        "| method | frozen A (`frozen_a_init`) | drug-review seed 0: accuracy | macro-F1 | train loss | drug-review "
-        "seeds | accuracy | macro-F1 | chatterbot seed 0: eval loss | vs ours LoRA's seed 0 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | frozen A (`frozen_a_init`) | drug-review seeds | accuracy | macro-F1 | train loss | − random A: "
+        "accuracy | macro-F1 | − ours LoRA: accuracy | macro-F1 | chatterbot seeds | eval loss | − random A | "
+        "− ours LoRA |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for method in defaults:
-        for kind in FROZEN_A_LABELS:
-            if kind != "random" and (method, kind) not in measured:
-                continue
-            opts = defaults[method] + ((("frozen_a_init", kind),) if kind != "random" else ())
-            drug0, drug = rows_of("drugreview", "ours", method, opts)
-            chat0, _ = rows_of("chatterbot", "ours", method, opts)
-            vs = f"{100 * (chat0['eval_loss'] / lora_chat0['eval_loss'] - 1):+.1f}%" if chat0 and lora_chat0 else "–"
-            chat_loss = f"{chat0['eval_loss']:.3f}" if chat0 else "–"
-            out.append(
-                f"| {method} | {FROZEN_A_LABELS[kind]} | "
-                + (
-                    f"{100 * drug0['eval_accuracy']:.1f} | {drug0['eval_macro_f1']:.3f} | {drug0['train_loss']:.3f} | "
-                    if drug0
-                    else "– | – | – | "
-                )
-                + f"{len(drug) or '–'} | {stat(values(drug, 'eval_accuracy', 100), 1)} | "
-                f"{stat(values(drug, 'eval_macro_f1'))} | {chat_loss} | {vs} |"
+    for method, kind in measured:
+        opts = defaults[method] + (("frozen_a_init", kind),)
+        _, drug = rows_of("drugreview", "ours", method, opts)
+        _, chat = rows_of("chatterbot", "ours", method, opts)
+        _, random_drug = rows_of("drugreview", "ours", method, defaults[method])
+        _, random_chat = rows_of("chatterbot", "ours", method, defaults[method])
+        out.append(
+            f"| {method} | {FROZEN_A_LABELS[kind]} | {seeds_cell(drug) if drug else '–'} | "
+            f"{stat(values(drug, 'eval_accuracy', 100), 1)} | {stat(values(drug, 'eval_macro_f1'))} | "
+            f"{stat(values(drug, 'train_loss'))} | "
+            + " | ".join(
+                pair(key, drug, ref, scale, digits)
+                for ref in (random_drug, lora_drug)
+                for key, scale, digits in (("eval_accuracy", 100, 1), ("eval_macro_f1", 100, 1))
             )
-    lora0, _ = rows_of("drugreview", "ours", "lora", ())
+            + f" | {seeds_cell(chat) if chat else '–'} | {stat(values(chat, 'eval_loss'))} | "
+            f"{pair('eval_loss', chat, random_chat, 1, 3)} | {pair('eval_loss', chat, lora_chat, 1, 3)} |"
+        )
     probe_path = RESULTS.parent / "drugreview-probe.json"
     probe = json.loads(probe_path.read_text()).get("frozen_a", {}) if probe_path.exists() else {}
     scales = ""
@@ -612,10 +623,11 @@ def frozen_a_section(runs: list[dict]) -> list[str]:
         "(`hf_lorafa/calibration.py`). Each row is scaled so that its z_i has a random row's mean square over the "
         f"inputs{scales}; the rest of each method at its defaults. "
         + (
-            f"Ours LoRA at seed 0: {100 * lora0['eval_accuracy']:.1f} / {lora0['eval_macro_f1']:.3f} (train loss "
-            f"{lora0['train_loss']:.3f}); over {len(lora_drug)} seeds "
+            "The `− random A` and `− ours LoRA` columns are differences over the seeds both sides ran (their count in "
+            "brackets; accuracy and macro-F1 in points, held-out loss as it is), ± the standard error of the paired "
+            f"mean. Ours LoRA over its {len(lora_drug)} drug-review seeds: "
             f"{stat(values(lora_drug, 'eval_accuracy', 100), 1)} / {stat(values(lora_drug, 'eval_macro_f1'))}."
-            if lora0
+            if lora_drug
             else ""
         ),
     ]

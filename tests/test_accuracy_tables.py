@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import accuracy  # noqa: E402
-from accuracy import LAMDA, TASKS, lamda_options, recorded_options, run_name  # noqa: E402
+from accuracy import LAMDA, LORAFA, TASKS, lamda_options, recorded_options, run_name  # noqa: E402
 from accuracy_tables import (  # noqa: E402
     DRUG_VS_LORA,
     PLUS_VS_LAMDA,
@@ -27,6 +27,7 @@ from accuracy_tables import (  # noqa: E402
     adapter_layers,
     current_runs,
     done_when,
+    frozen_a_section,
     gap_error,
     grouped,
     lamda_ratio_section,
@@ -214,6 +215,37 @@ def test_lamda_ratio_section_holds_each_multiple_at_each_rank_to_lora_on_both_ta
         "Meeting every target on both tasks: lamda at r=16 / 32, spectral, B at 2x and S at 1x, B freezing column by "
         "column."
     )
+
+
+def test_frozen_a_section_pairs_each_data_init_with_the_random_a_and_lora_at_the_same_seeds():
+    def run(task: str, method: str, seed: int, kind: str = "", **metrics) -> dict:
+        options = {"lorafa": dict(LORAFA), "lamda": dict(LAMDA)}.get(method, {})
+        options |= {"frozen_a_init": kind} if kind else {}
+        return {"task": task, "impl": "ours", "method": method, "seed": seed, "protocol": 3,
+                "effective_options": options, "train_loss": 0.5, **metrics}  # fmt: skip
+
+    def drug(method: str, seed: int, acc: float, f1: float, kind: str = "") -> dict:
+        return run("drugreview", method, seed, kind, eval_accuracy=acc, eval_macro_f1=f1, eval_loss=1.0)
+
+    runs = [drug("lora", s, 0.72, 0.50 + 0.01 * s) for s in range(3)]
+    runs += [run("chatterbot", "lora", s, eval_loss=1.0) for s in range(3)]
+    runs += [drug("lorafa", s, 0.69 + 0.01 * s, 0.47) for s in range(3)]  # the random A, seeds 0-2
+    runs += [run("chatterbot", "lorafa", s, eval_loss=0.9) for s in range(3)]
+    assert frozen_a_section(runs) == []  # no run from the data's directions: no section
+    runs += [drug("lorafa", s, 0.71, 0.49, "gradient") for s in (0, 1)]  # +2 and +1 points over the random A
+    runs += [run("chatterbot", "lorafa", 0, "gradient", eval_loss=0.95)]
+    runs += [drug("lamda", 0, 0.66, 0.43, "activations")]  # no random-A LaMDA run to pair with
+    lines = frozen_a_section(runs)
+    assert lines[0] == "### The frozen A: random, or from the training data"
+    rows = [line for line in lines if line.startswith("| lorafa") or line.startswith("| lamda")]
+    assert rows == [
+        "| lorafa | the gradient's top directions | 0, 1 (only 2 of 3 seeds ran) | 71.0 ± 0.0 | 0.490 ± 0.000 | "
+        "0.500 ± 0.000 | +1.5 ± 0.5 (2) | +2.0 ± 0.0 (2) | -1.0 ± 0.0 (2) | -1.5 ± 0.5 (2) | "
+        "0 (only 1 of 3 seeds ran) | 0.950 | +0.050 (1) | -0.050 (1) |",
+        "| lamda | the inputs' top directions | 0 (only 1 of 3 seeds ran) | 66.0 | 0.430 | 0.500 | – | – | "
+        "-6.0 (1) | -7.0 (1) | – | – | – | – |",
+    ]
+    assert "sweep --plan issue13-frozen-a" in lines[-1] and "Ours LoRA over its 3 drug-review seeds" in lines[-1]
 
 
 def test_the_freeze_order_is_named_only_away_from_its_default():
