@@ -15,6 +15,12 @@ M the inputs' second moment): Adam moves each entry of B by about the learning r
 column i changes the output in proportion to |z_i|, and a top direction of MiniLM's or SmolLM2's inputs carries many
 times a random one's mean square. Unscaled, the same learning rate is a far larger step.
 
+Memory: G (d_out×d_in, fp32) or the inputs' covariance (d_in×d_in, fp64) is held for as many layers at a time as fit
+in `FROZEN_A_BYTES` (1 GiB), one group of layers per pass over the batches, then a forward-only pass measures the
+scale of the chosen directions; every sum is released before training starts. A small model takes one pass, a 7B
+one about 25 for the gradient: a one-off cost of some seconds to minutes, with the peak well below a training step's
+optimizer state.
+
 The model is unchanged at step 0 whatever A is (B = 0, or LaMDA's offset C = B₀S₀ over the new A). The batches are
 taken under `torch.random.fork_rng`, so training draws the same data order and dropout masks as with a random A.
 """
@@ -29,24 +35,8 @@ from torch import nn
 from .injection import adapter_layers
 from .layers import A_ROW_NORM, AdapterLayer
 
-
-class _Sums:
-    """One layer's sums over the calibration tokens (padding left out): Σx, Σ x xᵀ, the count, and G = Σ g xᵀ."""
-
-    def __init__(self) -> None:
-        self.total = self.outer = self.grad = None
-        self.n = 0
-
-    def add_inputs(self, x: torch.Tensor) -> None:
-        x = x.double()
-        total, outer = x.sum(0), x.t() @ x
-        self.total = total if self.total is None else self.total + total
-        self.outer = outer if self.outer is None else self.outer + outer
-        self.n += x.shape[0]
-
-    def add_gradient(self, g: torch.Tensor, x: torch.Tensor) -> None:
-        term = g.float().t() @ x.float()
-        self.grad = term if self.grad is None else self.grad + term
+# The most bytes of per-layer sums (G or the inputs' covariance) held at once; more layers take more passes.
+FROZEN_A_BYTES = 1 << 30
 
 
 def _tokens(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -56,11 +46,30 @@ def _tokens(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _collect(
-    model: nn.Module, layers: dict[str, AdapterLayer], batches: Iterable, loss_fn: Callable | None
-) -> tuple[dict[str, _Sums], int]:
-    """Each layer's `_Sums` over `batches`; G only with a `loss_fn` (g: the loss's gradient at the layer's output)."""
-    sums = {name: _Sums() for name in layers}
+def _groups(layers: dict[str, AdapterLayer], nbytes: Callable[[AdapterLayer], int], budget: int) -> list[list[str]]:
+    """The layers split in order into groups whose sums fit in `budget` bytes (a larger layer alone in its group)."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, layer in layers.items():
+        size = nbytes(layer)
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
+
+
+def _run(
+    model: nn.Module,
+    layers: dict[str, AdapterLayer],
+    batches: list,
+    on_inputs: Callable[[str, torch.Tensor], None],
+    loss_fn: Callable | None = None,
+    on_gradient: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
+) -> None:
+    """One pass over `batches`: each layer's inputs (padding left out) to `on_inputs`; with a `loss_fn`, the loss's
+    gradient at each layer's output and the layer's inputs (every token, as G sums them) to `on_gradient`."""
     inputs: dict[str, torch.Tensor] = {}
     probes: dict[str, torch.Tensor] = {}
     mask: list[torch.Tensor | None] = [None]
@@ -68,6 +77,7 @@ def _collect(
     def keep_input(name):
         def hook(module, args):
             inputs[name] = args[0].detach()
+            on_inputs(name, _tokens(inputs[name], mask[0]))
 
         return hook
 
@@ -82,7 +92,6 @@ def _collect(
     handles = [layer.register_forward_pre_hook(keep_input(name)) for name, layer in layers.items()]
     if loss_fn is not None:
         handles += [layer.register_forward_hook(add_probe(name)) for name, layer in layers.items()]
-    count = 0
     try:
         for batch in batches:
             inputs.clear()
@@ -96,58 +105,138 @@ def _collect(
             names = [n for n in layers if n in inputs]
             if not names:
                 raise ValueError("no adapted layer ran in the calibration batch's forward; check the model's inputs.")
-            for name in names:
-                sums[name].add_inputs(_tokens(inputs[name], mask[0]))
             if loss_fn is not None:
                 grads = torch.autograd.grad(loss, [probes[n] for n in names], allow_unused=True)
                 for name, g in zip(names, grads):
                     if g is not None:
                         x = inputs[name]
-                        sums[name].add_gradient(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]))
-            count += 1
+                        on_gradient(name, g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]))
+                del loss, grads
     finally:
         for handle in handles:
             handle.remove()
         inputs.clear()
         probes.clear()
-    if count == 0:
-        raise ValueError("`frozen_a_init` from the data needs at least one training batch; the data loader gave none.")
-    return sums, count
 
 
-def _directions(sums: _Sums, r: int, kind: str) -> torch.Tensor | None:
-    """The r unit directions (rows) A spans: G's top right singular vectors, or the inputs' top principal ones."""
+def _all_reduce(tensors: list[torch.Tensor]) -> None:
+    """Sum `tensors` over the ranks in place, so that every rank freezes the same A."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for t in tensors:
+            torch.distributed.all_reduce(t)
+
+
+def data_directions(
+    model: nn.Module,
+    layers: dict[str, AdapterLayer],
+    batches: list,
+    kind: str,
+    loss_fn: Callable | None = None,
+    budget: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Each layer's r unit directions (rows, fp64) from `batches`: `"gradient"`, the top right singular vectors of
+    `G = Σ g xᵀ`; `"activations"`, the top principal directions of the inputs. A layer the loss never reaches (G = 0)
+    is left out. `budget` bytes of sums at a time (`FROZEN_A_BYTES` by default)."""
+    budget = FROZEN_A_BYTES if budget is None else budget
+    out: dict[str, torch.Tensor] = {}
     if kind == "gradient":
-        if sums.grad is None or not torch.any(sums.grad):
-            return None  # a layer the loss does not reach: keep its random A
-        return torch.linalg.svd(sums.grad.double(), full_matrices=False)[2][:r]
-    mean = sums.total / sums.n
-    _, vectors = torch.linalg.eigh(sums.outer / sums.n - torch.outer(mean, mean))
-    return vectors[:, -r:].flip(-1).t()
+        for group in _groups(layers, lambda m: 4 * m.out_features * m.in_features, budget):
+            sums: dict[str, torch.Tensor] = {}
+
+            def add(name, g, x, sums=sums):
+                term = g.float().t() @ x.float()
+                sums[name] = term if name not in sums else sums[name].add_(term)
+
+            _run(model, {n: layers[n] for n in group}, batches, lambda n, x: None, loss_fn, add)
+            for name in group:
+                g = sums.pop(name, None)
+                if g is None:
+                    g = torch.zeros(layers[name].out_features, layers[name].in_features)
+                _all_reduce([g])
+                if torch.any(g):
+                    out[name] = torch.linalg.svd(g.double(), full_matrices=False)[2][: layers[name].r]
+        return out
+    for group in _groups(layers, lambda m: 8 * m.in_features * (m.in_features + 1) + 8, budget):
+        moments: dict[str, list] = {}
+
+        def add_inputs(name, x, moments=moments):
+            x = x.double()
+            if name not in moments:
+                moments[name] = [x.sum(0), x.t() @ x, torch.tensor(float(x.shape[0]), dtype=x.dtype, device=x.device)]
+            else:
+                total, outer, n = moments[name]
+                total.add_(x.sum(0))
+                outer.add_(x.t() @ x)
+                n.add_(x.shape[0])
+
+        _run(model, {n: layers[n] for n in group}, batches, add_inputs)
+        for name in group:
+            total, outer, n = moments.pop(name)
+            _all_reduce([total, outer, n])
+            mean = total / n
+            _, vectors = torch.linalg.eigh(outer / n - torch.outer(mean, mean))
+            out[name] = vectors[:, -layers[name].r :].flip(-1).t()
+    return out
 
 
-def scaled_rows(directions: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
-    """`directions` (orthonormal rows) scaled so each row's z_i has a random row's mean square over the inputs whose
-    second moment is `second_moment`: `A_ROW_NORM² · tr(M)/d_in`."""
-    along = torch.einsum("ij,jk,ik->i", directions, second_moment, directions).clamp_min(1e-30)
-    target = torch.trace(second_moment) / second_moment.shape[0]
-    return directions * (A_ROW_NORM * (target / along).sqrt())[:, None]
+def direction_scales(
+    model: nn.Module, layers: dict[str, AdapterLayer], batches: list, directions: dict[str, torch.Tensor]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, over the inputs' tokens (padding left out): the mean square of each direction's `v_i·x` and a
+    random unit direction's, `‖x‖²/d_in` (one forward-only pass; r + 1 sums a layer)."""
+    sums: dict[str, list[torch.Tensor]] = {}
+
+    def add(name, x):
+        if name not in directions:
+            return
+        x = x.double()
+        v = directions[name].to(x.device)
+        along, norm = (x @ v.t()).square().sum(0), x.square().sum() / x.shape[1]
+        n = torch.tensor(float(x.shape[0]), dtype=x.dtype, device=x.device)
+        if name not in sums:
+            sums[name] = [along, norm, n]
+        else:
+            for acc, term in zip(sums[name], (along, norm, n)):
+                acc.add_(term)
+
+    _run(model, layers, batches, add)
+    out = {}
+    for name, (along, norm, n) in sums.items():
+        _all_reduce([along, norm, n])
+        out[name] = (along / n, norm / n)
+    return out
 
 
 def init_frozen_a_from_data(
-    model: nn.Module, batches: Iterable, loss_fn: Callable | None = None, kind: str = "gradient"
+    model: nn.Module,
+    batches: Iterable,
+    loss_fn: Callable | None = None,
+    kind: str = "gradient",
+    budget: int | None = None,
 ) -> int:
-    """Set every frozen A from training batches: `kind="gradient"`, G's top-r right singular vectors; `"activations"`,
-    the inputs' top-r principal directions. Each row scaled as `scaled_rows` says.
+    """Set every frozen A from training batches: `kind="gradient"`, the top-r right singular vectors of the gradient
+    full fine-tuning would give W (`G = Σ g xᵀ`); `"activations"`, the inputs' top-r principal directions. Each row
+    is scaled so that its `z_i = A_i x` has a random row's mean square over the batches' inputs.
 
     Args:
         model (`nn.Module`): a model with LoRA-FA, LaMDA or LaMDA++ adapters, as injected (B = 0 or LaMDA's offset).
         batches (`Iterable`): training batches, each a dict of model inputs (with labels for `"gradient"`).
         loss_fn (`Callable`, *optional*): `(model, batch) -> loss`; defaults to `model(**batch).loss`.
         kind (`str`, *optional*, defaults to `"gradient"`): `"gradient"` or `"activations"`.
+        budget (`int`, *optional*): bytes of per-layer sums held at once (`FROZEN_A_BYTES`, 1 GiB, by default).
 
     Returns:
         The number of batches used.
+
+    Example:
+
+    ```python
+    >>> import itertools
+    >>> from hf_lorafa import LoRAFAConfig, inject_adapters, init_frozen_a_from_data
+    >>> model = inject_adapters(model, LoRAFAConfig(method="lorafa", r=16))  # doctest: +SKIP
+    >>> init_frozen_a_from_data(model, itertools.islice(train_loader, 4))  # doctest: +SKIP
+    4
+    ```
     """
     if kind not in ("gradient", "activations"):
         raise ValueError(f"`kind` must be 'gradient' or 'activations'; got {kind!r}.")
@@ -157,29 +246,20 @@ def init_frozen_a_from_data(
             "`frozen_a_init` sets a frozen A; this model's adapters train A (LoRA). Use method='lorafa', 'lamda' or "
             "'lamda++', or frozen_a_init='random'."
         )
-    if kind == "gradient":
-        loss_fn = loss_fn or (lambda m, b: m(**b).loss)
-    else:
-        loss_fn = None
+    batches = list(batches)
+    if not batches:
+        raise ValueError("`frozen_a_init` from the data needs at least one training batch; the data loader gave none.")
+    loss_fn = (loss_fn or (lambda m, b: m(**b).loss)) if kind == "gradient" else None
     was_training = model.training
     model.eval()  # no dropout: the same A for the same batches
     try:
         with torch.random.fork_rng(devices=[]):
-            sums, count = _collect(model, layers, batches, loss_fn)
+            directions = data_directions(model, layers, batches, kind, loss_fn, budget)
+            scales = direction_scales(model, layers, batches, directions)
     finally:
         model.train(was_training)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    for name, layer in layers.items():
-        acc = sums[name]
-        if acc.n == 0:
-            continue
-        if distributed:  # every rank must freeze the same A
-            for t in (acc.total, acc.outer) + ((acc.grad,) if acc.grad is not None else ()):
-                torch.distributed.all_reduce(t)
-            n = torch.tensor(float(acc.n), device=acc.total.device)
-            torch.distributed.all_reduce(n)
-            acc.n = int(n.item())
-        directions = _directions(acc, layer.r, kind)
-        if directions is not None:
-            layer.set_frozen_a(scaled_rows(directions, acc.outer / acc.n))
-    return count
+    for name, rows in directions.items():
+        along, random = scales[name]
+        factor = A_ROW_NORM * (random / along.clamp_min(1e-30)).sqrt()
+        layers[name].set_frozen_a(rows.to(factor.device) * factor[:, None])
+    return len(batches)

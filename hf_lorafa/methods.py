@@ -74,6 +74,7 @@ _LAMDA_CARD = (
     ("Initialisation", "lamda_init", ""),
     ("Learning-rate multiplier of S and B", "lamda_lr_ratio", ""),
     ("Further learning-rate multiplier of S", "lamda_s_lr_ratio", ""),
+    ("Frozen A from", "frozen_a_init", ""),
 )
 _LAMDA_SUMMARY = (
     "LaMDA adapts each layer with s·B·S·A, where A is random and frozen and B and S start from the weight's "
@@ -120,6 +121,7 @@ METHODS: dict[str, AdapterMethod] = {
             card_options=(
                 ("B gradient correction (LoRA-FA v2)", "lorafa_gradient_correction", ""),
                 ("Learning-rate multiplier of B", "lorafa_lr_ratio", ""),
+                ("Frozen A from", "frozen_a_init", ""),
             ),
         ),
         AdapterMethod(

@@ -336,12 +336,12 @@ PLANS["issue13-frozen-a"] = [
         ("drugreview", "lorafa", "gradient", 2),
         ("chatterbot", "lamda", "gradient", 0),
         ("chatterbot", "lorafa", "activations", 0),
-        ("drugreview", "lamda", "gradient", 1),
-        ("drugreview", "lamda", "gradient", 2),
         ("chatterbot", "lorafa", "gradient", 1),
         ("chatterbot", "lorafa", "gradient", 2),
         ("chatterbot", "lamda", "gradient", 1),
         ("chatterbot", "lamda", "gradient", 2),
+        ("drugreview", "lamda", "gradient", 1),
+        ("drugreview", "lamda", "gradient", 2),
         *[("drugreview", "lorafa", "gradient", seed) for seed in range(3, 8)],
     ]
 ]

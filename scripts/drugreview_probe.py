@@ -140,7 +140,7 @@ def frozen_a_scales() -> dict[str, dict[str, float]]:
     from accuracy import _data, load_model
 
     from hf_lorafa import LoRAFAConfig, inject_adapters
-    from hf_lorafa.calibration import _collect, _directions
+    from hf_lorafa.calibration import data_directions, direction_scales
     from hf_lorafa.injection import adapter_layers
 
     out = {}
@@ -156,15 +156,13 @@ def frozen_a_scales() -> dict[str, dict[str, float]]:
         size = spec["batch"]
         batches = [collator([train[i] for i in range(b * size, (b + 1) * size)]) for b in range(4)]
         layers = adapter_layers(model)
-        sums, _ = _collect(model, layers, batches, lambda m, b: m(**b).loss)
         entry = {}
         for kind in ("gradient", "activations"):
-            ratios = []
-            for name, layer in layers.items():
-                acc = sums[name]
-                second = acc.outer / acc.n
-                along = torch.einsum("ij,jk,ik->i", d := _directions(acc, layer.r, kind), second, d)
-                ratios.append(float(along.mean() / (torch.trace(second) / second.shape[0])))
+            directions = data_directions(model, layers, batches, kind, lambda m, b: m(**b).loss)
+            ratios = [
+                float((along / random).mean())
+                for along, random in direction_scales(model, layers, batches, directions).values()
+            ]
             entry[kind] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
         out[spec["model"]] = entry
     return out

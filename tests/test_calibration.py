@@ -93,6 +93,21 @@ def test_a_from_the_gradient_keeps_more_of_it_than_a_random_a(llama):
         assert (g @ row_space(random_a[name])).square().sum() < 0.9 * kept, name
 
 
+@pytest.mark.parametrize("kind", ["gradient", "activations"])
+def test_a_budget_for_one_layer_takes_a_pass_a_layer_and_sets_the_same_a(kind, llama):
+    data = batches()
+    one_pass = inject_adapters(copy.deepcopy(llama), LoRAFAConfig(method="lorafa", r=4))
+    per_layer = copy.deepcopy(one_pass)
+    init_frozen_a_from_data(one_pass, data, kind=kind)
+    forwards = []
+    per_layer.register_forward_pre_hook(lambda m, args, kwargs: forwards.append(1), with_kwargs=True)
+    init_frozen_a_from_data(per_layer, data, kind=kind, budget=1)  # every layer's sums alone in a pass
+    layers = adapter_layers(per_layer)
+    assert len(forwards) == len(data) * (len(layers) + 1)  # a pass a layer, then the scale pass
+    for name, layer in adapter_layers(one_pass).items():
+        torch.testing.assert_close(layers[name].lora_A.weight, layer.lora_A.weight, rtol=0, atol=1e-6)
+
+
 def test_lora_and_a_from_w_say_which_settings_take_a_gradient_a():
     with pytest.raises(ValueError, match="frozen_a_init='random' with method='lora'"):
         LoRAFAConfig(method="lora", frozen_a_init="gradient")
