@@ -76,11 +76,14 @@ def test_sft_runs_lamdas_schedule_to_r_squared_per_layer(method, tokenizer, tmp_
     assert trained == sum(layer.r**2 for layer in layers)
 
 
-def test_sft_saves_a_peft_adapter_with_the_same_logits(tokenizer, tmp_path):
+@pytest.mark.parametrize("frozen_a", ["random", "gradient"])
+def test_sft_saves_a_peft_adapter_with_the_same_logits(frozen_a, tokenizer, tmp_path):
     from peft import PeftModel
 
-    trainer = sft(tokenizer, sft_args(tmp_path, adapter_method="lamda", bf16=False))
+    trainer = sft(tokenizer, sft_args(tmp_path, adapter_method="lamda", bf16=False, frozen_a_init=frozen_a))
     trainer.train()
+    # A from the gradient is set by SFTTrainer's own loss over its own first batches, once, before the first step.
+    assert getattr(trainer.model, "hf_lorafa_a_batches", 0) == (4 if frozen_a == "gradient" else 0)
     trainer.save_model()
     out = tmp_path / "out"
     assert {"adapter_config.json", "adapter_model.safetensors", "hf_lorafa.json", "README.md"} <= {
