@@ -326,7 +326,7 @@ PLANS["issue13-lamda-lr"] = [
 FROZEN_A_KINDS = ("gradient", "activations")
 FROZEN_A = {kind: (("frozen_a_init", kind),) for kind in FROZEN_A_KINDS}
 PLANS["issue13-frozen-a"] = [
-    (task, "ours", method, seed, {"lorafa": LORAFA, "lamda": LAMDA}[method] + FROZEN_A[kind])
+    (task, "ours", method, seed, {"lorafa": LORAFA, "lamda": LAMDA, "lamda++": LAMDA}[method] + FROZEN_A[kind])
     for task, method, kind, seed in [
         ("drugreview", "lorafa", "gradient", 0),
         ("drugreview", "lorafa", "activations", 0),
@@ -342,6 +342,11 @@ PLANS["issue13-frozen-a"] = [
         ("chatterbot", "lamda", "gradient", 2),
         ("drugreview", "lamda", "gradient", 1),
         ("drugreview", "lamda", "gradient", 2),
+        ("drugreview", "lorafa", "activations", 1),
+        ("drugreview", "lorafa", "activations", 2),
+        ("chatterbot", "lorafa", "activations", 1),
+        ("chatterbot", "lorafa", "activations", 2),
+        *[("chatterbot", "lamda++", "gradient", seed) for seed in SEEDS],
         *[("drugreview", "lorafa", "gradient", seed) for seed in range(3, 8)],
     ]
 ]

@@ -543,10 +543,10 @@ FROZEN_A_LABELS = {
 
 
 def frozen_a_section(runs: list[dict]) -> list[str]:
-    """LoRA-FA and LaMDA at their defaults with A from the training data (`frozen_a_init`), each against the same
+    """LoRA-FA, LaMDA and LaMDA++ at their defaults with A from the training data (`frozen_a_init`), each against the same
     method with a random A and against ours LoRA at the same seeds: whether the data's directions beat a random A."""
     groups = grouped(runs)
-    defaults = {"lorafa": LORAFA, "lamda": LAMDA}
+    defaults = {"lorafa": LORAFA, "lamda": LAMDA, "lamda++": LAMDA}
 
     def rows_of(task: str, impl: str, method: str, opts: tuple) -> tuple[dict | None, list[dict]]:
         rs = groups.get((task, impl, method, opts), [])
