@@ -110,8 +110,8 @@ class LoRAFATrainerMixin:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def init_frozen_a(self) -> None:
-        """`frozen_a_init="gradient"`: set each frozen A from the first training batches' gradient, once, before
-        the first step (a resumed run loads its A from the checkpoint instead)."""
+        """`frozen_a_init="gradient"` or `"activations"`: set each frozen A from the first `FROZEN_A_BATCHES` training
+        batches, once, before the first step (a resumed run loads its A from the checkpoint instead)."""
         model = self.accelerator.unwrap_model(self.model)
         kind = self.lorafa_config.frozen_a_init
         if kind == "random" or getattr(model, "hf_lorafa_a_batches", 0):
@@ -119,9 +119,17 @@ class LoRAFATrainerMixin:
         loader = self.get_train_dataloader()
         batches = itertools.islice(loader, FROZEN_A_BATCHES)
         batches = (self._prepare_inputs(b) for b in batches)
+        if self.memory is not None:
+            self.memory.reset_peak()
         count = init_frozen_a_from_data(model, batches, lambda m, b: self.compute_loss(m, b), kind=kind)
         model.hf_lorafa_a_batches = count
-        logger.info("hf-lorafa: frozen A set from the %s of %d training batches", kind, count)
+        peak = ""
+        if self.memory is not None:  # the run's overall peak includes this pass; the step logs cover training only
+            used = self.memory.peak_since_reset()
+            self.memory.overall_peak = max(self.memory.overall_peak, used)
+            self.memory.reset_peak()
+            peak = f"; peak {used / 2**20:.0f} MiB ({self.memory.peak_kind})"
+        logger.info("hf-lorafa: frozen A set from the %s of %d training batches%s", kind, count, peak)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """`Trainer.training_step`, stopping at the first non-finite loss instead of training on garbage."""

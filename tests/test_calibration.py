@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import logging
+import re
 
 import pytest
 import torch
@@ -126,14 +128,17 @@ def test_lora_and_a_from_w_say_which_settings_take_a_gradient_a():
 
 @pytest.mark.parametrize("method", FROZEN_A_METHODS)
 @pytest.mark.parametrize("kind", ["gradient", "activations"])
-def test_the_trainer_sets_a_once_before_the_first_step_and_a_saved_adapter_keeps_it(method, kind, tmp_path):
+def test_the_trainer_sets_a_once_before_the_first_step_and_a_saved_adapter_keeps_it(method, kind, tmp_path, caplog):
     model = tiny_llama()
     args = make_args(tmp_path, adapter_method=method, frozen_a_init=kind)
     trainer = LoRAFATrainer(model=model, args=args, train_dataset=token_dataset())
     assert trainer.lorafa_config.frozen_a_init == kind
     random_a = {n: m.lora_A.weight.detach().clone() for n, m in adapter_layers(model).items()}
-    trainer.train()
+    with caplog.at_level(logging.INFO, logger="hf_lorafa.trainer"):
+        trainer.train()
     assert model.hf_lorafa_a_batches == 4
+    assert re.search(rf"frozen A set from the {kind} of 4 training batches; peak \d+ MiB \(process_rss\)", caplog.text)
+    assert trainer.memory.overall_peak > 0
     set_a = {n: m.lora_A.weight.detach().clone() for n, m in adapter_layers(model).items()}
     assert all(not torch.equal(set_a[n], random_a[n]) for n in set_a)
     trainer.train()  # a second call trains on from where the first left off; A is not set again
