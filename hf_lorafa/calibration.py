@@ -21,6 +21,9 @@ scale of the chosen directions; every sum is released before training starts. A 
 one about 25 for the gradient: a one-off cost of some seconds to minutes, with the peak well below a training step's
 optimizer state.
 
+The pass runs in eval mode (no dropout, and so no gradient checkpointing: a batch that fits only under checkpointing
+needs a smaller `per_device_train_batch_size` for it, or `frozen_a_init="random"`).
+
 The model is unchanged at step 0 whatever A is (B = 0, or LaMDA's offset C = B₀S₀ over the new A). The batches are
 taken under `torch.random.fork_rng`, so training draws the same data order and dropout masks as with a random A.
 """

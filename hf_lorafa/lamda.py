@@ -56,6 +56,11 @@ Adaptation" (arXiv:2406.12832). What is the paper's and what is ours:
   (3 seeds); LaMDA++ the same way 71.9% / .500 (3 seeds) and 22% below (3 seeds). For 3/4 of such a run LaMDA trains
   what LoRA-FA at 2r does (about LoRA's parameter count); its saving over that is the last quarter's optimizer state
   and B's gradient, and A·x keeps 2r values a token.
+- The frozen A (PMA) from the training data (ours, `frozen_a_init`, `hf_lorafa/calibration.py`): the top-r right
+  singular vectors of each layer's gradient over the first 4 training batches (`"gradient"`, as LoRA-GA and LoRA-SB
+  start their adapters) or the inputs' top principal directions (`"activations"`, as EVA), in place of the random A
+  of `"spectral"`, `"identity"` or `"published"`; B and S start as those inits say. Measured in BENCHMARKS.md ("The
+  frozen A: random, or from the training data").
 - §3.3 (LaMDA++): ranks per layer from a "normalized spectrum analysis" of each W, singular values only. The rule is
   our reading: a layer's score is the share of its energy (Σσ²) *outside* its top-r directions at the mean rank r,
   so layers whose top singular values hold less of the energy get more rank. Ranks are proportional to the score,

@@ -10,6 +10,7 @@ schedule and the activation-byte sampling are callbacks on step boundaries. The 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 from pathlib import Path
@@ -121,7 +122,11 @@ class LoRAFATrainerMixin:
         batches = (self._prepare_inputs(b) for b in batches)
         if self.memory is not None:
             self.memory.reset_peak()
+        # TRL's compute_loss records token counts and metrics as it goes; the calibration batches are not training.
+        kept = {k: copy.deepcopy(getattr(self, k)) for k in ("_metrics", "_total_train_tokens") if hasattr(self, k)}
         count = init_frozen_a_from_data(model, batches, lambda m, b: self.compute_loss(m, b), kind=kind)
+        for key, value in kept.items():
+            setattr(self, key, value)
         model.hf_lorafa_a_batches = count
         peak = ""
         if self.memory is not None:  # the run's overall peak includes this pass; the step logs cover training only

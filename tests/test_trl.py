@@ -81,6 +81,8 @@ def test_sft_saves_a_peft_adapter_with_the_same_logits(frozen_a, tokenizer, tmp_
     from peft import PeftModel
 
     trainer = sft(tokenizer, sft_args(tmp_path, adapter_method="lamda", bf16=False, frozen_a_init=frozen_a))
+    trainer.init_frozen_a()  # what train() does first; SFTTrainer's token count and metrics leave it out
+    assert trainer._total_train_tokens == 0 and not any(trainer._metrics[mode] for mode in ("train", "eval"))
     trainer.train()
     # A from the gradient is set by SFTTrainer's own loss over its own first batches, once, before the first step.
     assert getattr(trainer.model, "hf_lorafa_a_batches", 0) == (4 if frozen_a == "gradient" else 0)
