@@ -715,7 +715,8 @@ def lamda_note(runs: list[dict]) -> list[str]:
     by_init = defaultdict(list)
     for r in drug:
         options = dict(recorded_options(r))
-        by_init[options["lamda_init"], options["lamda_lr_ratio"]].append(r)
+        if options.get("frozen_a_init", "random") == "random":  # the A the init itself draws (W's or random)
+            by_init[options["lamda_init"], options["lamda_lr_ratio"]].append(r)
 
     def stuck(init: str, ratio: float = 1.0) -> str:
         rs = by_init.get((init, ratio), [])
