@@ -543,8 +543,9 @@ FROZEN_A_LABELS = {
 
 
 def frozen_a_section(runs: list[dict]) -> list[str]:
-    """LoRA-FA, LaMDA and LaMDA++ at their defaults with A from the training data (`frozen_a_init`), each against the same
-    method with a random A and against ours LoRA at the same seeds: whether the data's directions beat a random A."""
+    """LoRA-FA, LaMDA and LaMDA++ at their defaults with A from the training data (`frozen_a_init`), each against the
+    same method with a random A and against ours LoRA at the same seeds: whether the data's directions beat a random
+    A."""
     groups = grouped(runs)
     defaults = {"lorafa": LORAFA, "lamda": LAMDA, "lamda++": LAMDA}
 
