@@ -67,10 +67,12 @@ def test_wheel_install_trains_and_saves(installed_wheel, tmp_path):
         installed_wheel, tmp_path, "-m", "hf_lorafa.cli", "train", "--model_name_or_path", str(base),
         "--dataset", str(data), "--output_dir", str(out), "--max_steps", "2", "--save_steps", "1",
         "--per_device_train_batch_size", "4", "--lora_r", "4", "--max_eval_samples", "4", "--use_cpu", "true",
+        "--frozen_a_init", "gradient",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     card = (out / "README.md").read_text()
     assert "LoRA-FA" in card and "for a local base model" in card and str(tmp_path) not in card
+    assert "| Frozen A from | gradient |" in card  # calibration.py ships, and the CLI takes the option
     for folder in (out, out / "checkpoint-2"):
         assert {"adapter_config.json", "adapter_model.safetensors", "hf_lorafa.json", "README.md"} <= {
             p.name for p in folder.iterdir()
