@@ -153,8 +153,9 @@ def data_directions(
             _run(model, {n: layers[n] for n in group}, batches, lambda n, x: None, loss_fn, add)
             for name in group:
                 g = sums.pop(name, None)
-                if g is None:
-                    g = torch.zeros(layers[name].out_features, layers[name].in_features)
+                if g is None:  # the loss never reached this layer here (it may on another rank)
+                    layer = layers[name]
+                    g = torch.zeros(layer.out_features, layer.in_features, device=layer.lora_A.weight.device)
                 _all_reduce([g])
                 if torch.any(g):
                     out[name] = torch.linalg.svd(g.double(), full_matrices=False)[2][: layers[name].r]

@@ -10,7 +10,15 @@ import torch
 from conftest import perturb_adapters, tiny_llama
 from torch import nn
 
-from hf_lorafa import LoRAFAConfig, inject_adapters, load_adapter, merge_adapters, save_adapter, saved_tensor_bytes
+from hf_lorafa import (
+    LoRAFAConfig,
+    init_frozen_a_from_data,
+    inject_adapters,
+    load_adapter,
+    merge_adapters,
+    save_adapter,
+    saved_tensor_bytes,
+)
 from hf_lorafa.bnb import (
     check_base_layer,
     check_quantization,
@@ -261,3 +269,20 @@ def test_unsupported_quantized_kinds_are_clear_errors(saved_llama):
     check_base_layer("model.layers.0.self_attn.q_proj", model.model.layers[0].self_attn.q_proj)
     with pytest.raises(TypeError, match=r"layer 'up' is a bitsandbytes.*OutlierAwareLinear.*`target_modules`"):
         check_base_layer("up", model.model.layers[0].mlp.up_proj)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_from_the_gradient_over_a_quantized_base(kind, saved_llama, input_ids):
+    model = inject_adapters(quantized(saved_llama, kind), LoRAFAConfig(method="lorafa", r=4))
+    dense = dequantize_model(copy.deepcopy(model))  # the same weights, dense fp32: the reference
+    quantized_before = bnb_state(model)
+    data = [dict(input_ids=input_ids, labels=input_ids)]
+    for m in (model, dense):
+        init_frozen_a_from_data(m, data)
+    after = bnb_state(model)
+    assert after and all(torch.equal(t, after[n]) for n, t in quantized_before.items())  # the base is untouched
+    reference = {n: layer.lora_A.weight.double() for n, layer in adapter_layers(dense).items()}
+    for name, layer in adapter_layers(model).items():
+        # The row spaces agree up to the quantized kernels' rounding (principal-angle cosines > 0.999 here).
+        q, q_ref = (torch.linalg.qr(a.t())[0] for a in (layer.lora_A.weight.double(), reference[name]))
+        assert torch.linalg.svdvals(q_ref.t() @ q).min() > 0.99, name
