@@ -266,4 +266,5 @@ def init_frozen_a_from_data(
         along, random = scales[name]
         factor = A_ROW_NORM * (random / along.clamp_min(1e-30)).sqrt()
         layers[name].set_frozen_a(rows.to(factor.device) * factor[:, None])
+    model.hf_lorafa_a_pending = False
     return len(batches)

@@ -134,6 +134,8 @@ def inject_adapters(model: nn.Module, config: LoRAFAConfig, *, init_weights: boo
         if config.modules_to_save and matches_targets(name, config.modules_to_save):
             module.requires_grad_(True)
     model.hf_lorafa_config = config
+    # A from the data is set once, by the trainer's first train() (calibration.py); a loaded adapter keeps its own.
+    model.hf_lorafa_a_pending = init_weights and config.frozen_a_init != "random"
     trainable, total = count_parameters(model)
     logger.info(
         "hf-lorafa: %s r=%d on %d layers; trainable params: %s of %s (%.4f%%)",

@@ -273,8 +273,9 @@ def load_adapter(
     except (TypeError, ValueError) as err:
         raise ValueError(f"`adapter` file {str(directory / HF_LORAFA_FILE)!r} key 'config': {err}") from None
     ranks = {name: pair["lora_A"].shape[0] for name, pair in pairs.items()}
+    method = method or (saved.method if saved else "lorafa")
     config = LoRAFAConfig(
-        method=method or (saved.method if saved else "lorafa"),
+        method=method,
         r=peft_config.r,
         alpha=peft_config.lora_alpha,
         dropout=peft_config.lora_dropout,
@@ -284,6 +285,8 @@ def load_adapter(
         lorafa_lr_ratio=saved.lorafa_lr_ratio if saved else LoRAFAConfig.lorafa_lr_ratio,
         lamda_lr_ratio=saved.lamda_lr_ratio if saved else LoRAFAConfig.lamda_lr_ratio,
         lamda_s_lr_ratio=saved.lamda_s_lr_ratio if saved else LoRAFAConfig.lamda_s_lr_ratio,
+        # Where the saved A came from (the card says so again on a re-save); a LoRA that trains it on has its own.
+        frozen_a_init=saved.frozen_a_init if saved and method != "lora" else LoRAFAConfig.frozen_a_init,
         rank_pattern={n: r for n, r in ranks.items() if r != peft_config.r},
     )
     inject_adapters(model, config, init_weights=False)

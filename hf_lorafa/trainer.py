@@ -115,8 +115,8 @@ class LoRAFATrainerMixin:
         batches, once, before the first step (a resumed run loads its A from the checkpoint instead)."""
         model = self.accelerator.unwrap_model(self.model)
         kind = self.lorafa_config.frozen_a_init
-        if kind == "random" or getattr(model, "hf_lorafa_a_batches", 0):
-            return
+        if kind == "random" or not getattr(model, "hf_lorafa_a_pending", False):
+            return  # a random A, one set already, or one loaded with its adapter
         loader = self.get_train_dataloader()
         batches = itertools.islice(loader, FROZEN_A_BATCHES)
         batches = (self._prepare_inputs(b) for b in batches)
@@ -127,7 +127,7 @@ class LoRAFATrainerMixin:
         count = init_frozen_a_from_data(model, batches, lambda m, b: self.compute_loss(m, b), kind=kind)
         for key, value in kept.items():
             setattr(self, key, value)
-        model.hf_lorafa_a_batches = count
+        model.hf_lorafa_a_batches, model.hf_lorafa_a_pending = count, False
         peak = ""
         if self.memory is not None:  # the run's overall peak includes this pass; the step logs cover training only
             used = self.memory.peak_since_reset()

@@ -147,3 +147,8 @@ def test_the_trainer_sets_a_once_before_the_first_step_and_a_saved_adapter_keeps
     loaded = load_adapter(tiny_llama(), tmp_path / "adapter")
     ids = token_dataset()[:2]["input_ids"]
     torch.testing.assert_close(loaded(torch.tensor(ids)).logits, model(torch.tensor(ids)).logits)
+    # Training on from a loaded adapter keeps the A it was saved with (its B was trained over that A).
+    assert loaded.hf_lorafa_config.frozen_a_init == kind and not loaded.hf_lorafa_a_pending
+    loaded_a = {n: m.lora_A.weight.detach().clone() for n, m in adapter_layers(loaded).items()}
+    LoRAFATrainer(model=loaded, args=make_args(tmp_path / "again"), train_dataset=token_dataset()).train()
+    assert all(torch.equal(m.lora_A.weight, loaded_a[n]) for n, m in adapter_layers(loaded).items())
