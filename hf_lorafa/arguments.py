@@ -69,7 +69,7 @@ class LoRAFAArguments:
     lamda_init: str = adapter_field("lamda_init", metavar="{residual,svd,published,identity,spectral}")
     lamda_lr_ratio: float = adapter_field("lamda_lr_ratio")
     lamda_s_lr_ratio: float = adapter_field("lamda_s_lr_ratio")
-    frozen_a_init: str = adapter_field("frozen_a_init", metavar="{random,gradient}")
+    frozen_a_init: str = adapter_field("frozen_a_init", metavar="{random,gradient,activations}")
     lamda_rank_budget: int | None = adapter_field("lamda_rank_budget")
 
     # Quantization of the base model (bitsandbytes)

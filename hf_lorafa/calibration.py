@@ -35,11 +35,22 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from .config import FROZEN_A_INITS
 from .injection import adapter_layers
 from .layers import A_ROW_NORM, AdapterLayer
 
 # The most bytes of per-layer sums (G or the inputs' covariance) held at once; more layers take more passes.
 FROZEN_A_BYTES = 1 << 30
+DATA_KINDS = tuple(k for k in FROZEN_A_INITS if k != "random")
+
+
+def _accumulate(sums: dict[str, list[torch.Tensor]], name: str, *terms: torch.Tensor) -> None:
+    """Add `terms` to layer `name`'s running sums in `sums` (the first batch's terms start them)."""
+    if name not in sums:
+        sums[name] = list(terms)
+    else:
+        for acc, term in zip(sums[name], terms):
+            acc.add_(term)
 
 
 def _tokens(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -67,7 +78,7 @@ def _run(
     model: nn.Module,
     layers: dict[str, AdapterLayer],
     batches: list,
-    on_inputs: Callable[[str, torch.Tensor], None],
+    on_inputs: Callable[[str, torch.Tensor], None] | None,
     loss_fn: Callable | None = None,
     on_gradient: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> None:
@@ -80,7 +91,8 @@ def _run(
     def keep_input(name):
         def hook(module, args):
             inputs[name] = args[0].detach()
-            on_inputs(name, _tokens(inputs[name], mask[0]))
+            if on_inputs is not None:
+                on_inputs(name, _tokens(inputs[name], mask[0]))
 
         return hook
 
@@ -144,15 +156,14 @@ def data_directions(
     out: dict[str, torch.Tensor] = {}
     if kind == "gradient":
         for group in _groups(layers, lambda m: 4 * m.out_features * m.in_features, budget):
-            sums: dict[str, torch.Tensor] = {}
+            sums: dict[str, list[torch.Tensor]] = {}
 
             def add(name, g, x, sums=sums):
-                term = g.float().t() @ x.float()
-                sums[name] = term if name not in sums else sums[name].add_(term)
+                _accumulate(sums, name, g.float().t() @ x.float())
 
-            _run(model, {n: layers[n] for n in group}, batches, lambda n, x: None, loss_fn, add)
+            _run(model, {n: layers[n] for n in group}, batches, None, loss_fn, add)
             for name in group:
-                g = sums.pop(name, None)
+                g = sums.pop(name, [None])[0]
                 if g is None:  # the loss never reached this layer here (it may on another rank)
                     layer = layers[name]
                     g = torch.zeros(layer.out_features, layer.in_features, device=layer.lora_A.weight.device)
@@ -161,17 +172,12 @@ def data_directions(
                     out[name] = torch.linalg.svd(g.double(), full_matrices=False)[2][: layers[name].r]
         return out
     for group in _groups(layers, lambda m: 8 * m.in_features * (m.in_features + 1) + 8, budget):
-        moments: dict[str, list] = {}
+        moments: dict[str, list[torch.Tensor]] = {}
 
         def add_inputs(name, x, moments=moments):
             x = x.double()
-            if name not in moments:
-                moments[name] = [x.sum(0), x.t() @ x, torch.tensor(float(x.shape[0]), dtype=x.dtype, device=x.device)]
-            else:
-                total, outer, n = moments[name]
-                total.add_(x.sum(0))
-                outer.add_(x.t() @ x)
-                n.add_(x.shape[0])
+            n = torch.tensor(float(x.shape[0]), dtype=x.dtype, device=x.device)
+            _accumulate(moments, name, x.sum(0), x.t() @ x, n)
 
         _run(model, {n: layers[n] for n in group}, batches, add_inputs)
         for name in group:
@@ -196,12 +202,7 @@ def direction_scales(
         x = x.double()
         v = directions[name].to(x.device)
         along, norm = (x @ v.t()).square().sum(0), x.square().sum() / x.shape[1]
-        n = torch.tensor(float(x.shape[0]), dtype=x.dtype, device=x.device)
-        if name not in sums:
-            sums[name] = [along, norm, n]
-        else:
-            for acc, term in zip(sums[name], (along, norm, n)):
-                acc.add_(term)
+        _accumulate(sums, name, along, norm, torch.tensor(float(x.shape[0]), dtype=x.dtype, device=x.device))
 
     _run(model, layers, batches, add)
     out = {}
@@ -242,8 +243,8 @@ def init_frozen_a_from_data(
     4
     ```
     """
-    if kind not in ("gradient", "activations"):
-        raise ValueError(f"`kind` must be 'gradient' or 'activations'; got {kind!r}.")
+    if kind not in DATA_KINDS:
+        raise ValueError(f"`kind` must be {' or '.join(map(repr, DATA_KINDS))}; got {kind!r}.")
     layers = {n: m for n, m in adapter_layers(model).items() if not m.lora_A.weight.requires_grad}
     if not layers:
         raise ValueError(

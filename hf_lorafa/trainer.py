@@ -127,7 +127,7 @@ class LoRAFATrainerMixin:
         count = init_frozen_a_from_data(model, batches, lambda m, b: self.compute_loss(m, b), kind=kind)
         for key, value in kept.items():
             setattr(self, key, value)
-        model.hf_lorafa_a_batches, model.hf_lorafa_a_pending = count, False
+        model.hf_lorafa_a_batches = count  # init_frozen_a_from_data cleared hf_lorafa_a_pending
         peak = ""
         if self.memory is not None:  # the run's overall peak includes this pass; the step logs cover training only
             used = self.memory.peak_since_reset()
