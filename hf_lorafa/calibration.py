@@ -30,6 +30,7 @@ taken under `torch.random.fork_rng`, so training draws the same data order and d
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 
 import torch
@@ -255,17 +256,40 @@ def init_frozen_a_from_data(
     if not batches:
         raise ValueError("`frozen_a_init` from the data needs at least one training batch; the data loader gave none.")
     loss_fn = (loss_fn or (lambda m, b: m(**b).loss)) if kind == "gradient" else None
+    with _calibrating(model):
+        directions = data_directions(model, layers, batches, kind, loss_fn, budget)
+        set_frozen_a_directions(model, batches, directions, layers)
+    return len(batches)
+
+
+@contextlib.contextmanager
+def _calibrating(model: nn.Module):
+    """Eval mode (no dropout: the same A for the same batches) and the global RNG left as it was."""
     was_training = model.training
-    model.eval()  # no dropout: the same A for the same batches
+    model.eval()
     try:
         with torch.random.fork_rng(devices=[]):
-            directions = data_directions(model, layers, batches, kind, loss_fn, budget)
-            scales = direction_scales(model, layers, batches, directions)
+            yield
     finally:
         model.train(was_training)
+
+
+def set_frozen_a_directions(
+    model: nn.Module,
+    batches: Iterable,
+    directions: dict[str, torch.Tensor],
+    layers: dict[str, AdapterLayer] | None = None,
+) -> None:
+    """Set each named layer's frozen A to `directions[name]` (r orthonormal rows), each row scaled so that its
+    `z_i = A_i x` has a random row's mean square over `batches`' inputs (one forward-only pass).
+
+    `init_frozen_a_from_data` calls it with the data's directions; `scripts/oracle_a.py` with the row space LoRA
+    itself learned."""
+    layers = layers or adapter_layers(model)
+    with _calibrating(model):
+        scales = direction_scales(model, layers, list(batches), directions)
     for name, rows in directions.items():
         along, random = scales[name]
         factor = A_ROW_NORM * (random / along.clamp_min(1e-30)).sqrt()
         layers[name].set_frozen_a(rows.to(factor.device) * factor[:, None])
     model.hf_lorafa_a_pending = False
-    return len(batches)

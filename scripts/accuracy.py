@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -380,10 +381,25 @@ def load_model(task: str, spec: dict) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
 
 
-def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: Path, spec_changes: tuple = ()) -> dict:
+def run(
+    task: str,
+    impl: str,
+    method: str,
+    seed: int,
+    options: tuple,
+    out_dir: Path,
+    spec_changes: tuple = (),
+    prepare: Callable[[Trainer], dict] | None = None,
+    finish: Callable[[Trainer], dict] | None = None,
+    tag: str = "",
+    command: str | None = None,
+) -> dict:
     """Train one configuration and write its JSON (metrics, loss curve, parameters, wall time).
 
     `spec_changes` ((key, value) pairs of TASKS' entries) tries a protocol variant; named in the run's file name.
+    `prepare` (before training) and `finish` (after it) get the trainer; what they return is recorded under
+    `"prepared"` / `"finished"`. `tag` names such a variant at the end of the run's name, and `command` replaces the
+    recorded command that reruns it (`scripts/oracle_a.py`).
     """
     spec = {**TASKS[task], **dict(spec_changes)}
     if impl == "ours":  # named with every option of the method, so the name says what ran whatever the defaults
@@ -393,7 +409,7 @@ def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: P
             (k, v) for k, v in options if k not in own and k not in at_default
         )
     spec_changes = tuple((k, v) for k, v in spec_changes if TASKS[task].get(k) != v)
-    name = run_name(task, impl, method, seed, options, spec_changes)
+    name = run_name(task, impl, method, seed, options, spec_changes) + (f"-{tag}" if tag else "")
     torch.manual_seed(seed)
     path = resolve_model(spec["model"])
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -455,10 +471,12 @@ def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: P
                 optimizers = (create_lorafa_optimizer(model, spec["r"], spec["alpha"], lr), None)
         trainer = Trainer(model=model, args=TrainingArguments(**common), optimizers=optimizers, **data)
         effective = {}
+    prepared = prepare(trainer) if prepare else None
     started = time.time()
     trainer.train()
     wall = time.time() - started
     final = trainer.evaluate()
+    finished = finish(trainer) if finish else None
     trainable, total = count_parameters(trainer.model)
     history = trainer.state.log_history
     result = {
@@ -471,9 +489,8 @@ def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: P
         "protocol": PROTOCOL[task],
         "spec": spec,
         "spec_changes": dict(spec_changes),
-        "command": " ".join(
-            ["python scripts/accuracy.py run", *run_argv(task, impl, method, seed, options, spec_changes)]
-        ),
+        "command": command
+        or " ".join(["python scripts/accuracy.py run", *run_argv(task, impl, method, seed, options, spec_changes)]),
         "model": spec["model"],
         "r": spec["r"],
         "alpha": spec["alpha"],
@@ -492,6 +509,9 @@ def run(task: str, impl: str, method: str, seed: int, options: tuple, out_dir: P
         "train_loss": next((h["train_loss"] for h in history if "train_loss" in h), None),
         **{k: v for k, v in final.items() if k in ("eval_loss", "eval_accuracy", "eval_macro_f1")},
         "loss_curve": [[h["step"], h["loss"]] for h in history if "loss" in h],
+        **({"tag": tag} if tag else {}),
+        **({"prepared": prepared} if prepare else {}),
+        **({"finished": finished} if finish else {}),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
