@@ -542,6 +542,21 @@ FROZEN_A_LABELS = {
 }
 
 
+def paired_diffs(key: str, ours: list[dict], ref: list[dict], scale: float = 1.0) -> list[float]:
+    """`ours` − `ref` in `key` at each seed both have."""
+    by_seed = {r["seed"]: r[key] for r in ref}
+    return [scale * (r[key] - by_seed[r["seed"]]) for r in ours if r["seed"] in by_seed]
+
+
+def paired(key: str, ours: list[dict], ref: list[dict], scale: float, digits: int) -> str:
+    """`ours` − `ref` over the seeds both have (± the s.e. of the paired mean, their count in brackets), or "–"."""
+    diffs = paired_diffs(key, ours, ref, scale)
+    if not diffs:
+        return "–"
+    se = f" ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.{digits}f}" if len(diffs) > 1 else ""
+    return f"{statistics.mean(diffs):+.{digits}f}{se} ({len(diffs)})"
+
+
 def frozen_a_section(runs: list[dict]) -> list[str]:
     """LoRA-FA, LaMDA and LaMDA++ at their defaults with A from the training data (`frozen_a_init`), each against the
     same method with a random A and against ours LoRA at the same seeds: whether the data's directions beat a random
@@ -555,15 +570,6 @@ def frozen_a_section(runs: list[dict]) -> list[str]:
 
     def at_seeds(rs: list[dict], seeds: set[int]) -> list[dict]:
         return [r for r in rs if r["seed"] in seeds]
-
-    def pair(key: str, ours: list[dict], ref: list[dict], scale: float, digits: int) -> str:
-        """`ours` − `ref` over the seeds both have (± the s.e. of the paired mean), or "–"."""
-        by_seed = {r["seed"]: r[key] for r in ref}
-        diffs = [scale * (r[key] - by_seed[r["seed"]]) for r in ours if r["seed"] in by_seed]
-        if not diffs:
-            return "–"
-        se = f" ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.{digits}f}" if len(diffs) > 1 else ""
-        return f"{statistics.mean(diffs):+.{digits}f}{se} ({len(diffs)})"
 
     kinds = [k for k in FROZEN_A_LABELS if k != "random"]
     measured = [
@@ -595,12 +601,12 @@ def frozen_a_section(runs: list[dict]) -> list[str]:
             f"{stat(values(drug, 'eval_accuracy', 100), 1)} | {stat(values(drug, 'eval_macro_f1'))} | "
             f"{stat(values(drug, 'train_loss'))} | "
             + " | ".join(
-                pair(key, drug, ref, scale, digits)
+                paired(key, drug, ref, scale, digits)
                 for ref in (random_drug, lora_drug)
                 for key, scale, digits in (("eval_accuracy", 100, 1), ("eval_macro_f1", 100, 1))
             )
             + f" | {seeds_cell(chat) if chat else '–'} | {stat(values(chat, 'eval_loss'))} | "
-            f"{pair('eval_loss', chat, random_chat, 1, 3)} | {pair('eval_loss', chat, lora_chat, 1, 3)} |"
+            f"{paired('eval_loss', chat, random_chat, 1, 3)} | {paired('eval_loss', chat, lora_chat, 1, 3)} |"
         )
     probe_path = RESULTS.parent / "drugreview-probe.json"
     probe = json.loads(probe_path.read_text()).get("frozen_a", {}) if probe_path.exists() else {}
@@ -631,6 +637,79 @@ def frozen_a_section(runs: list[dict]) -> list[str]:
             if lora_drug
             else ""
         ),
+    ]
+    return out
+
+
+ORACLE = RESULTS / "oracle-a"
+
+
+def oracle_a_section(oracle: list[dict], runs: list[dict]) -> list[str]:
+    """`scripts/oracle_a.py`: LoRA-FA and LaMDA over the row space LoRA learned at the same seed (an A no method could
+    know at step 0), against the same methods with their random A and against that LoRA run: whether any frozen A
+    could close the same-r gap on drug-review."""
+    oracle = [r for r in oracle if r["task"] == "drugreview" and recorded_spec(r) == TASKS["drugreview"]]
+    if not oracle:
+        return []
+    groups = grouped(runs)
+    lora = [r for r in oracle if r["method"] == "lora"]
+    main_lora = groups.get(("drugreview", "ours", "lora", ()), [])
+    out = [
+        "### The frozen A that LoRA learned (drug-review)",
+        "",
+        "| method | frozen A | seeds | accuracy | macro-F1 | train loss | − random A: accuracy | macro-F1 | "
+        "− ours LoRA: accuracy | macro-F1 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| lora | – (A trains; rerun by the script) | {seeds_cell(lora)} | "
+        f"{stat(values(lora, 'eval_accuracy', 100), 1)} | {stat(values(lora, 'eval_macro_f1'))} | "
+        f"{stat(values(lora, 'train_loss'))} | – | – | "
+        f"{paired('eval_accuracy', lora, main_lora, 100, 1)} | {paired('eval_macro_f1', lora, main_lora, 100, 1)} |",
+    ]
+    closes = {}
+    for method, defaults in (("lorafa", LORAFA), ("lamda", LAMDA)):
+        rs = [r for r in oracle if r["method"] == method]
+        if not rs:
+            continue
+        random_a = groups.get(("drugreview", "ours", method, defaults), [])
+        cells = [
+            paired(key, rs, ref, 100, 1) for ref in (random_a, lora) for key in ("eval_accuracy", "eval_macro_f1")
+        ]
+        out.append(
+            f"| {method} | LoRA's final A (its row space) | {seeds_cell(rs)} | "
+            f"{stat(values(rs, 'eval_accuracy', 100), 1)} | {stat(values(rs, 'eval_macro_f1'))} | "
+            f"{stat(values(rs, 'train_loss'))} | {' | '.join(cells)} |"
+        )
+        gaps = [
+            statistics.mean(paired_diffs(k, lora, rs, 100) or [math.nan]) for k in ("eval_accuracy", "eval_macro_f1")
+        ]
+        closes[method] = gaps
+    moved = [r["finished"]["a_overlap_with_init"]["median"] for r in lora if r.get("finished")]
+    low = [r["finished"]["a_overlap_with_init"]["min"] for r in lora if r.get("finished")]
+    layers = next((r["finished"]["a_overlap_with_init"]["layers"] for r in lora if r.get("finished")), 0)
+    verdicts = [
+        f"{method} over LoRA's A is {acc:+.1f} / {f1:+.1f} points behind that LoRA run "
+        + ("(within the 1-point target on both)" if max(acc, f1) <= 1.0 else "(short of the 1-point target)")
+        for method, (acc, f1) in closes.items()
+    ]
+    out += [
+        "",
+        "Command: `python scripts/oracle_a.py --seeds 0 1 2 3` (per seed: ours LoRA, then LoRA-FA and LaMDA "
+        "at their defaults with each layer's A frozen to an orthonormal basis of the row space of the A that "
+        "LoRA ended with, each row scaled as `frozen_a_init` scales its rows). No frozen-A method could know "
+        "that A at step 0; with it, LoRA's own final update `B A` is within reach of B alone. The `− random "
+        "A` columns pair each seed with the same method's run in the task table below (its random A is LoRA's "
+        "initial A at that seed: overlap 1.000); the `− ours LoRA` columns pair it with the script's LoRA run "
+        "at the same seed, and the LoRA row with the task table's LoRA run (a rerun of the same seed gives "
+        "the same numbers when the difference is 0). "
+        + (
+            "LoRA's A moves in training: the overlap of its final row space with its initial one (`‖Q Q₀ᵀ‖²_F / r`, "
+            f"1 for the same space, about r/d_in = {lora[0]['r'] / 384:.3f} for unrelated ones in a 384-wide layer) "
+            f"has a median over the {layers} adapted layers of {min(moved):.3f}-{max(moved):.3f} across the seeds "
+            f"(lowest layer {min(low):.3f}). "
+            if moved
+            else ""
+        )
+        + ("; ".join(verdicts) + "." if verdicts else ""),
     ]
     return out
 
@@ -987,6 +1066,7 @@ def accuracy_part(save_figure) -> list[str]:
         *(section + [""] if (section := rank_section(runs, equal)) else []),
         *(section + [""] if (section := lamda_ratio_section(runs, equal)) else []),
         *(section + [""] if (section := frozen_a_section(runs)) else []),
+        *(section + [""] if (section := oracle_a_section(load_runs(ORACLE), runs)) else []),
         *task_tables(runs, save_figure),
     ]
     done = {p.stem for p in RESULTS.glob("*.json")}

@@ -33,6 +33,7 @@ from accuracy_tables import (  # noqa: E402
     lamda_ratio_section,
     lamdapp_ranks,
     lorafa_ratio_section,
+    oracle_a_section,
     pooled_sd,
     rank_section,
     se_paragraph,
@@ -246,6 +247,37 @@ def test_frozen_a_section_pairs_each_data_init_with_the_random_a_and_lora_at_the
         "-6.0 (1) | -7.0 (1) | – | – | – | – |",
     ]
     assert "sweep --plan issue13-frozen-a" in lines[-1] and "Ours LoRA over its 3 drug-review seeds" in lines[-1]
+
+
+def test_oracle_a_section_pairs_the_methods_over_loras_a_with_their_random_a_and_that_lora_run():
+    def drug(method: str, seed: int, acc: float, f1: float, **extra) -> dict:
+        options = {"lorafa": dict(LORAFA), "lamda": dict(LAMDA)}.get(method, {})
+        return {"task": "drugreview", "impl": "ours", "method": method, "seed": seed, "protocol": 3, "r": 8,
+                "effective_options": options, "train_loss": 0.5, "eval_accuracy": acc, "eval_macro_f1": f1,
+                "spec": TASKS["drugreview"],
+                "eval_loss": 1.0, **extra}  # fmt: skip
+
+    def moved(median: float, low: float) -> dict:
+        return {"finished": {"a_overlap_with_init": {"median": median, "min": low, "max": 0.9, "layers": 36}}}
+
+    runs = [drug("lora", s, 0.72, 0.50) for s in range(3)] + [drug("lorafa", s, 0.69, 0.46) for s in range(3)]
+    assert oracle_a_section([], runs) == []
+    varied = drug("lorafa", 0, 0.5, 0.3, tag="a-lora-final", spec={**TASKS["drugreview"], "max_steps": 6})
+    assert oracle_a_section([varied], runs) == []  # another protocol's run is not this table's
+    oracle = [drug("lora", 0, 0.72, 0.50, **moved(0.30, 0.10)), drug("lora", 1, 0.73, 0.52, **moved(0.20, 0.05))]
+    oracle += [drug("lorafa", 0, 0.716, 0.49, tag="a-lora-final"), drug("lorafa", 1, 0.71, 0.48, tag="a-lora-final")]
+    lines = oracle_a_section(oracle, runs)
+    assert lines[0] == "### The frozen A that LoRA learned (drug-review)"
+    rows = [line for line in lines if line.startswith("| lora")]
+    assert rows == [
+        "| lora | – (A trains; rerun by the script) | 0, 1 (only 2 of 3 seeds ran) | 72.5 ± 0.7 | 0.510 ± 0.014 | "
+        "0.500 ± 0.000 | – | – | +0.5 ± 0.5 (2) | +1.0 ± 1.0 (2) |",
+        "| lorafa | LoRA's final A (its row space) | 0, 1 (only 2 of 3 seeds ran) | 71.3 ± 0.4 | 0.485 ± 0.007 | "
+        "0.500 ± 0.000 | +2.3 ± 0.3 (2) | +2.5 ± 0.5 (2) | -1.2 ± 0.8 (2) | -2.5 ± 1.5 (2) |",
+    ]
+    assert "median over the 36 adapted layers of 0.200-0.300 across the seeds (lowest layer 0.050)" in lines[-1]
+    assert lines[-1].endswith("lorafa over LoRA's A is +1.2 / +2.5 points behind that LoRA run (short of the "
+                              "1-point target).")  # fmt: skip
 
 
 def test_the_freeze_order_is_named_only_away_from_its_default():

@@ -12,7 +12,7 @@ from conftest import FROZEN_A_METHODS, tiny_llama
 from test_trainer import make_args, token_dataset
 
 from hf_lorafa import LoRAFAConfig, LoRAFATrainer, inject_adapters, load_adapter, save_adapter
-from hf_lorafa.calibration import init_frozen_a_from_data
+from hf_lorafa.calibration import init_frozen_a_from_data, set_frozen_a_directions
 from hf_lorafa.injection import adapter_layers
 from hf_lorafa.layers import A_ROW_NORM
 
@@ -78,6 +78,36 @@ def test_a_spans_the_datas_top_directions_at_a_random_rows_scale(method, kind, l
         target = A_ROW_NORM**2 * torch.trace(second) / second.shape[0]
         torch.testing.assert_close(per_row, target.expand(r), rtol=1e-5, atol=0)
     # The model is still the base model: B = 0, or LaMDA's offset C = B₀S₀ over the new A.
+    ids = data[0]["input_ids"]
+    torch.testing.assert_close(model(ids).logits, llama(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lorafa", "lamda"])
+def test_given_directions_are_set_at_a_random_rows_scale_and_the_model_is_unchanged(method, llama):
+    """`set_frozen_a_directions` (what scripts/oracle_a.py freezes LoRA's learned row space with): A spans the given
+    rows, each scaled to a random row's mean square over the batches; output, RNG and train mode as they were."""
+    data = batches()
+    model = inject_adapters(copy.deepcopy(llama), LoRAFAConfig(method=method, r=4))
+    generator = torch.Generator().manual_seed(3)
+    layers = adapter_layers(model)
+    given = {
+        name: torch.linalg.qr(torch.randn(layer.in_features, layer.r, generator=generator, dtype=torch.float64))[0].t()
+        for name, layer in layers.items()
+    }
+    model.train()
+    state = torch.random.get_rng_state()
+    set_frozen_a_directions(model, data, given)
+    assert torch.equal(torch.random.get_rng_state(), state) and model.training
+    assert model.hf_lorafa_a_pending is False
+    for name, layer in layers.items():
+        a = layer.lora_A.weight.double()
+        torch.testing.assert_close(row_space(a), given[name].t() @ given[name], atol=1e-5, rtol=0)
+        x = layer_inputs(llama, data, name)
+        second = x.t() @ x / x.shape[0]
+        per_row = torch.einsum("ij,jk,ik->i", a, second, a)
+        target = A_ROW_NORM**2 * torch.trace(second) / second.shape[0]
+        torch.testing.assert_close(per_row, target.expand(layer.r), rtol=1e-5, atol=0)
+    model.eval()
     ids = data[0]["input_ids"]
     torch.testing.assert_close(model(ids).logits, llama(ids).logits, rtol=0, atol=1e-5)
 

@@ -1,0 +1,42 @@
+"""scripts/oracle_a.py: LoRA-FA and LaMDA trained over the A that ours LoRA learned at the same seed (a short run
+of the real drug-review task: the experiment's plumbing, not its result)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+import oracle_a  # noqa: E402
+
+
+def test_overlap_is_one_for_the_same_space_and_zero_for_an_orthogonal_one():
+    q = torch.linalg.qr(torch.randn(16, 6, dtype=torch.float64))[0].t()
+    mixed = torch.linalg.qr((torch.randn(3, 3, dtype=torch.float64) @ q[:3]).t())[0].t()  # another basis of q[:3]
+    overlap = oracle_a.overlaps({"l": q[:3], "m": q[:3]}, {"l": mixed, "m": q[3:]})
+    assert abs(overlap["l"] - 1) < 1e-12 and abs(overlap["m"]) < 1e-12
+    assert oracle_a.summary({"a": 0.2, "b": 0.9, "c": 0.5}) == {"median": 0.5, "min": 0.2, "max": 0.9, "layers": 3}
+
+
+def test_lorafa_trains_over_the_row_space_lora_ended_with(tmp_path):
+    torch.set_num_threads(2)
+    oracle_a.seed_runs("drugreview", 0, ("lorafa",), tmp_path, (("max_steps", 3),))
+    lora = json.loads((tmp_path / "drugreview-ours-lora-seed0-max_steps3.json").read_text())
+    lorafa = json.loads((tmp_path / "drugreview-ours-lorafa-ratio4-seed0-max_steps3-a-lora-final.json").read_text())
+    assert lorafa["tag"] == "a-lora-final" and lorafa["max_steps"] == 3
+    assert (
+        lorafa["command"]
+        == lora["command"]
+        == ("python scripts/oracle_a.py --task drugreview --seeds 0 --methods lorafa --spec max_steps=3")
+    )
+    moved = lora["finished"]["a_overlap_with_init"]
+    assert moved["layers"] == 36 and moved["min"] < 1 - 1e-4  # LoRA's A moved in 3 steps, a little
+    prepared = lorafa["prepared"]
+    # LoRA-FA's random A at this seed is LoRA's initial A; the one it trained over spans LoRA's final A.
+    for key in ("random_a_overlap_with_lora_init", "a_overlap_with_lora_final"):
+        assert prepared[key]["layers"] == 36 and abs(prepared[key]["min"] - 1) < 1e-9, key
+    assert 0 <= lorafa["eval_accuracy"] <= 1 and lorafa["trainable_parameters"] < lora["trainable_parameters"]
