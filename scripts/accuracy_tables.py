@@ -666,23 +666,31 @@ def oracle_a_section(oracle: list[dict], runs: list[dict]) -> list[str]:
         f"{paired('eval_accuracy', lora, main_lora, 100, 1)} | {paired('eval_macro_f1', lora, main_lora, 100, 1)} |",
     ]
     closes = {}
+    variants = (
+        ("a-lora-final", "LoRA's final A (its row space)", lora),
+        ("a-random-rescaled", "its own random A, orthonormal rows rescaled alike (control)", main_lora),
+    )
     for method, defaults in (("lorafa", LORAFA), ("lamda", LAMDA)):
-        rs = [r for r in oracle if r["method"] == method]
-        if not rs:
-            continue
         random_a = groups.get(("drugreview", "ours", method, defaults), [])
-        cells = [
-            paired(key, rs, ref, 100, 1) for ref in (random_a, lora) for key in ("eval_accuracy", "eval_macro_f1")
-        ]
-        out.append(
-            f"| {method} | LoRA's final A (its row space) | {seeds_cell(rs)} | "
-            f"{stat(values(rs, 'eval_accuracy', 100), 1)} | {stat(values(rs, 'eval_macro_f1'))} | "
-            f"{stat(values(rs, 'train_loss'))} | {' | '.join(cells)} |"
-        )
-        gaps = [
-            statistics.mean(paired_diffs(k, lora, rs, 100) or [math.nan]) for k in ("eval_accuracy", "eval_macro_f1")
-        ]
-        closes[method] = gaps
+        for tag, what, ref_lora in variants:
+            rs = [r for r in oracle if r["method"] == method and r.get("tag") == tag]
+            if not rs:
+                continue
+            cells = [
+                paired(key, rs, ref, 100, 1)
+                for ref in (random_a, ref_lora)
+                for key in ("eval_accuracy", "eval_macro_f1")
+            ]
+            out.append(
+                f"| {method} | {what} | {seeds_cell(rs)} | "
+                f"{stat(values(rs, 'eval_accuracy', 100), 1)} | {stat(values(rs, 'eval_macro_f1'))} | "
+                f"{stat(values(rs, 'train_loss'))} | {' | '.join(cells)} |"
+            )
+            if tag == "a-lora-final":
+                closes[method] = [
+                    statistics.mean(paired_diffs(k, lora, rs, 100) or [math.nan])
+                    for k in ("eval_accuracy", "eval_macro_f1")
+                ]
     moved = [r["finished"]["a_overlap_with_init"]["median"] for r in lora if r.get("finished")]
     low = [r["finished"]["a_overlap_with_init"]["min"] for r in lora if r.get("finished")]
     layers = next((r["finished"]["a_overlap_with_init"]["layers"] for r in lora if r.get("finished")), 0)
@@ -693,14 +701,16 @@ def oracle_a_section(oracle: list[dict], runs: list[dict]) -> list[str]:
     ]
     out += [
         "",
-        "Command: `python scripts/oracle_a.py --seeds 0 1 2 3` (per seed: ours LoRA, then LoRA-FA and LaMDA "
-        "at their defaults with each layer's A frozen to an orthonormal basis of the row space of the A that "
-        "LoRA ended with, each row scaled as `frozen_a_init` scales its rows). No frozen-A method could know "
-        "that A at step 0; with it, LoRA's own final update `B A` is within reach of B alone. The `− random "
-        "A` columns pair each seed with the same method's run in the task table below (its random A is LoRA's "
-        "initial A at that seed: overlap 1.000); the `− ours LoRA` columns pair it with the script's LoRA run "
-        "at the same seed, and the LoRA row with the task table's LoRA run (a rerun of the same seed gives "
-        "the same numbers when the difference is 0). "
+        "Command: `python scripts/oracle_a.py --seeds 0 1 2 3`, and for the control `--a init` (per seed: "
+        "ours LoRA, then LoRA-FA and LaMDA at their defaults with each layer's A frozen to an orthonormal "
+        "basis of the row space of the A that LoRA ended with, each row scaled as `frozen_a_init` scales its "
+        "rows; the control freezes the method's own random A's row space, rescaled the same way, and trains "
+        "no LoRA). No frozen-A method could know LoRA's final A at step 0; with it, LoRA's own final update "
+        "`B A` is within reach of B alone. The `− random A` columns pair each seed with the same method's run "
+        "in the task table below (its random A is LoRA's initial A at that seed: overlap 1.000); the `− ours "
+        "LoRA` columns pair it with the script's LoRA run at the same seed (the control's with the task "
+        "table's), and the LoRA row pairs the script's LoRA runs with the task table's (0 where a rerun of a "
+        "seed gives the same numbers). "
         + (
             "LoRA's A moves in training: the overlap of its final row space with its initial one (`‖Q Q₀ᵀ‖²_F / r`, "
             f"1 for the same space, about r/d_in = {lora[0]['r'] / 384:.3f} for unrelated ones in a 384-wide layer) "

@@ -12,10 +12,12 @@ rows). LoRA's final update `B A` is then within reach of B alone.
 - If it does not, no frozen A can: the gap is B alone training (with A fixed, and so with half LoRA's adapter
   parameters), and equal trainable parameters (twice the rank) is what closes it (BENCHMARKS.md).
 
-Each LoRA run also records how far its A's row space moved from its init (the random A LoRA-FA keeps at the same
+The control (`--a init`) freezes each method's own random A's row space, orthonormalised and rescaled the same way,
+so that the basis and scale are not mistaken for the subspace. Each LoRA run also records how far its A's row space moved from its init (the random A LoRA-FA keeps at the same
 seed): `‖Q_final Q_initᵀ‖²_F / r` per layer, 1 for the same space, about r/d_in for unrelated ones.
 
     python scripts/oracle_a.py --seeds 0 1 2          # one process; two at a time: --seeds 0 1 & --seeds 2
+    python scripts/oracle_a.py --seeds 0 1 2 --a init # the control: each method's own random A, rescaled alike
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from hf_lorafa.injection import adapter_layers  # noqa: E402
 from hf_lorafa.trainer import FROZEN_A_BATCHES  # noqa: E402
 
 OUT = accuracy.RESULTS / "oracle-a"
-TAG = "a-lora-final"
+# The A each variant freezes: LoRA's final row space, or (the control) the method's own random one, rescaled.
+TAGS = {"final": "a-lora-final", "init": "a-random-rescaled"}
 METHODS = ("lorafa", "lamda")
 
 
@@ -61,9 +64,14 @@ def summary(values: dict[str, float]) -> dict:
     return {"median": v[len(v) // 2], "min": v[0], "max": v[-1], "layers": len(v)}
 
 
-def seed_runs(task: str, seed: int, methods: tuple[str, ...], out: Path = OUT, spec_changes: tuple = ()) -> None:
+def seed_runs(
+    task: str, seed: int, methods: tuple[str, ...], out: Path = OUT, spec_changes: tuple = (), a_from: str = "final"
+) -> None:
+    """One seed: ours LoRA, then each method over LoRA's final row space (`a_from="final"`); or, the control, each
+    method over its own random A's row space, orthonormalised and scaled the same way (`"init"`, no LoRA run)."""
     command = " ".join(
         ["python scripts/oracle_a.py --task", task, "--seeds", str(seed), "--methods", *methods]
+        + (["--a", a_from] if a_from != "final" else [])
         + [f"--spec {k}={v}" for k, v in spec_changes]
     )
     init: dict[str, torch.Tensor] = {}
@@ -78,27 +86,31 @@ def seed_runs(task: str, seed: int, methods: tuple[str, ...], out: Path = OUT, s
         moved = overlaps(learned, init)
         return {"a_overlap_with_init": summary(moved), "a_overlap_with_init_per_layer": moved}
 
-    lora = accuracy.run(
-        task, "ours", "lora", seed, (), out, spec_changes, prepare=keep_init, finish=keep_final, command=command
-    )
-    print(f"seed {seed}: ours LoRA {lora.get('eval_accuracy')} / {lora.get('eval_macro_f1')}", flush=True)
+    if a_from == "final":
+        lora = accuracy.run(
+            task, "ours", "lora", seed, (), out, spec_changes, prepare=keep_init, finish=keep_final, command=command
+        )
+        print(f"seed {seed}: ours LoRA {lora.get('eval_accuracy')} / {lora.get('eval_macro_f1')}", flush=True)
     for method in methods:
 
         def set_a(trainer) -> dict:
             model = _model(trainer)
             before = row_spaces(trainer)
+            directions = learned if a_from == "final" else before
             batches = itertools.islice(trainer.get_train_dataloader(), FROZEN_A_BATCHES)
-            set_frozen_a_directions(model, (trainer._prepare_inputs(b) for b in batches), learned)
+            set_frozen_a_directions(model, (trainer._prepare_inputs(b) for b in batches), directions)
             after = row_spaces(trainer)
+            if a_from != "final":
+                return {"a_overlap_with_own_random_a": summary(overlaps(after, before))}
             return {
                 "random_a_overlap_with_lora_init": summary(overlaps(before, init)),
                 "a_overlap_with_lora_final": summary(overlaps(after, learned)),
             }
 
         result = accuracy.run(
-            task, "ours", method, seed, (), out, spec_changes, prepare=set_a, tag=TAG, command=command
+            task, "ours", method, seed, (), out, spec_changes, prepare=set_a, tag=TAGS[a_from], command=command
         )
-        print(f"seed {seed}: {method} over LoRA's A {result.get('eval_accuracy')} / {result.get('eval_macro_f1')}")
+        print(f"seed {seed}: {method} over {a_from} A {result.get('eval_accuracy')} / {result.get('eval_macro_f1')}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,11 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", choices=sorted(accuracy.TASKS), default="drugreview")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument(
+        "--a",
+        choices=sorted(TAGS),
+        default="final",
+        help="final: LoRA's learned row space; init: the control, the method's own random A rescaled the same way",
+    )
     parser.add_argument("--spec", type=accuracy.parse_spec, action="append", default=[], help="a protocol variant")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     for seed in args.seeds:
-        seed_runs(args.task, seed, tuple(args.methods), args.out, tuple(args.spec))
+        seed_runs(args.task, seed, tuple(args.methods), args.out, tuple(args.spec), args.a)
     return 0
 
 

@@ -40,3 +40,13 @@ def test_lorafa_trains_over_the_row_space_lora_ended_with(tmp_path):
     for key in ("random_a_overlap_with_lora_init", "a_overlap_with_lora_final"):
         assert prepared[key]["layers"] == 36 and abs(prepared[key]["min"] - 1) < 1e-9, key
     assert 0 <= lorafa["eval_accuracy"] <= 1 and lorafa["trainable_parameters"] < lora["trainable_parameters"]
+
+
+def test_the_control_rescales_the_methods_own_random_a_and_trains_no_lora(tmp_path):
+    torch.set_num_threads(2)
+    oracle_a.seed_runs("drugreview", 0, ("lorafa",), tmp_path, (("max_steps", 2),), a_from="init")
+    assert not list(tmp_path.glob("*-lora-seed0*.json"))
+    run = json.loads((tmp_path / "drugreview-ours-lorafa-ratio4-seed0-max_steps2-a-random-rescaled.json").read_text())
+    assert run["tag"] == "a-random-rescaled" and "--a init" in run["command"]
+    own = run["prepared"]["a_overlap_with_own_random_a"]
+    assert own["layers"] == 36 and abs(own["min"] - 1) < 1e-9  # the same row space, only its basis and scale changed
