@@ -13,8 +13,9 @@ rows). LoRA's final update `B A` is then within reach of B alone.
   parameters), and equal trainable parameters (twice the rank) is what closes it (BENCHMARKS.md).
 
 The control (`--a init`) freezes each method's own random A's row space, orthonormalised and rescaled the same way,
-so that the basis and scale are not mistaken for the subspace. Each LoRA run also records how far its A's row space moved from its init (the random A LoRA-FA keeps at the same
-seed): `‖Q_final Q_initᵀ‖²_F / r` per layer, 1 for the same space, about r/d_in for unrelated ones.
+so that the basis and scale are not mistaken for the subspace. Each LoRA run also records how far its A's row space
+moved from its init (the random A LoRA-FA keeps at the same seed): `‖Q_final Q_initᵀ‖²_F / r` per layer, 1 for the
+same space, about r/d_in for unrelated ones.
 
     python scripts/oracle_a.py --seeds 0 1 2          # one process; two at a time: --seeds 0 1 & --seeds 2
     python scripts/oracle_a.py --seeds 0 1 2 --a init # the control: each method's own random A, rescaled alike
