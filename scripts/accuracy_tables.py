@@ -644,6 +644,10 @@ def frozen_a_section(runs: list[dict]) -> list[str]:
 ORACLE = RESULTS / "oracle-a"
 
 
+def seeds_of(runs: list[dict]) -> str:
+    return " ".join(str(s) for s in sorted({r["seed"] for r in runs}))
+
+
 def oracle_a_section(oracle: list[dict], runs: list[dict]) -> list[str]:
     """`scripts/oracle_a.py`: LoRA-FA and LaMDA over the row space LoRA learned at the same seed (an A no method could
     know at step 0), against the same methods with their random A and against that LoRA run: whether any frozen A
@@ -691,6 +695,7 @@ def oracle_a_section(oracle: list[dict], runs: list[dict]) -> list[str]:
                     statistics.mean(paired_diffs(k, lora, rs, 100) or [math.nan])
                     for k in ("eval_accuracy", "eval_macro_f1")
                 ]
+    control = [r for r in oracle if r.get("tag") == "a-random-rescaled"]
     moved = [r["finished"]["a_overlap_with_init"]["median"] for r in lora if r.get("finished")]
     low = [r["finished"]["a_overlap_with_init"]["min"] for r in lora if r.get("finished")]
     layers = next((r["finished"]["a_overlap_with_init"]["layers"] for r in lora if r.get("finished")), 0)
@@ -701,7 +706,8 @@ def oracle_a_section(oracle: list[dict], runs: list[dict]) -> list[str]:
     ]
     out += [
         "",
-        "Command: `python scripts/oracle_a.py --seeds 0 1 2 3`, and for the control `--a init` (per seed: "
+        f"Command: `python scripts/oracle_a.py --seeds {seeds_of(lora)}`, and for the control `--a init --seeds "
+        f"{seeds_of(control)}` (per seed: "
         "ours LoRA, then LoRA-FA and LaMDA at their defaults with each layer's A frozen to an orthonormal "
         "basis of the row space of the A that LoRA ended with, each row scaled as `frozen_a_init` scales its "
         "rows; the control freezes the method's own random A's row space, rescaled the same way, and trains "
