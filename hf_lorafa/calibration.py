@@ -258,7 +258,7 @@ def init_frozen_a_from_data(
     loss_fn = (loss_fn or (lambda m, b: m(**b).loss)) if kind == "gradient" else None
     with _calibrating(model):
         directions = data_directions(model, layers, batches, kind, loss_fn, budget)
-        set_frozen_a_directions(model, batches, directions, layers)
+    set_frozen_a_directions(model, batches, directions, layers)
     return len(batches)
 
 

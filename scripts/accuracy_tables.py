@@ -34,6 +34,8 @@ from accuracy import (
     run_argv,
     run_name,
 )
+from oracle_a import OUT as ORACLE
+from oracle_a import TAGS as ORACLE_TAGS
 
 from hf_lorafa import LoRAFAConfig, inject_adapters
 from hf_lorafa.data import drugreview_split
@@ -641,9 +643,6 @@ def frozen_a_section(runs: list[dict]) -> list[str]:
     return out
 
 
-ORACLE = RESULTS / "oracle-a"
-
-
 def seeds_of(runs: list[dict]) -> str:
     return " ".join(str(s) for s in sorted({r["seed"] for r in runs}))
 
@@ -671,8 +670,8 @@ def oracle_a_section(oracle: list[dict], runs: list[dict]) -> list[str]:
     ]
     closes = {}
     variants = (
-        ("a-lora-final", "LoRA's final A (its row space)", lora),
-        ("a-random-rescaled", "its own random A, orthonormal rows rescaled alike (control)", main_lora),
+        (ORACLE_TAGS["final"], "LoRA's final A (its row space)", lora),
+        (ORACLE_TAGS["init"], "its own random A, orthonormal rows rescaled alike (control)", main_lora),
     )
     for method, defaults in (("lorafa", LORAFA), ("lamda", LAMDA)):
         random_a = groups.get(("drugreview", "ours", method, defaults), [])
@@ -690,15 +689,14 @@ def oracle_a_section(oracle: list[dict], runs: list[dict]) -> list[str]:
                 f"{stat(values(rs, 'eval_accuracy', 100), 1)} | {stat(values(rs, 'eval_macro_f1'))} | "
                 f"{stat(values(rs, 'train_loss'))} | {' | '.join(cells)} |"
             )
-            if tag == "a-lora-final":
+            if tag == ORACLE_TAGS["final"]:
                 closes[method] = [
                     statistics.mean(paired_diffs(k, lora, rs, 100) or [math.nan])
                     for k in ("eval_accuracy", "eval_macro_f1")
                 ]
-    control = [r for r in oracle if r.get("tag") == "a-random-rescaled"]
-    moved = [r["finished"]["a_overlap_with_init"]["median"] for r in lora if r.get("finished")]
-    low = [r["finished"]["a_overlap_with_init"]["min"] for r in lora if r.get("finished")]
-    layers = next((r["finished"]["a_overlap_with_init"]["layers"] for r in lora if r.get("finished")), 0)
+    control = [r for r in oracle if r.get("tag") == ORACLE_TAGS["init"]]
+    moves = [r["finished"]["a_overlap_with_init"] for r in lora if r.get("finished")]
+    moved = [m["median"] for m in moves]
     verdicts = [
         f"{method} over LoRA's A is {acc:+.1f} / {f1:+.1f} points behind that LoRA run "
         + ("(within the 1-point target on both)" if max(acc, f1) <= 1.0 else "(short of the 1-point target)")
@@ -720,8 +718,8 @@ def oracle_a_section(oracle: list[dict], runs: list[dict]) -> list[str]:
         + (
             "LoRA's A moves in training: the overlap of its final row space with its initial one (`‖Q Q₀ᵀ‖²_F / r`, "
             f"1 for the same space, about r/d_in = {lora[0]['r'] / 384:.3f} for unrelated ones in a 384-wide layer) "
-            f"has a median over the {layers} adapted layers of {min(moved):.3f}-{max(moved):.3f} across the seeds "
-            f"(lowest layer {min(low):.3f}). "
+            f"has a median over the {moves[0]['layers']} adapted layers of {min(moved):.3f}-{max(moved):.3f} across "
+            f"the seeds (lowest layer {min(m['min'] for m in moves):.3f}). "
             if moved
             else ""
         )

@@ -24,7 +24,6 @@ same space, about r/d_in for unrelated ones.
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -35,7 +34,6 @@ import accuracy  # noqa: E402
 
 from hf_lorafa.calibration import set_frozen_a_directions  # noqa: E402
 from hf_lorafa.injection import adapter_layers  # noqa: E402
-from hf_lorafa.trainer import FROZEN_A_BATCHES  # noqa: E402
 
 OUT = accuracy.RESULTS / "oracle-a"
 # The A each variant freezes: LoRA's final row space, or (the control) the method's own random one, rescaled.
@@ -98,8 +96,7 @@ def seed_runs(
             model = _model(trainer)
             before = row_spaces(trainer)
             directions = learned if a_from == "final" else before
-            batches = itertools.islice(trainer.get_train_dataloader(), FROZEN_A_BATCHES)
-            set_frozen_a_directions(model, (trainer._prepare_inputs(b) for b in batches), directions)
+            set_frozen_a_directions(model, trainer.frozen_a_batches(), directions)
             after = row_spaces(trainer)
             if a_from != "final":
                 return {"a_overlap_with_own_random_a": summary(overlaps(after, before))}
