@@ -669,31 +669,40 @@ def oracle_a_section(oracle: list[dict], runs: list[dict]) -> list[str]:
         f"{paired('eval_accuracy', lora, main_lora, 100, 1)} | {paired('eval_macro_f1', lora, main_lora, 100, 1)} |",
     ]
     closes = {}
+    with_options = []  # (method, options' text, seeds) of the rows run with a non-default option
     variants = (
         (ORACLE_TAGS["final"], "LoRA's final A (its row space)", lora),
         (ORACLE_TAGS["init"], "its own random A, orthonormal rows rescaled alike (control)", main_lora),
     )
     for method, defaults in (("lorafa", LORAFA), ("lamda", LAMDA)):
-        random_a = groups.get(("drugreview", "ours", method, defaults), [])
         for tag, what, ref_lora in variants:
-            rs = [r for r in oracle if r["method"] == method and r.get("tag") == tag]
-            if not rs:
-                continue
-            cells = [
-                paired(key, rs, ref, 100, 1)
-                for ref in (random_a, ref_lora)
-                for key in ("eval_accuracy", "eval_macro_f1")
-            ]
-            out.append(
-                f"| {method} | {what} | {seeds_cell(rs)} | "
-                f"{stat(values(rs, 'eval_accuracy', 100), 1)} | {stat(values(rs, 'eval_macro_f1'))} | "
-                f"{stat(values(rs, 'train_loss'))} | {' | '.join(cells)} |"
-            )
-            if tag == ORACLE_TAGS["final"]:
-                closes[method] = [
-                    statistics.mean(paired_diffs(k, lora, rs, 100) or [math.nan])
-                    for k in ("eval_accuracy", "eval_macro_f1")
+            by_options = defaultdict(list)
+            for r in oracle:
+                if r["method"] == method and r.get("tag") == tag:
+                    by_options[options_of(r)].append(r)
+            for opts in sorted(by_options, key=lambda o: (o != defaults, str(o))):
+                rs = by_options[opts]
+                random_a = groups.get(("drugreview", "ours", method, opts), [])
+                pairs = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in opts
+                         if dict(defaults).get(k) != v]  # fmt: skip
+                changed = ", ".join(f"`{pair}`" for pair in pairs)
+                if pairs:
+                    with_options.append((method, " --opt ".join(pairs), seeds_of(rs)))
+                cells = [
+                    paired(key, rs, ref, 100, 1)
+                    for ref in (random_a, ref_lora)
+                    for key in ("eval_accuracy", "eval_macro_f1")
                 ]
+                out.append(
+                    f"| {method} | {what}{', ' + changed if changed else ''} | {seeds_cell(rs)} | "
+                    f"{stat(values(rs, 'eval_accuracy', 100), 1)} | {stat(values(rs, 'eval_macro_f1'))} | "
+                    f"{stat(values(rs, 'train_loss'))} | {' | '.join(cells)} |"
+                )
+                if tag == ORACLE_TAGS["final"]:
+                    closes[method + (f" ({changed})" if changed else "")] = [
+                        statistics.mean(paired_diffs(k, lora, rs, 100) or [math.nan])
+                        for k in ("eval_accuracy", "eval_macro_f1")
+                    ]
     control = [r for r in oracle if r.get("tag") == ORACLE_TAGS["init"]]
     moves = [r["finished"]["a_overlap_with_init"] for r in lora if r.get("finished")]
     moved = [m["median"] for m in moves]
@@ -705,7 +714,12 @@ def oracle_a_section(oracle: list[dict], runs: list[dict]) -> list[str]:
     out += [
         "",
         f"Command: `python scripts/oracle_a.py --seeds {seeds_of(lora)}`, and for the control `--a init --seeds "
-        f"{seeds_of(control)}` (per seed: "
+        f"{seeds_of(control)}`"
+        + "".join(
+            f", for {method} with an option `--methods {method} --opt {opts} --seeds {seeds}`"
+            for method, opts, seeds in with_options
+        )
+        + " (per seed: "
         "ours LoRA, then LoRA-FA and LaMDA at their defaults with each layer's A frozen to an orthonormal "
         "basis of the row space of the A that LoRA ended with, each row scaled as `frozen_a_init` scales its "
         "rows; the control freezes the method's own random A's row space, rescaled the same way, and trains "

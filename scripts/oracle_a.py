@@ -19,6 +19,10 @@ same space, about r/d_in for unrelated ones.
 
     python scripts/oracle_a.py --seeds 0 1 2          # one process; two at a time: --seeds 0 1 & --seeds 2
     python scripts/oracle_a.py --seeds 0 1 2 --a init # the control: each method's own random A, rescaled alike
+    python scripts/oracle_a.py --seeds 0 1 2 --methods lorafa --opt lorafa_lr_ratio=1  # B at LoRA's own pace
+
+A LoRA run's initial and final row spaces are kept in `OUT/tmp/` (safetensors), so a later call at the same seed
+(another method or option) reuses them instead of training LoRA again; its JSON must still be there.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402
@@ -64,17 +69,27 @@ def summary(values: dict[str, float]) -> dict:
 
 
 def seed_runs(
-    task: str, seed: int, methods: tuple[str, ...], out: Path = OUT, spec_changes: tuple = (), a_from: str = "final"
+    task: str,
+    seed: int,
+    methods: tuple[str, ...],
+    out: Path = OUT,
+    spec_changes: tuple = (),
+    a_from: str = "final",
+    options: tuple = (),
 ) -> None:
     """One seed: ours LoRA, then each method over LoRA's final row space (`a_from="final"`); or, the control, each
-    method over its own random A's row space, orthonormalised and scaled the same way (`"init"`, no LoRA run)."""
+    method over its own random A's row space, orthonormalised and scaled the same way (`"init"`, no LoRA run).
+    `options` ((key, value) pairs, as `accuracy.py run --opt`) go to every method's run, not to LoRA's."""
     command = " ".join(
         ["python scripts/oracle_a.py --task", task, "--seeds", str(seed), "--methods", *methods]
         + (["--a", a_from] if a_from != "final" else [])
+        + [f"--opt {k}={v}" for k, v in options]
         + [f"--spec {k}={v}" for k, v in spec_changes]
     )
     init: dict[str, torch.Tensor] = {}
     learned: dict[str, torch.Tensor] = {}
+    lora_name = accuracy.run_name(task, "ours", "lora", seed, (), spec_changes)
+    cache = out / "tmp" / f"{lora_name}-row-spaces.safetensors"
 
     def keep_init(trainer) -> dict:
         init.update(row_spaces(trainer))
@@ -85,9 +100,22 @@ def seed_runs(
         moved = overlaps(learned, init)
         return {"a_overlap_with_init": summary(moved), "a_overlap_with_init_per_layer": moved}
 
-    if a_from == "final":
+    if a_from == "final" and cache.exists() and (out / f"{lora_name}.json").exists():
+        kept = load_file(str(cache))
+        init.update({k.removeprefix("init/"): v for k, v in kept.items() if k.startswith("init/")})
+        learned.update({k.removeprefix("final/"): v for k, v in kept.items() if k.startswith("final/")})
+        print(f"seed {seed}: ours LoRA's row spaces from {cache}", flush=True)
+    elif a_from == "final":
         lora = accuracy.run(
             task, "ours", "lora", seed, (), out, spec_changes, prepare=keep_init, finish=keep_final, command=command
+        )
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {
+                **{f"init/{k}": v.contiguous() for k, v in init.items()},
+                **{f"final/{k}": v.contiguous() for k, v in learned.items()},
+            },
+            str(cache),
         )
         print(f"seed {seed}: ours LoRA {lora.get('eval_accuracy')} / {lora.get('eval_macro_f1')}", flush=True)
     for method in methods:
@@ -106,7 +134,7 @@ def seed_runs(
             }
 
         result = accuracy.run(
-            task, "ours", method, seed, (), out, spec_changes, prepare=set_a, tag=TAGS[a_from], command=command
+            task, "ours", method, seed, options, out, spec_changes, prepare=set_a, tag=TAGS[a_from], command=command
         )
         print(f"seed {seed}: {method} over {a_from} A {result.get('eval_accuracy')} / {result.get('eval_macro_f1')}")
 
@@ -122,11 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         default="final",
         help="final: LoRA's learned row space; init: the control, the method's own random A rescaled the same way",
     )
+    parser.add_argument(
+        "--opt", type=accuracy.parse_option, action="append", default=[], help="a method option, as accuracy.py's"
+    )
     parser.add_argument("--spec", type=accuracy.parse_spec, action="append", default=[], help="a protocol variant")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     for seed in args.seeds:
-        seed_runs(args.task, seed, tuple(args.methods), args.out, tuple(args.spec), args.a)
+        seed_runs(args.task, seed, tuple(args.methods), args.out, tuple(args.spec), args.a, tuple(args.opt))
     return 0
 
 

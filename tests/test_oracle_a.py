@@ -50,3 +50,24 @@ def test_the_control_rescales_the_methods_own_random_a_and_trains_no_lora(tmp_pa
     assert run["tag"] == "a-random-rescaled" and "--a init" in run["command"]
     own = run["prepared"]["a_overlap_with_own_random_a"]
     assert own["layers"] == 36 and abs(own["min"] - 1) < 1e-9  # the same row space, only its basis and scale changed
+
+
+def test_a_later_call_reuses_loras_row_spaces_and_gives_the_method_its_options(tmp_path):
+    torch.set_num_threads(2)
+    spec = (("max_steps", 2),)
+    oracle_a.seed_runs("drugreview", 0, ("lorafa",), tmp_path, spec, options=(("lorafa_lr_ratio", 1.0),))
+    lora_file = tmp_path / "drugreview-ours-lora-seed0-max_steps2.json"
+    lora = lora_file.read_bytes()
+    assert (tmp_path / "tmp" / "drugreview-ours-lora-seed0-max_steps2-row-spaces.safetensors").exists()
+    oracle_a.seed_runs("drugreview", 0, ("lorafa",), tmp_path, spec, options=(("lorafa_lr_ratio", 2.0),))
+    assert lora_file.read_bytes() == lora  # LoRA was not trained again
+    for ratio in (1, 2):
+        run = json.loads(
+            (tmp_path / f"drugreview-ours-lorafa-ratio{ratio}-seed0-max_steps2-a-lora-final.json").read_text()
+        )
+        assert (
+            run["effective_options"]["lorafa_lr_ratio"] == ratio
+            and f"--opt lorafa_lr_ratio={ratio:.1f}" in run["command"]
+        )
+        final = run["prepared"]["a_overlap_with_lora_final"]  # the kept row spaces are LoRA's, as trained
+        assert final["layers"] == 36 and abs(final["min"] - 1) < 1e-9
