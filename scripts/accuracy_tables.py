@@ -36,6 +36,7 @@ from accuracy import (
 )
 from oracle_a import OUT as ORACLE
 from oracle_a import TAGS as ORACLE_TAGS
+from update_norms import OUT as UPDATE_NORMS
 
 from hf_lorafa import LoRAFAConfig, inject_adapters
 from hf_lorafa.data import drugreview_split
@@ -647,6 +648,57 @@ def seeds_of(runs: list[dict]) -> str:
     return " ".join(str(s) for s in sorted({r["seed"] for r in runs}))
 
 
+def update_norms_section(traced: list[dict]) -> list[str]:
+    """`scripts/update_norms.py`: the size of the update (`‖s·B A‖_F`, median over the adapted layers) each method
+    makes over a drug-review run, and how far LoRA's A moved: whether LoRA-FA fits with a larger update than LoRA."""
+    traced = [r for r in traced if r["task"] == "drugreview" and recorded_spec(r) == TASKS["drugreview"]]
+    traced.sort(
+        key=lambda r: (r["method"] != "lora", r["method"], -r["effective_options"]["lorafa_lr_ratio"], r["seed"])
+    )
+    if not traced:
+        return []
+    steps = traced[0]["max_steps"]
+    marks = [steps // 4, steps // 2, 3 * steps // 4]
+    out = [
+        "### The size of the update (drug-review)",
+        "",
+        "| method | B's learning-rate multiple | seed | accuracy | macro-F1 | train loss | "
+        + " | ".join(f"‖ΔW‖_F at step {m}" for m in marks)
+        + " | at the end | ‖ΔW‖_F / ‖W‖_F | ‖A‖_F / ‖A₀‖_F | A's energy in A₀'s row space |",
+        "|---|---|---|---|---|---|" + "---|" * (len(marks) + 4),
+    ]
+    ends = {}
+    for r in traced:
+        at = {n["step"]: n for n in r["finished"]["norms"]}
+        end = r["finished"]["norms"][-1]
+        ratio = "1 (A trains too)" if r["method"] == "lora" else f"{r['effective_options']['lorafa_lr_ratio']:g}"
+        ends[(r["method"], ratio, r["seed"])] = (end["delta_w_norm"], r["train_loss"])
+        out.append(
+            f"| {r['method']} | {ratio} | {r['seed']} | {100 * r['eval_accuracy']:.1f} | {r['eval_macro_f1']:.3f} | "
+            f"{r['train_loss']:.3f} | "
+            + " | ".join(f"{at[m]['delta_w_norm']:.3f}" if m in at else "–" for m in marks)
+            + f" | {end['delta_w_norm']:.3f} | {end['delta_w_relative']:.4f} | {end['a_norm_ratio']:.3f} | "
+            f"{end['a_energy_in_init_row_space']:.3f} |"
+        )
+    lora = {seed: v for (method, _, seed), v in ends.items() if method == "lora"}
+    compared = [
+        f"{ratio}x: {norm / lora[seed][0]:.1f}x LoRA's update, for a train loss of {loss:.3f} "
+        f"(LoRA's {lora[seed][1]:.3f})"
+        for (method, ratio, seed), (norm, loss) in ends.items()
+        if method == "lorafa" and seed in lora
+    ]
+    out += [
+        "",
+        f"Command: `python scripts/update_norms.py --method lora --seed 0`, and `--method lorafa --seed 0 --opt "
+        f"lorafa_lr_ratio=R` for each multiple R (the runs of the task table below, recording every "
+        f"{traced[0]['prepared']['every']} steps). Medians over the {traced[0]['prepared']['layers']} adapted layers: "
+        "`‖ΔW‖_F` is the size of the update `s·B A` the adapter adds to W; `‖A‖_F / ‖A₀‖_F` and the share of "
+        "`‖A‖²_F` inside the initial A's row space say how far A moved (it trains in LoRA only)."
+        + (" At the end, LoRA-FA with B at " + "; ".join(compared) + "." if compared else ""),
+    ]
+    return out
+
+
 def oracle_a_section(oracle: list[dict], runs: list[dict]) -> list[str]:
     """`scripts/oracle_a.py`: LoRA-FA and LaMDA over the row space LoRA learned at the same seed (an A no method could
     know at step 0), against the same methods with their random A and against that LoRA run: whether any frozen A
@@ -1095,6 +1147,7 @@ def accuracy_part(save_figure) -> list[str]:
         *(section + [""] if (section := lamda_ratio_section(runs, equal)) else []),
         *(section + [""] if (section := frozen_a_section(runs)) else []),
         *(section + [""] if (section := oracle_a_section(load_runs(ORACLE), runs)) else []),
+        *(section + [""] if (section := update_norms_section(load_runs(UPDATE_NORMS))) else []),
         *task_tables(runs, save_figure),
     ]
     done = {p.stem for p in RESULTS.glob("*.json")}
