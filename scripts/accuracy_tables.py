@@ -15,6 +15,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from a_directions import KINDS as DIRECTION_KINDS
+from a_directions import OUT as A_DIRECTIONS
 from accuracy import (
     ABLATION,
     DRUG_ABLATION,
@@ -699,6 +701,37 @@ def update_norms_section(traced: list[dict]) -> list[str]:
     return out
 
 
+def a_directions_section(measured: list[dict]) -> list[str]:
+    """`scripts/a_directions.py`: how much of the row space LoRA's A ended with (and of the part it added to its
+    random init) the data's directions (`frozen_a_init`) hold, against a random space's share."""
+    measured = sorted((r for r in measured if r["task"] == "drugreview"), key=lambda r: r["seed"])
+    if not measured:
+        return []
+    names = {"gradient": "the gradient's top directions", "activations": "the inputs' top directions"}
+    out = [
+        "### Where the data's directions point (drug-review)",
+        "",
+        "| frozen A (`frozen_a_init`) | seeds | LoRA's final row space | LoRA's initial row space | "
+        "the part LoRA added | a random space |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind in DIRECTION_KINDS:
+        found = [r["prepared"][kind] for r in measured]
+        cells = [f"{statistics.mean(f[key] for f in found):.3f}" for key in ("final", "init", "added", "random")]
+        out.append(f"| {names[kind]} | {seeds_of(measured)} | {' | '.join(cells)} |")
+    out += [
+        "",
+        f"Command: `python scripts/a_directions.py --seeds {seeds_of(measured)}` (after `scripts/oracle_a.py` at "
+        "those seeds, whose LoRA runs keep their initial and final A row spaces). Each cell is the share of a row "
+        "space that the data's r directions hold (`‖D Qᵀ‖²_F / ‖Q‖²_F`), the median over the "
+        f"{measured[0]['prepared'][DIRECTION_KINDS[0]]['layers']} adapted layers, averaged over the seeds; "
+        '"the part LoRA added" is LoRA\'s final rows less their projection on its initial row space, and a random '
+        "r-dimensional space holds r/d_in of anything (the last column). The directions are the ones the trainer "
+        "computes for `frozen_a_init` from the first 4 training batches at that seed.",
+    ]
+    return out
+
+
 def oracle_a_section(oracle: list[dict], runs: list[dict]) -> list[str]:
     """`scripts/oracle_a.py`: LoRA-FA and LaMDA over the row space LoRA learned at the same seed (an A no method could
     know at step 0), against the same methods with their random A and against that LoRA run: whether any frozen A
@@ -1148,6 +1181,7 @@ def accuracy_part(save_figure) -> list[str]:
         *(section + [""] if (section := frozen_a_section(runs)) else []),
         *(section + [""] if (section := oracle_a_section(load_runs(ORACLE), runs)) else []),
         *(section + [""] if (section := update_norms_section(load_runs(UPDATE_NORMS))) else []),
+        *(section + [""] if (section := a_directions_section(load_runs(A_DIRECTIONS))) else []),
         *task_tables(runs, save_figure),
     ]
     done = {p.stem for p in RESULTS.glob("*.json")}

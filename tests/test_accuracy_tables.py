@@ -23,6 +23,7 @@ from accuracy import LAMDA, LORAFA, TASKS, lamda_options, recorded_options, run_
 from accuracy_tables import (  # noqa: E402
     DRUG_VS_LORA,
     PLUS_VS_LAMDA,
+    a_directions_section,
     accuracy_part,
     adapter_layers,
     current_runs,
@@ -317,6 +318,26 @@ def test_update_norms_section_compares_each_lorafa_update_with_loras_at_the_same
         "At the end, LoRA-FA with B at 4x: 3.0x LoRA's update, for a train loss of 0.400 (LoRA's 0.500); 1x: 1.5x "
         "LoRA's update, for a train loss of 0.600 (LoRA's 0.500)."
     )
+
+
+def test_a_directions_section_averages_each_kinds_shares_over_the_seeds():
+    def measured(seed: int, added: float) -> dict:
+        shares = {"final": 0.04, "init": 0.02, "added": added, "random": 0.02, "layers": 36}
+        return {
+            "task": "drugreview",
+            "seed": seed,
+            "prepared": {"gradient": shares, "activations": {**shares, "added": 0.1}},
+        }
+
+    assert a_directions_section([]) == []
+    lines = a_directions_section([measured(1, 0.2), measured(0, 0.1)])
+    assert lines[0] == "### Where the data's directions point (drug-review)"
+    assert lines[4:6] == [
+        "| the gradient's top directions | 0 1 | 0.040 | 0.020 | 0.150 | 0.020 |",
+        "| the inputs' top directions | 0 1 | 0.040 | 0.020 | 0.100 | 0.020 |",
+    ]
+    assert lines[-1].startswith("Command: `python scripts/a_directions.py --seeds 0 1`")
+    assert "the median over the 36 adapted layers, averaged over the seeds" in lines[-1]
 
 
 def test_the_freeze_order_is_named_only_away_from_its_default():

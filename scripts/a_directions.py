@@ -1,0 +1,103 @@
+"""Do the data's directions point where LoRA's A went? Overlaps of `frozen_a_init`'s directions with LoRA's A.
+
+`scripts/oracle_a.py` trains ours LoRA per seed and keeps each layer's initial and final A row space (in
+`benchmarks/accuracy/oracle-a/tmp/`). LoRA's A keeps most of its random init (about 0.9 of it) and turns a little;
+LoRA-FA over that final A, at LoRA's pace, comes close to LoRA (BENCHMARKS.md). This asks whether a frozen A chosen
+from the first training batches (`frozen_a_init="gradient"` or `"activations"`, as the trainer computes them) spans
+what LoRA learned: per layer, with `Q₀` LoRA's initial row space, `Q_f` its final one and `D` the data's top-r
+directions, the overlaps `‖D Q_fᵀ‖²_F / r` and `‖D Q₀ᵀ‖²_F / r`, and the part of `Q_f` outside `Q₀` (what LoRA
+added) that D holds: `‖D N‖²_F / ‖N‖²_F` with `N = Q_fᵀ − Q₀ᵀ Q₀ Q_fᵀ`. A random r-dimensional space holds about
+r/d_in of any of them. One step of LoRA-FA is trained to get the trainer; its metrics mean nothing.
+
+    python scripts/a_directions.py --seeds 0 1 2     # after `scripts/oracle_a.py --seeds 0 1 2`
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import accuracy  # noqa: E402
+import oracle_a  # noqa: E402
+
+from hf_lorafa.calibration import data_directions  # noqa: E402
+from hf_lorafa.injection import adapter_layers  # noqa: E402
+
+OUT = accuracy.RESULTS / "a-directions"
+KINDS = ("gradient", "activations")
+
+
+def held(d: torch.Tensor, q: torch.Tensor) -> float:
+    """The share of the rows of `q` (orthonormal, k×d) inside the row space of `d` (orthonormal, r×d)."""
+    return float((d @ q.t()).square().sum() / q.square().sum())
+
+
+def measure(task: str, seed: int, oracle: Path = oracle_a.OUT, out: Path = OUT, spec_changes: tuple = ()) -> dict:
+    """One seed: the data's directions (each kind) against the LoRA row spaces `oracle_a.py` kept at that seed."""
+    lora_name = accuracy.run_name(task, "ours", "lora", seed, (), spec_changes)
+    kept = load_file(str(oracle / "tmp" / f"{lora_name}-row-spaces.safetensors"))
+    init = {k.removeprefix("init/"): v for k, v in kept.items() if k.startswith("init/")}
+    final = {k.removeprefix("final/"): v for k, v in kept.items() if k.startswith("final/")}
+
+    def directions(trainer) -> dict:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        layers = adapter_layers(model)
+        own = oracle_a.row_spaces(trainer)  # LoRA-FA's random A at this seed: LoRA's initial A
+        found = {"random_a_overlap_with_lora_init": oracle_a.summary(oracle_a.overlaps(own, init))}
+        was_training = model.training
+        model.eval()
+        with torch.random.fork_rng(devices=[]):  # as the trainer's calibration: eval mode, the RNG left alone
+            for kind in KINDS:
+                loss_fn = (lambda m, b: m(**b).loss) if kind == "gradient" else None
+                data = data_directions(model, layers, list(trainer.frozen_a_batches()), kind, loss_fn)
+                per_layer = {}
+                for name, d in data.items():
+                    q0, qf = init[name], final[name]
+                    added = qf - (qf @ q0.t()) @ q0  # the part of LoRA's final rows outside its initial space
+                    per_layer[name] = {
+                        "final": held(d, qf),
+                        "init": held(d, q0),
+                        "added": held(d, added),
+                        "random": d.shape[0] / d.shape[1],
+                    }
+                found[kind] = {
+                    key: statistics.median(v[key] for v in per_layer.values())
+                    for key in ("final", "init", "added", "random")
+                } | {"layers": len(per_layer)}
+        model.train(was_training)
+        return found
+
+    command = f"python scripts/a_directions.py --task {task} --seeds {seed}"
+    return accuracy.run(
+        task,
+        "ours",
+        "lorafa",
+        seed,
+        (),
+        out,
+        (*((k, v) for k, v in spec_changes if k != "max_steps"), ("max_steps", 1)),
+        prepare=directions,
+        tag="directions",
+        command=command,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=sorted(accuracy.TASKS), default="drugreview")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args(argv)
+    for seed in args.seeds:
+        found = measure(args.task, seed)["prepared"]
+        print(f"seed {seed}: " + "; ".join(f"{kind} {found[kind]}" for kind in KINDS), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
