@@ -4,10 +4,13 @@
 `benchmarks/accuracy/oracle-a/tmp/`). LoRA's A keeps most of its random init (about 0.9 of it) and turns a little;
 LoRA-FA over that final A, at LoRA's pace, comes close to LoRA (BENCHMARKS.md). This asks whether a frozen A chosen
 from the first training batches (`frozen_a_init="gradient"` or `"activations"`, as the trainer computes them) spans
-what LoRA learned: per layer, with `Q₀` LoRA's initial row space, `Q_f` its final one and `D` the data's top-r
-directions, the overlaps `‖D Q_fᵀ‖²_F / r` and `‖D Q₀ᵀ‖²_F / r`, and the part of `Q_f` outside `Q₀` (what LoRA
-added) that D holds: `‖D N‖²_F / ‖N‖²_F` with `N = Q_fᵀ − Q₀ᵀ Q₀ Q_fᵀ`. A random r-dimensional space holds about
-r/d_in of any of them. One step of LoRA-FA is trained to get the trainer; its metrics mean nothing.
+what LoRA learned. It also measures a third candidate that no option sets: LoRA's own first turn, the random A
+pushed one power-iteration step along the gradient (`A₀ GᵀG`, G = Σ g xᵀ over the same batches, less its part in
+A₀'s row space: the direction LoRA's A gradient `s Bᵀ G` takes once B has followed `G A₀ᵀ`). Per layer, with `Q₀`
+LoRA's initial row space, `Q_f` its final one and `D` the data's top-r directions, the overlaps `‖D Q_fᵀ‖²_F / r`
+and `‖D Q₀ᵀ‖²_F / r`, and the share of the part of `Q_f` outside `Q₀` (what LoRA added) that D holds,
+`‖D Nᵀ‖²_F / ‖N‖²_F` with `N = Q_f − Q_f Q₀ᵀ Q₀`. A random r-dimensional space holds about r/d_in of any of
+them. One step of LoRA-FA is trained to get the trainer; its metrics mean nothing.
 
     python scripts/a_directions.py --seeds 0 1 2     # after `scripts/oracle_a.py --seeds 0 1 2`
 """
@@ -26,16 +29,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402
 import oracle_a  # noqa: E402
 
+from hf_lorafa.calibration import _run as calibration_pass  # noqa: E402  (the gradient pass frozen_a_init makes)
 from hf_lorafa.calibration import data_directions  # noqa: E402
 from hf_lorafa.injection import adapter_layers  # noqa: E402
 
 OUT = accuracy.RESULTS / "a-directions"
-KINDS = ("gradient", "activations")
+KINDS = ("gradient", "activations", "turn")
 
 
 def held(d: torch.Tensor, q: torch.Tensor) -> float:
     """The share of the rows of `q` (orthonormal, k×d) inside the row space of `d` (orthonormal, r×d)."""
     return float((d @ q.t()).square().sum() / q.square().sum())
+
+
+def turn_directions(model, layers: dict, batches: list, a0: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per layer, an orthonormal basis of `A₀ GᵀG` less its projection on A₀'s row space (`a0`: orthonormal rows)."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(name, g, x):
+        term = g.double().t() @ x.double()
+        sums[name] = sums[name] + term if name in sums else term
+
+    calibration_pass(model, layers, batches, None, lambda m, b: m(**b).loss, add)
+    out = {}
+    for name, g in sums.items():
+        q0 = a0[name]
+        turn = (q0 @ g.t()) @ g
+        turn = turn - (turn @ q0.t()) @ q0
+        out[name] = torch.linalg.svd(turn, full_matrices=False)[2][: q0.shape[0]]
+    return out
 
 
 def measure(task: str, seed: int, oracle: Path = oracle_a.OUT, out: Path = OUT, spec_changes: tuple = ()) -> dict:
@@ -54,8 +76,12 @@ def measure(task: str, seed: int, oracle: Path = oracle_a.OUT, out: Path = OUT, 
         model.eval()
         with torch.random.fork_rng(devices=[]):  # as the trainer's calibration: eval mode, the RNG left alone
             for kind in KINDS:
-                loss_fn = (lambda m, b: m(**b).loss) if kind == "gradient" else None
-                data = data_directions(model, layers, list(trainer.frozen_a_batches()), kind, loss_fn)
+                batches = list(trainer.frozen_a_batches())
+                if kind == "turn":
+                    data = turn_directions(model, layers, batches, own)
+                else:
+                    loss_fn = (lambda m, b: m(**b).loss) if kind == "gradient" else None
+                    data = data_directions(model, layers, batches, kind, loss_fn)
                 per_layer = {}
                 for name, d in data.items():
                     q0, qf = init[name], final[name]

@@ -707,7 +707,11 @@ def a_directions_section(measured: list[dict]) -> list[str]:
     measured = sorted((r for r in measured if r["task"] == "drugreview"), key=lambda r: r["seed"])
     if not measured:
         return []
-    names = {"gradient": "the gradient's top directions", "activations": "the inputs' top directions"}
+    names = {
+        "gradient": "the gradient's top directions",
+        "activations": "the inputs' top directions",
+        "turn": "LoRA's first turn, `A₀ GᵀG` outside A₀ (no option sets it)",
+    }
     out = [
         "### Where the data's directions point (drug-review)",
         "",
@@ -716,9 +720,12 @@ def a_directions_section(measured: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for kind in DIRECTION_KINDS:
-        found = [r["prepared"][kind] for r in measured]
+        have = [r for r in measured if kind in r["prepared"]]  # a kind measured later is in the later runs only
+        if not have:
+            continue
+        found = [r["prepared"][kind] for r in have]
         cells = [f"{statistics.mean(f[key] for f in found):.3f}" for key in ("final", "init", "added", "random")]
-        out.append(f"| {names[kind]} | {seeds_of(measured)} | {' | '.join(cells)} |")
+        out.append(f"| {names[kind]} | {seeds_of(have)} | {' | '.join(cells)} |")
     out += [
         "",
         f"Command: `python scripts/a_directions.py --seeds {seeds_of(measured)}` (after `scripts/oracle_a.py` at "

@@ -330,11 +330,14 @@ def test_a_directions_section_averages_each_kinds_shares_over_the_seeds():
         }
 
     assert a_directions_section([]) == []
-    lines = a_directions_section([measured(1, 0.2), measured(0, 0.1)])
+    turned = measured(0, 0.1)
+    turned["prepared"]["turn"] = {"final": 0.01, "init": 0.0, "added": 0.13, "random": 0.02, "layers": 36}
+    lines = a_directions_section([measured(1, 0.2), turned])
     assert lines[0] == "### Where the data's directions point (drug-review)"
-    assert lines[4:6] == [
+    assert lines[4:7] == [
         "| the gradient's top directions | 0 1 | 0.040 | 0.020 | 0.150 | 0.020 |",
         "| the inputs' top directions | 0 1 | 0.040 | 0.020 | 0.100 | 0.020 |",
+        "| LoRA's first turn, `A₀ GᵀG` outside A₀ (no option sets it) | 0 | 0.010 | 0.000 | 0.130 | 0.020 |",
     ]
     assert lines[-1].startswith("Command: `python scripts/a_directions.py --seeds 0 1`")
     assert "the median over the 36 adapted layers, averaged over the seeds" in lines[-1]
