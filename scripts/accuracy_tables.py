@@ -650,7 +650,7 @@ def seeds_of(runs: list[dict]) -> str:
     return " ".join(str(s) for s in sorted({r["seed"] for r in runs}))
 
 
-def update_norms_section(traced: list[dict]) -> list[str]:
+def update_norms_section(traced: list[dict], runs: list[dict] = ()) -> list[str]:
     """`scripts/update_norms.py`: the size of the update (`‖s·B A‖_F`, median over the adapted layers) each method
     makes over a drug-review run, and how far LoRA's A moved: whether LoRA-FA fits with a larger update than LoRA."""
     traced = [r for r in traced if r["task"] == "drugreview" and recorded_spec(r) == TASKS["drugreview"]]
@@ -682,6 +682,18 @@ def update_norms_section(traced: list[dict]) -> list[str]:
             + f" | {end['delta_w_norm']:.3f} | {end['delta_w_relative']:.4f} | {end['a_norm_ratio']:.3f} | "
             f"{end['a_energy_in_init_row_space']:.3f} |"
         )
+    groups = grouped(runs)
+    twins = [
+        next(
+            (t for t in groups.get((r["task"], "ours", r["method"], options_of(r)), []) if t["seed"] == r["seed"]),
+            None,
+        )
+        for r in traced
+    ]
+    same = all(
+        t is not None and all(t.get(k) == r.get(k) for k in ("train_loss", "eval_accuracy", "eval_macro_f1"))
+        for r, t in zip(traced, twins)
+    )
     lora = {seed: v for (method, _, seed), v in ends.items() if method == "lora"}
     compared = [
         f"{ratio}x: {norm / lora[seed][0]:.1f}x LoRA's update, for a train loss of {loss:.3f} "
@@ -691,8 +703,10 @@ def update_norms_section(traced: list[dict]) -> list[str]:
     ]
     out += [
         "",
-        f"Command: `python scripts/update_norms.py --method lora --seed 0`, and `--method lorafa --seed 0 --opt "
-        f"lorafa_lr_ratio=R` for each multiple R (the runs of the task table below, recording every "
+        "Command: `python scripts/update_norms.py --method lora --seed 0`, and `--method lorafa --seed 0 --opt "
+        "lorafa_lr_ratio=R` for each multiple R (the runs of the task table below"
+        + (", with the same metrics: recording does not change training" if same else "")
+        + ", recording every "
         f"{traced[0]['prepared']['every']} steps). Medians over the {traced[0]['prepared']['layers']} adapted layers: "
         "`‖ΔW‖_F` is the size of the update `s·B A` the adapter adds to W; `‖A‖_F / ‖A₀‖_F` and the share of "
         "`‖A‖²_F` inside the initial A's row space say how far A moved (it trains in LoRA only)."
@@ -1187,7 +1201,7 @@ def accuracy_part(save_figure) -> list[str]:
         *(section + [""] if (section := lamda_ratio_section(runs, equal)) else []),
         *(section + [""] if (section := frozen_a_section(runs)) else []),
         *(section + [""] if (section := oracle_a_section(load_runs(ORACLE), runs)) else []),
-        *(section + [""] if (section := update_norms_section(load_runs(UPDATE_NORMS))) else []),
+        *(section + [""] if (section := update_norms_section(load_runs(UPDATE_NORMS), runs)) else []),
         *(section + [""] if (section := a_directions_section(load_runs(A_DIRECTIONS))) else []),
         *task_tables(runs, save_figure),
     ]

@@ -296,15 +296,19 @@ def test_update_norms_section_compares_each_lorafa_update_with_loras_at_the_same
     def traced(method: str, ratio: float, end: float, loss: float, a_ratio: float = 1.0, spec=None) -> dict:
         norms = [{"step": s, "delta_w_norm": end * s / 8, "delta_w_relative": end * s / 800, "a_norm_ratio": a_ratio,
                   "a_energy_in_init_row_space": 1.0 if method == "lorafa" else 0.9} for s in range(9)]  # fmt: skip
-        return {"task": "drugreview", "method": method, "seed": 0, "max_steps": 8, "train_loss": loss,
+        return {"task": "drugreview", "impl": "ours", "method": method, "seed": 0, "max_steps": 8, "train_loss": loss,
                 "eval_accuracy": 0.7, "eval_macro_f1": 0.5, "spec": spec or TASKS["drugreview"],
                 "effective_options": {**dict(LORAFA), "lorafa_lr_ratio": ratio}, "protocol": 3,
                 "prepared": {"layers": 36, "every": 1}, "finished": {"norms": norms}}  # fmt: skip
 
     assert update_norms_section([]) == []
     assert update_norms_section([traced("lora", 4.0, 1.0, 0.5, spec={**TASKS["drugreview"], "lr": 1.0})]) == []
-    lines = update_norms_section([traced("lorafa", 1.0, 1.5, 0.6), traced("lorafa", 4.0, 3.0, 0.4),
-                                  traced("lora", 4.0, 1.0, 0.5, 1.1)])  # fmt: skip
+    traced_runs = [
+        traced("lorafa", 1.0, 1.5, 0.6),
+        traced("lorafa", 4.0, 3.0, 0.4),
+        traced("lora", 4.0, 1.0, 0.5, 1.1),
+    ]
+    lines = update_norms_section(traced_runs)
     assert lines[0] == "### The size of the update (drug-review)"
     assert lines[2].split(" | ")[6:10] == ["‖ΔW‖_F at step 2", "‖ΔW‖_F at step 4", "‖ΔW‖_F at step 6", "at the end"]
     rows = [line for line in lines if line.startswith("| lora")]
@@ -314,6 +318,13 @@ def test_update_norms_section_compares_each_lorafa_update_with_loras_at_the_same
         "| lorafa | 4 | 0 | 70.0 | 0.500 | 0.400 | 0.750 | 1.500 | 2.250 | 3.000 | 0.0300 | 1.000 | 1.000 |",
         "| lorafa | 1 | 0 | 70.0 | 0.500 | 0.600 | 0.375 | 0.750 | 1.125 | 1.500 | 0.0150 | 1.000 | 1.000 |",
     ]
+    assert "(the runs of the task table below, recording every 1 steps)" in lines[-1]
+    twins = [dict(r) for r in traced_runs]  # the task table's runs at the same seeds and options
+    assert (
+        "below, with the same metrics: recording does not change training, recording every 1 steps"
+        in (update_norms_section(traced_runs, twins)[-1])
+    )
+    assert "with the same metrics" not in update_norms_section(traced_runs, twins[:2])[-1]
     assert lines[-1].endswith(
         "At the end, LoRA-FA with B at 4x: 3.0x LoRA's update, for a train loss of 0.400 (LoRA's 0.500); 1x: 1.5x "
         "LoRA's update, for a train loss of 0.600 (LoRA's 0.500)."
