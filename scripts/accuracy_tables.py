@@ -775,7 +775,7 @@ def oracle_a_section(oracle: list[dict], runs: list[dict]) -> list[str]:
         f"{paired('eval_accuracy', lora, main_lora, 100, 1)} | {paired('eval_macro_f1', lora, main_lora, 100, 1)} |",
     ]
     closes = {}
-    with_options = []  # (method, options' text, seeds) of the rows run with a non-default option
+    with_options = []  # (method, its flags, options' text, seeds) of the rows run with a non-default option
     variants = (
         (ORACLE_TAGS["final"], "LoRA's final A (its row space)", lora),
         (ORACLE_TAGS["init"], "its own random A, orthonormal rows rescaled alike (control)", main_lora),
@@ -793,7 +793,10 @@ def oracle_a_section(oracle: list[dict], runs: list[dict]) -> list[str]:
                          if dict(defaults).get(k) != v]  # fmt: skip
                 changed = ", ".join(f"`{pair}`" for pair in pairs)
                 if pairs:
-                    with_options.append((method, " --opt ".join(pairs), seeds_of(rs)))
+                    control = " --a init" if tag == ORACLE_TAGS["init"] else ""
+                    with_options.append(
+                        (method, control + " --methods " + method, " --opt ".join(pairs), seeds_of(rs))
+                    )
                 cells = [
                     paired(key, rs, ref, 100, 1)
                     for ref in (random_a, ref_lora)
@@ -822,8 +825,8 @@ def oracle_a_section(oracle: list[dict], runs: list[dict]) -> list[str]:
         f"Command: `python scripts/oracle_a.py --seeds {seeds_of(lora)}`, and for the control `--a init --seeds "
         f"{seeds_of(control)}`"
         + "".join(
-            f", for {method} with an option `--methods {method} --opt {opts} --seeds {seeds}`"
-            for method, opts, seeds in with_options
+            f", for {method} with an option `{flags.strip()} --opt {opts} --seeds {seeds}`"
+            for method, flags, opts, seeds in with_options
         )
         + " (per seed: "
         "ours LoRA, then LoRA-FA and LaMDA at their defaults (or with the option a row names) with each "

@@ -272,6 +272,7 @@ def test_oracle_a_section_pairs_the_methods_over_loras_a_with_their_random_a_and
     pace = {"effective_options": {**dict(LORAFA), "lorafa_lr_ratio": 1.0}}  # B at LoRA's learning rate
     runs += [drug("lorafa", 0, 0.70, 0.47, **pace)]  # paired with the random-A run at the same option
     oracle += [drug("lorafa", 0, 0.725, 0.50, tag="a-lora-final", **pace)]
+    oracle += [drug("lorafa", 0, 0.70, 0.47, tag="a-random-rescaled", **pace)]  # its control at the same pace
     lines = oracle_a_section(oracle, runs)
     assert lines[0] == "### The frozen A that LoRA learned (drug-review)"
     rows = [line for line in lines if line.startswith("| lora") or line.startswith("| lamda")]
@@ -282,11 +283,14 @@ def test_oracle_a_section_pairs_the_methods_over_loras_a_with_their_random_a_and
         "0.500 ± 0.000 | +2.3 ± 0.3 (2) | +2.5 ± 0.5 (2) | -1.2 ± 0.8 (2) | -2.5 ± 1.5 (2) |",
         "| lorafa | LoRA's final A (its row space), `lorafa_lr_ratio=1` | 0 (only 1 of 3 seeds ran) | 72.5 | 0.500 | "
         "0.500 | +2.5 (1) | +3.0 (1) | +0.5 (1) | +0.0 (1) |",
+        "| lorafa | its own random A, orthonormal rows rescaled alike (control), `lorafa_lr_ratio=1` | "
+        "0 (only 1 of 3 seeds ran) | 70.0 | 0.470 | 0.500 | +0.0 (1) | +0.0 (1) | -2.0 (1) | -3.0 (1) |",
         "| lamda | its own random A, orthonormal rows rescaled alike (control) | 2 (only 1 of 3 seeds ran) | 70.0 | "
         "0.470 | 0.500 | – | – | -2.0 (1) | -3.0 (1) |",
     ]
     assert "median over the 36 adapted layers of 0.200-0.300 across the seeds (lowest layer 0.050)" in lines[-1]
-    assert "for lorafa with an option `--methods lorafa --opt lorafa_lr_ratio=1 --seeds 0`" in lines[-1]
+    assert "for lorafa with an option `--methods lorafa --opt lorafa_lr_ratio=1 --seeds 0`, for lorafa with an " \
+           "option `--a init --methods lorafa --opt lorafa_lr_ratio=1 --seeds 0`" in lines[-1]  # fmt: skip
     assert lines[-1].endswith("lorafa over LoRA's A is +1.2 / +2.5 points behind that LoRA run (short of the "
                               "1-point target); lorafa (`lorafa_lr_ratio=1`) over LoRA's A is -0.5 / +0.0 points "
                               "behind that LoRA run (within the 1-point target on both).")  # fmt: skip
