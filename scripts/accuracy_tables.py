@@ -691,7 +691,9 @@ def update_norms_section(traced: list[dict], runs: list[dict] = ()) -> list[str]
         for r in traced
     ]
     same = all(
-        t is not None and all(t.get(k) == r.get(k) for k in ("train_loss", "eval_accuracy", "eval_macro_f1"))
+        t is not None
+        and all(t.get(k) == r.get(k) for k in ("eval_accuracy", "eval_macro_f1"))
+        and math.isclose(t["train_loss"], r["train_loss"], rel_tol=1e-6)
         for r, t in zip(traced, twins)
     )
     lora = {seed: v for (method, _, seed), v in ends.items() if method == "lora"}
@@ -705,7 +707,11 @@ def update_norms_section(traced: list[dict], runs: list[dict] = ()) -> list[str]
         "",
         "Command: `python scripts/update_norms.py --method lora --seed 0`, and `--method lorafa --seed 0 --opt "
         "lorafa_lr_ratio=R` for each multiple R (the runs of the task table below"
-        + (", with the same metrics: recording does not change training" if same else "")
+        + (
+            ", with the same accuracy and macro-F1, and train loss to 6 digits: recording does not change training"
+            if same
+            else ""
+        )
         + ", recording every "
         f"{traced[0]['prepared']['every']} steps). Medians over the {traced[0]['prepared']['layers']} adapted layers: "
         "`‖ΔW‖_F` is the size of the update `s·B A` the adapter adds to W; `‖A‖_F / ‖A₀‖_F` and the share of "

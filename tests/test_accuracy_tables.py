@@ -324,11 +324,12 @@ def test_update_norms_section_compares_each_lorafa_update_with_loras_at_the_same
     ]
     assert "(the runs of the task table below, recording every 1 steps)" in lines[-1]
     twins = [dict(r) for r in traced_runs]  # the task table's runs at the same seeds and options
-    assert (
-        "below, with the same metrics: recording does not change training, recording every 1 steps"
-        in (update_norms_section(traced_runs, twins)[-1])
-    )
-    assert "with the same metrics" not in update_norms_section(traced_runs, twins[:2])[-1]
+    twins[0]["train_loss"] += 1e-8  # another thread count's float sums
+    same = "below, with the same accuracy and macro-F1, and train loss to 6 digits: recording does not change training"
+    assert same in update_norms_section(traced_runs, twins)[-1]
+    assert "with the same" not in update_norms_section(traced_runs, twins[:2])[-1]  # a run with no twin
+    twins[1]["eval_accuracy"] += 0.01
+    assert "with the same" not in update_norms_section(traced_runs, twins)[-1]
     assert lines[-1].endswith(
         "At the end, LoRA-FA with B at 4x: 3.0x LoRA's update, for a train loss of 0.400 (LoRA's 0.500); 1x: 1.5x "
         "LoRA's update, for a train loss of 0.600 (LoRA's 0.500)."
