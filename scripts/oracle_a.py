@@ -110,13 +110,15 @@ def seed_runs(
             task, "ours", "lora", seed, (), out, spec_changes, prepare=keep_init, finish=keep_final, command=command
         )
         cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(".partial")  # renamed when whole: a killed run leaves no half-written cache
         save_file(
             {
                 **{f"init/{k}": v.contiguous() for k, v in init.items()},
                 **{f"final/{k}": v.contiguous() for k, v in learned.items()},
             },
-            str(cache),
+            str(partial),
         )
+        partial.replace(cache)
         print(f"seed {seed}: ours LoRA {lora.get('eval_accuracy')} / {lora.get('eval_macro_f1')}", flush=True)
     for method in methods:
 
