@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402
 import oracle_a  # noqa: E402
 
-from hf_lorafa.calibration import _run as calibration_pass  # noqa: E402  (the gradient pass frozen_a_init makes)
-from hf_lorafa.calibration import data_directions  # noqa: E402
+# Calibration's own pass and context (eval mode, the RNG left alone), as `frozen_a_init` runs them.
+from hf_lorafa.calibration import _calibrating, data_directions  # noqa: E402
+from hf_lorafa.calibration import _run as calibration_pass  # noqa: E402
 from hf_lorafa.injection import adapter_layers  # noqa: E402
 
 OUT = accuracy.RESULTS / "a-directions"
@@ -72,11 +73,9 @@ def measure(task: str, seed: int, oracle: Path = oracle_a.OUT, out: Path = OUT, 
         layers = adapter_layers(model)
         own = oracle_a.row_spaces(trainer)  # LoRA-FA's random A at this seed: LoRA's initial A
         found = {"random_a_overlap_with_lora_init": oracle_a.summary(oracle_a.overlaps(own, init))}
-        was_training = model.training
-        model.eval()
-        with torch.random.fork_rng(devices=[]):  # as the trainer's calibration: eval mode, the RNG left alone
+        batches = list(trainer.frozen_a_batches())  # the same batches for every kind
+        with _calibrating(model):
             for kind in KINDS:
-                batches = list(trainer.frozen_a_batches())
                 if kind == "turn":
                     data = turn_directions(model, layers, batches, own)
                 else:
@@ -96,7 +95,6 @@ def measure(task: str, seed: int, oracle: Path = oracle_a.OUT, out: Path = OUT, 
                     key: statistics.median(v[key] for v in per_layer.values())
                     for key in ("final", "init", "added", "random")
                 } | {"layers": len(per_layer)}
-        model.train(was_training)
         return found
 
     command = f"python scripts/a_directions.py --task {task} --seeds {seed}"

@@ -795,8 +795,7 @@ def oracle_a_section(oracle: list[dict], runs: list[dict]) -> list[str]:
             for opts in sorted(by_options, key=lambda o: (o != defaults, str(o))):
                 rs = by_options[opts]
                 random_a = groups.get(("drugreview", "ours", method, opts), [])
-                pairs = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in opts
-                         if dict(defaults).get(k) != v]  # fmt: skip
+                pairs = [label(((k, v),)) for k, v in opts if dict(defaults).get(k) != v]
                 changed = ", ".join(f"`{pair}`" for pair in pairs)
                 if pairs:
                     control = " --a init" if tag == ORACLE_TAGS["init"] else ""

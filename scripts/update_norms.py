@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402
+from oracle_a import row_spaces  # noqa: E402
 
 from hf_lorafa.injection import adapter_layers  # noqa: E402
 
@@ -59,7 +60,7 @@ def trace(
     def prepare(trainer) -> dict:
         layers = adapter_layers(trainer.accelerator.unwrap_model(trainer.model))
         a0 = {name: layer.lora_A.weight.detach().double().clone() for name, layer in layers.items()}
-        q0 = {name: torch.linalg.svd(a, full_matrices=False)[2] for name, a in a0.items()}
+        q0 = row_spaces(trainer)
 
         class Record(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
