@@ -97,6 +97,8 @@ PRESETS = {
     },
 }
 NO_DROPOUT = ("floor", "full")  # configurations without adapters measure once, at "dropout 0"
+# The configurations `--lorafa-r` sets the rank of: every frozen-A method, ours and PEFT's.
+FROZEN_A_METHODS = ("peft-lorafa", "lorafa", "lorafa+savers", "lamda", "lamda++")
 
 
 def configurations(preset: dict) -> list[dict]:
@@ -175,6 +177,23 @@ def _find(results: list[dict], method: str, dropout: float, quant: bool) -> dict
     return None
 
 
+def worker_specs(preset: dict) -> list[dict]:
+    """One worker spec per configuration of `preset`: the frozen-A methods at `lorafa_r` where it is set."""
+    specs = []
+    for config in configurations(preset):
+        sweep = not config["load_in_4bit"] and (config["dropout"] > 0 or config["method"] in NO_DROPOUT)
+        wide = config["method"] in FROZEN_A_METHODS and preset.get("lorafa_r")
+        specs.append(
+            {
+                **{k: preset[k] for k in ("model", "batch", "seq", "r", "steps", "dtype", "device")},
+                **config,
+                **({"r": preset["lorafa_r"]} if wide else {}),
+                "seq_sweep": preset["seq_sweep"] if sweep else [],
+            }
+        )
+    return specs
+
+
 def ratios(results: list[dict], preset: dict) -> dict:
     """Headline ratios per (precision, dropout): LoRA-FA against the floor, PEFT LoRA, PEFT's LoRA-FA, full FT."""
     out = {}
@@ -207,6 +226,11 @@ def ratios(results: list[dict], preset: dict) -> dict:
                 r["peft_lorafa_step_time_over_lorafa"] = peft_fa["step_seconds"] / ours["step_seconds"]
             if lora:
                 r["lora_saved_over_lorafa"] = lora["saved_bytes"] / ours["saved_bytes"]
+            if lamda and peft:
+                r["lamda_saved_over_peft_lora"] = lamda["saved_bytes"] / peft["saved_bytes"]
+                r["peft_lora_peak_over_lamda"] = (peft[peak] - peft.get("overhead_bytes", 0)) / max(
+                    lamda[peak] - lamda.get("overhead_bytes", 0), 1
+                )
             if lamda and lora:
                 r["lora_over_lamda_updated_parameters"] = lora["trainable_parameters"] / max(
                     lamda.get("trainable_parameters_after_freeze", lamda["trainable_parameters"]), 1
@@ -256,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         "--lorafa-r",
         type=int,
         default=None,
-        help="Rank of the LoRA-FA configurations (ours and PEFT's; LoRA's stays the preset's r). Twice the preset's "
-        "r gives LoRA-FA LoRA's trainable parameters, the rank at which it matched LoRA's accuracy (BENCHMARKS.md).",
+        help="Rank of the frozen-A configurations (LoRA-FA, ours and PEFT's, LaMDA and LaMDA++; LoRA's stays the "
+        "preset's r). Twice the preset's r gives LoRA-FA LoRA's trainable parameters, the rank at which the frozen-A "
+        "methods matched LoRA's accuracy (BENCHMARKS.md).",
     )
     args = parser.parse_args(argv)
     if args.lorafa_r is not None and args.lorafa_r < 1:
@@ -278,17 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as err:
             preset["quant"] = [False]
             notes.append(f"4-bit skipped: hf_lorafa.loading is not importable ({err})")
-    specs = []
-    for config in configurations(preset):
-        sweep = not config["load_in_4bit"] and (config["dropout"] > 0 or config["method"] in NO_DROPOUT)
-        specs.append(
-            {
-                **{k: preset[k] for k in ("model", "batch", "seq", "r", "steps", "dtype", "device")},
-                **config,
-                **({"r": preset["lorafa_r"]} if "lorafa" in config["method"] and preset.get("lorafa_r") else {}),
-                "seq_sweep": preset["seq_sweep"] if sweep else [],
-            }
-        )
+    specs = worker_specs(preset)
     started = time.time()
     # Parallel workers only where timings are not the point (the test's preset): memory is per process anyway.
     with ThreadPoolExecutor(max_workers=args.jobs or preset["jobs"]) as pool:

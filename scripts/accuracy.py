@@ -321,6 +321,8 @@ PLANS["issue13-lamda-lr"] = [
         for seed, task in [(0, "drugreview"), (0, "chatterbot"), (1, "chatterbot"), (2, "chatterbot")]
         + [(seed, "drugreview") for seed in range(1, 8)]
     ],
+    # LaMDA++ on that recipe at twice the rank to the 8 drug-review seeds LaMDA's row has.
+    *[("drugreview", "ours", "lamda++", seed, LAMDA_AS_LORAFA, EQUAL_PARAMETERS) for seed in range(3, 8)],
 ]
 # The frozen A from the training data instead of a random draw (`frozen_a_init`, hf_lorafa/calibration.py): the
 # gradient's or the inputs' top directions, LoRA-FA and LaMDA at their defaults otherwise, seed 0 first.

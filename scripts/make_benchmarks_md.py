@@ -54,7 +54,8 @@ def memory_section(report: dict, tag: str) -> list[str]:
         f"### {tag}: {dev.get('gpu') or dev.get('cpu')} ({dev['cores']} cores), torch {dev['torch']}",
         "",
         f"Llama architecture, random init: {json.dumps(s['model'])}; batch {s['batch']} × seq {s['seq']}, "
-        f"r={s['r']}{f' (LoRA-FA r={lorafa_r})' if (lorafa_r := s.get('lorafa_r')) else ''}, alpha=2r, all linear "
+        f"r={s['r']}{f' (frozen-A methods r={lorafa_r})' if (lorafa_r := s.get('lorafa_r')) else ''}, alpha=2r, "
+        "all linear "
         f"layers, AdamW, {s['dtype']}; median of {s['steps']} steps after a warm "
         f"step{'' if cuda else TIMING_NOTE}. Command: `{report['command']}` ({report['seconds']:.0f} s; "
         f"load average at the end "
@@ -122,15 +123,21 @@ def ratios_block(report: dict) -> list[str]:
 
 
 def equal_rank_section(report: dict) -> list[str]:
-    """Memory with LoRA-FA at twice LoRA's rank: LoRA's trainable parameters, where it matched LoRA's accuracy."""
+    """Memory with the frozen-A methods at twice LoRA's rank: LoRA's trainable parameters for LoRA-FA, the rank at
+    which each of them matched LoRA's accuracy (LaMDA and LaMDA++ on the recipe the accuracy section names)."""
     s, ratios = report["settings"], report["ratios"].get(f"{report['settings']['dtype']}-dropout0.05", {})
-    trainable = {r["method"]: r["trainable_parameters"] for r in report["results"] if "error" not in r}
+    ok = [r for r in report["results"] if "error" not in r]
+    trainable = {r["method"]: r["trainable_parameters"] for r in ok}
+    lamdas = [m for m in ("lamda", "lamda++") if m in trainable]
+    names = "LoRA-FA" + "".join(f", {'LaMDA' if m == 'lamda' else 'LaMDA++'}" for m in lamdas)
     out = [
-        f"### Memory at the same accuracy: LoRA-FA at r={s['lorafa_r']}, LoRA at r={s['r']}",
+        f"### Memory at the same accuracy: {names} at r={s['lorafa_r']}, LoRA at r={s['r']}",
         "",
-        f"The accuracy section below finds LoRA-FA level with LoRA on drug-review at twice LoRA's rank, where B alone "
-        f"has LoRA's trainable parameters. This run measures that pairing on the cpu preset's model: ours and PEFT's "
-        f"LoRA-FA at r={s['lorafa_r']}, PEFT LoRA at r={s['r']}, in one run.",
+        "The accuracy section below finds the frozen-A methods level with LoRA on drug-review at twice LoRA's rank "
+        "(\"Done when, at LoRA's trainable parameters\"), where B alone has LoRA's trainable parameters. This run "
+        "measures that pairing on the cpu preset's model: ours and PEFT's LoRA-FA"
+        + "".join(f", ours {'LaMDA' if m == 'lamda' else 'LaMDA++'}" for m in lamdas)
+        + f" at r={s['lorafa_r']}, PEFT LoRA at r={s['r']}, in one run.",
     ]
     if ratios:
         out += [
@@ -146,7 +153,13 @@ def equal_rank_section(report: dict) -> list[str]:
             "the gain is the activations' share of the peak. The step times were taken beside two accuracy runs "
             "(load average in the heading): read them from the cpu table above.",
         ]
-    return out + ["", *memory_section(report, f"cpu, LoRA-FA at r={s['lorafa_r']}"), *ratios_block(report)]
+        if "lamda_saved_over_peft_lora" in ratios:
+            out[-1] += (
+                f" LaMDA at r={s['lorafa_r']} keeps {ratios['lamda_saved_over_peft_lora']:.3f}× PEFT LoRA's "
+                f"saved-for-backward bytes, and PEFT LoRA's step peak is {ratios['peft_lora_peak_over_lamda']:.2f}× "
+                f"LaMDA's; it trains {trainable['lamda']:,} parameters while B does, and r² a layer after."
+            )
+    return out + ["", *memory_section(report, f"cpu, frozen-A methods at r={s['lorafa_r']}"), *ratios_block(report)]
 
 
 def plots(report: dict, tag: str) -> list[str]:

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import accuracy  # noqa: E402
-from accuracy import LAMDA, LORAFA, TASKS, lamda_options, recorded_options, run_name  # noqa: E402
+from accuracy import LAMDA, LAMDA_AS_LORAFA, LORAFA, TASKS, lamda_options, recorded_options, run_name  # noqa: E402
 from accuracy_tables import (  # noqa: E402
     DRUG_VS_LORA,
     PLUS_VS_LAMDA,
@@ -28,6 +28,7 @@ from accuracy_tables import (  # noqa: E402
     adapter_layers,
     current_runs,
     done_when,
+    equal_done_when,
     frozen_a_section,
     gap_error,
     grouped,
@@ -299,7 +300,8 @@ def test_oracle_a_section_pairs_the_methods_over_loras_a_with_their_random_a_and
 def test_update_norms_section_compares_each_lorafa_update_with_loras_at_the_same_seed():
     def traced(method: str, ratio: float, end: float, loss: float, a_ratio: float = 1.0, spec=None) -> dict:
         norms = [{"step": s, "delta_w_norm": end * s / 8, "delta_w_relative": end * s / 800, "a_norm_ratio": a_ratio,
-                  "a_energy_in_init_row_space": 1.0 if method == "lorafa" else 0.9} for s in range(9)]  # fmt: skip
+                  "a_energy_in_init_row_space": 1.0 if method == "lorafa" else 1 - 0.0125 * s}  # A turns steadily
+                 for s in range(9)]  # fmt: skip
         return {"task": "drugreview", "impl": "ours", "method": method, "seed": 0, "max_steps": 8, "train_loss": loss,
                 "eval_accuracy": 0.7, "eval_macro_f1": 0.5, "spec": spec or TASKS["drugreview"],
                 "effective_options": {**dict(LORAFA), "lorafa_lr_ratio": ratio}, "protocol": 3,
@@ -330,9 +332,13 @@ def test_update_norms_section_compares_each_lorafa_update_with_loras_at_the_same
     assert "with the same" not in update_norms_section(traced_runs, twins[:2])[-1]  # a run with no twin
     twins[1]["eval_accuracy"] += 0.01
     assert "with the same" not in update_norms_section(traced_runs, twins)[-1]
-    assert lines[-1].endswith(
+    assert (
         "At the end, LoRA-FA with B at 4x: 3.0x LoRA's update, for a train loss of 0.400 (LoRA's 0.500); 1x: 1.5x "
-        "LoRA's update, for a train loss of 0.600 (LoRA's 0.500)."
+        "LoRA's update, for a train loss of 0.600 (LoRA's 0.500)." in lines[-1]
+    )
+    assert lines[-1].endswith(
+        "(seed 0: the share of its energy outside it is 0.025 by step 2, 0.050 by step 4, 0.075 by step 6 and 0.100 "
+        "at the end): an A frozen after the first quarter of the steps with A trainable would have 25% of that turn."
     )
 
 
@@ -412,6 +418,42 @@ def test_done_when_gaps_match_the_result_files():
     assert se > 0
     row = next(line for line in criteria if line.startswith("| drug-review accuracy: ours LoRA − lamda |"))
     assert f"{gap:+.1f} ± {se:.1f} points" in row
+
+
+def test_equal_done_when_holds_each_method_at_twice_the_rank_to_lora_at_its_own():
+    """The second done-when table: the methods' runs come from the equal-parameter runs, LoRA's from its own r, and
+    LaMDA's rows are the LoRA-FA recipe's (`LAMDA_AS_LORAFA`), not its defaults."""
+
+    def run(task: str, impl: str, method: str, seed: int, options: tuple, **metrics: float) -> dict:
+        return {"task": task, "impl": impl, "method": method, "seed": seed, "protocol": 3,
+                "effective_options": dict(options), "trainable_parameters": 100, **metrics}  # fmt: skip
+
+    def drug(impl: str, method: str, seed: int, acc: float, f1: float, options: tuple = ()) -> dict:
+        return run("drugreview", impl, method, seed, options, eval_accuracy=acc, eval_macro_f1=f1)
+
+    runs = [drug(impl, "lora", s, 0.70 + 0.01 * s, 0.50) for s in range(3) for impl in ("ours", "peft")]
+    runs += [run("chatterbot", "ours", "lora", s, (), eval_loss=1.0) for s in range(3)]
+    # at the task's own r the methods are 3 points short: those runs must not reach the second table
+    runs += [drug("ours", m, s, 0.68, 0.47, o) for s in range(3) for m, o in (("lorafa", LORAFA), ("lamda", LAMDA))]
+    assert equal_done_when(runs, []) == []
+    equal = [drug("ours", "lorafa", s, 0.695 + 0.01 * s, 0.50, LORAFA) for s in range(3)]
+    equal += [drug("ours", "lamda", s, 0.71 + 0.01 * s, 0.49, LAMDA_AS_LORAFA) for s in range(3)]
+    equal += [drug("ours", "lamda", s, 0.60, 0.40, LAMDA) for s in range(3)]  # LaMDA's defaults at 2r: not held
+    equal += [run("chatterbot", "ours", "lorafa", s, LORAFA, eval_loss=1.03) for s in range(3)]  # 3% above LoRA
+    lines = equal_done_when(runs, equal)
+    assert lines[0] == "#### Done when, at LoRA's trainable parameters (issue 13)"
+    row = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ")}
+    assert row["drug-review accuracy: ours LoRA − lorafa"].endswith(
+        "| 3 vs 3 | +0.5 ± 0.8 points | ≤ 1 point | reached |"
+    )
+    assert row["drug-review macro-F1: ours LoRA − lamda"].endswith("| +1.0 ± 0.0 points | ≤ 1 point | reached |")
+    assert row["drug-review accuracy: PEFT LoRA − lamda"].endswith("| -1.0 ± 0.8 points | ≤ 1 point | reached |")
+    assert row["chatterbot eval loss: lorafa / ours LoRA − 1"].endswith(
+        "| +3.0 ± 0.0% | ≤ 1.5% | missed by 1.5 percentage points |"
+    )
+    assert not any("lamda++" in key for key in row)  # no LaMDA++ runs: its rows are left out, not "not measured"
+    assert "LoRA at its own (r = 8 / 16): 8 of 9 met." in lines[-1]
+    assert "(lorafa 100, lamda 100 trainable at the end of training against ours LoRA's 100," in lines[-1]
 
 
 def test_benchmarks_md_is_what_the_results_give():

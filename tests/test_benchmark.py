@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import LlamaConfig
 
-from hf_lorafa.bench import PRESETS, configurations, main
+from hf_lorafa.bench import PRESETS, configurations, main, worker_specs
 from hf_lorafa.estimate import estimate_memory
 from hf_lorafa.estimate import main as estimate_main
 
@@ -74,6 +74,17 @@ def test_lorafa_r_gives_lorafa_loras_trainable_parameters_and_still_keeps_less(t
     # Twice the rank keeps 2r values a token per adapted layer: still far below LoRA's dropout(x) and mask.
     assert by_method(report, "lorafa")["saved_bytes"] < ours["saved_bytes"] < peft["saved_bytes"]
     assert ours["estimate"]["activations"] == pytest.approx(ours["saved_bytes"], rel=0.10)
+
+
+def test_lorafa_r_sets_every_frozen_a_method_and_leaves_lora_at_the_presets_r():
+    """The memory-at-the-same-accuracy run measures LaMDA and LaMDA++ at twice LoRA's r too, as the accuracy tables
+    pair them; LoRA (ours and PEFT's), full FT and the floor keep the preset's r."""
+    preset = {**PRESETS["cpu"], "lorafa_r": 32}
+    ranks = {(s["method"], s["dropout"]): s["r"] for s in worker_specs(preset)}
+    wide = {"peft-lorafa", "lorafa", "lorafa+savers", "lamda", "lamda++"}
+    assert {m for m, _ in ranks} >= wide | {"peft-lora", "lora", "floor"}
+    assert all(r == (32 if m in wide else 16) for (m, _), r in ranks.items())
+    assert {s["r"] for s in worker_specs(PRESETS["cpu"])} == {16}  # unset: every method at the preset's r
 
 
 def test_lorafa_r_must_be_a_positive_rank(capsys):
