@@ -135,3 +135,33 @@ def test_estimate_cli_reads_a_config_folder(tmp_path, capsys):
     for method in ("none", "full", "lora", "lorafa", "lamda"):
         assert f": {method}, batch 2" in out
     assert "activations (saved for backward)" in out and "process overhead" in out
+
+
+def test_memory_at_the_same_accuracy_section_is_what_the_2r_run_gives():
+    """BENCHMARKS.md's "Memory at the same accuracy" part comes from benchmarks/cpu-lorafa-2r.json line for line, and
+    names each frozen-A method the run measured at twice LoRA's r, LaMDA's bytes included."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "scripts"))
+    from make_benchmarks_md import equal_rank_section, load
+
+    report = load("cpu-lorafa-2r.json")
+    lines = equal_rank_section(report)
+    page = (root / "BENCHMARKS.md").read_text()
+    missing = [line for line in lines if line and line not in page]
+    assert not missing, f"BENCHMARKS.md is stale (run `python scripts/make_benchmarks_md.py`): {missing[:2]}"
+    measured = {r["method"]: r for r in report["results"] if "error" not in r}
+    wide = report["settings"]["lorafa_r"]
+    assert all(measured[m]["r"] == wide for m in ("lorafa", "peft-lorafa") if m in measured)
+    if "lamda" in measured:
+        assert measured["lamda"]["r"] == wide
+        ratio = report["ratios"][f"{report['settings']['dtype']}-dropout0.05"]["lamda_saved_over_peft_lora"]
+        peft = next(r for r in report["results"] if r["method"] == "peft-lora" and r["dropout"] == 0.05)
+        assert ratio == round(measured["lamda"]["saved_bytes"] / peft["saved_bytes"], 4)
+        assert f"LaMDA at r={wide} keeps {ratio:.3f}× PEFT LoRA's saved-for-backward bytes" in lines[4]
+        assert (
+            lines[0].startswith("### Memory at the same accuracy: LoRA-FA, LaMDA")
+            and f"LoRA at r={report['settings']['r']}" in lines[0]
+        )
