@@ -53,7 +53,7 @@ Adaptation" (arXiv:2406.12832). What is the paper's and what is ours:
   `lamda_init="identity"`, `lamda_lr_ratio=4`, `lamda_s_lr_ratio=0.25` and `lamda_freeze_order="all"` (B = 0 and S = I,
   B at 4x the learning rate and whole for the first 3/4 of the steps, then S alone, r² a layer, at the rate itself):
   drug-review 71.2% / .496 against ours LoRA's 71.3% / .495 at r (8 seeds), chatterbot 22% below LoRA's held-out loss
-  (3 seeds); LaMDA++ the same way 71.9% / .500 (3 seeds) and 22% below (3 seeds). For 3/4 of such a run LaMDA trains
+  (3 seeds); LaMDA++ the same way 70.8% / .488 (8 seeds) and 22% below (3 seeds). For 3/4 of such a run LaMDA trains
   what LoRA-FA at 2r does (about LoRA's parameter count); its saving over that is the last quarter's optimizer state
   and B's gradient, and A·x keeps 2r values a token.
 - The frozen A (PMA) from the training data (ours, `frozen_a_init`, `hf_lorafa/calibration.py`): the top-r right

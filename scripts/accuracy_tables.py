@@ -1063,7 +1063,7 @@ HELD_AT_EQUAL_PARAMETERS = (("lorafa", LORAFA), ("lamda", LAMDA_AS_LORAFA), ("la
 def equal_done_when(runs: list[dict], equal: list[dict]) -> list[str]:
     """Issue 13's done-when table with each method at twice each task's r (`equal`, the `equal_parameters` runs) and
     LoRA (PEFT's and ours) at its own r (`runs`), and what is met; [] before any such run finished."""
-    criteria, _ = done_when(runs, HELD_AT_EQUAL_PARAMETERS, equal)
+    criteria, measured = done_when(runs, HELD_AT_EQUAL_PARAMETERS, equal)
     rows = [line for line in criteria[2:] if "not measured" not in line]
     if not rows:
         return []
@@ -1082,6 +1082,18 @@ def equal_done_when(runs: list[dict], equal: list[dict]) -> list[str]:
         for method, opts in (*HELD_AT_EQUAL_PARAMETERS, ("lora", ()))
     }
     lora = next((r["trainable_parameters"] for r in runs if r["task"] == "drugreview" and r["method"] == "lora"), None)
+    plus = measured.get(PLUS_VS_LAMDA, {}).values()
+    plus_text = (
+        (
+            " LaMDA++ against LaMDA on that recipe: each gap is within one s.e. of 0, so the rank rule neither helps "
+            "nor hurts measurably there."
+            if all(abs(gap) <= se for gap, se in plus)
+            else " LaMDA++ against LaMDA on that recipe: not every gap is within one s.e. of 0 (the rows say which "
+            "way)."
+        )
+        if plus
+        else ""
+    )
     counts = ", ".join(f"{method} {n:,}" for method, n in trainable.items() if n is not None and method != "lora")
     return [
         "#### Done when, at LoRA's trainable parameters (issue 13)",
@@ -1099,7 +1111,7 @@ def equal_done_when(runs: list[dict], equal: list[dict]) -> list[str]:
         f"{lora:,}, classifier and pooler included); its backward keeps A·x, 2r values a token per adapted "
         'layer, never x, so each method still keeps far less than LoRA for backward ("Memory at the same '
         'accuracy" above). The table above, at the same r, is the stricter reading: there the frozen-A methods '
-        "stay 1-3 points short on drug-review, and the oracle and direction tables below measure why.",
+        "stay 1-3 points short on drug-review, and the oracle and direction tables below measure why." + plus_text,
     ]
 
 

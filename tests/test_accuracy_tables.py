@@ -454,6 +454,22 @@ def test_equal_done_when_holds_each_method_at_twice_the_rank_to_lora_at_its_own(
     assert not any("lamda++" in key for key in row)  # no LaMDA++ runs: its rows are left out, not "not measured"
     assert "LoRA at its own (r = 8 / 16): 8 of 9 met." in lines[-1]
     assert "(lorafa 100, lamda 100 trainable at the end of training against ours LoRA's 100," in lines[-1]
+    assert "LaMDA++ against LaMDA" not in lines[-1]
+    plus = [
+        {**r, "method": "lamda++"}
+        for r in equal
+        if r["method"] == "lamda" and dict(LAMDA_AS_LORAFA) == r["effective_options"]
+    ]
+    lines = equal_done_when(runs, equal + plus)
+    assert "LoRA at its own (r = 8 / 16): 14 of 15 met." in lines[-1]  # LaMDA++ as LaMDA: level, within the s.e.
+    assert lines[-1].endswith(
+        "each gap is within one s.e. of 0, so the rank rule neither helps nor hurts measurably there."
+    )
+    for r in plus:  # 2 points below LaMDA at every seed: beyond the gap's s.e. of 0.8
+        r["eval_accuracy"] -= 0.02
+    assert equal_done_when(runs, equal + plus)[-1].endswith(
+        "not every gap is within one s.e. of 0 (the rows say which way)."
+    )
 
 
 def test_benchmarks_md_is_what_the_results_give():
