@@ -277,6 +277,8 @@ PLANS["issue13-rank"] = [
     ],
     *[("drugreview", "peft", "lorafa", seed, (), EQUAL_PARAMETERS) for seed in SEEDS],
     *[("drugreview", "ours", "lorafa", seed, RATIOS[0], EQUAL_PARAMETERS) for seed in SEEDS],
+    # PEFT's LoRA-FA optimizer at twice the rank to the 8 seeds ours has there: the side-by-side at LoRA's parameters.
+    *[("drugreview", "peft", "lorafa", seed, (), EQUAL_PARAMETERS) for seed in range(3, 8)],
 ]
 # LaMDA's learning-rate multiples, where issue13-rank found that twice the rank alone leaves LaMDA where it was
 # (70.2 / .471 at r=16 against 70.4 / .470 at r=8) and that LoRA-FA's extra rank pays only with B at a multiple of the
