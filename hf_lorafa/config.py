@@ -53,7 +53,7 @@ class LoRAFAConfig:
             1.0 LoRA-FA ends 37% above LoRA's held-out loss, at 2.0 8% above, at 4.0 14% below it. On drug-review
             (MiniLM, 8 epochs, 8 seeds) 1.0, 2.0 and 4.0 all end 1.3-1.7 accuracy points below LoRA at the same r;
             at twice LoRA's r (about the same trainable parameters) LoRA-FA at 4.0 is within 0.4 points of LoRA, at
-            1.0 still 2.1 points below it (3 seeds; PEFT's LoRA-FA optimizer at that rank likewise).
+            1.0 still 2.1 points below it (3 seeds); PEFT's LoRA-FA optimizer at that rank 1.5 (8 seeds).
         lamda_freeze_fraction (`float`, *optional*, defaults to `0.75`):
             Fraction of the total training steps over which LaMDA's B (PMB) is frozen, column by column; after it
             only S (r² per layer) trains. Chosen by BENCHMARKS.md's LaMDA ablation: on chatterbot at the main job's
