@@ -198,6 +198,11 @@ def ratios(results: list[dict], preset: dict) -> dict:
     """Headline ratios per (precision, dropout): LoRA-FA against the floor, PEFT LoRA, PEFT's LoRA-FA, full FT."""
     out = {}
     peak = "peak_cuda_bytes" if preset["device"] == "cuda" else "peak_rss_bytes"
+
+    def peak_over(a: dict, b: dict) -> float:
+        """`a`'s step peak over `b`'s, each less its process overhead."""
+        return (a[peak] - a.get("overhead_bytes", 0)) / max(b[peak] - b.get("overhead_bytes", 0), 1)
+
     for quant in preset["quant"]:
         for dropout in preset["dropouts"]:
             ours, floor = _find(results, "lorafa", dropout, quant), _find(results, "floor", dropout, quant)
@@ -211,16 +216,12 @@ def ratios(results: list[dict], preset: dict) -> dict:
                 r["lorafa_saved_over_floor"] = ours["saved_bytes"] / floor["saved_bytes"]
             if peft:
                 r["lorafa_saved_over_peft_lora"] = ours["saved_bytes"] / peft["saved_bytes"]
-                r["peft_lora_peak_over_lorafa"] = (peft[peak] - peft.get("overhead_bytes", 0)) / max(
-                    ours[peak] - ours.get("overhead_bytes", 0), 1
-                )
+                r["peft_lora_peak_over_lorafa"] = peak_over(peft, ours)
                 r["peft_lora_step_time_over_lorafa"] = peft["step_seconds"] / ours["step_seconds"]
             savers = _find(results, "lorafa+savers", dropout, quant)
             if peft and savers:  # LoRA-FA as LoRAFATrainer runs it by default (activation_savers=True)
                 r["lorafa_savers_saved_over_peft_lora"] = savers["saved_bytes"] / peft["saved_bytes"]
-                r["peft_lora_peak_over_lorafa_savers"] = (peft[peak] - peft.get("overhead_bytes", 0)) / max(
-                    savers[peak] - savers.get("overhead_bytes", 0), 1
-                )
+                r["peft_lora_peak_over_lorafa_savers"] = peak_over(peft, savers)
                 r["peft_lora_step_time_over_lorafa_savers"] = peft["step_seconds"] / savers["step_seconds"]
             if peft_fa:
                 r["peft_lorafa_step_time_over_lorafa"] = peft_fa["step_seconds"] / ours["step_seconds"]
@@ -228,18 +229,14 @@ def ratios(results: list[dict], preset: dict) -> dict:
                 r["lora_saved_over_lorafa"] = lora["saved_bytes"] / ours["saved_bytes"]
             if lamda and peft:
                 r["lamda_saved_over_peft_lora"] = lamda["saved_bytes"] / peft["saved_bytes"]
-                r["peft_lora_peak_over_lamda"] = (peft[peak] - peft.get("overhead_bytes", 0)) / max(
-                    lamda[peak] - lamda.get("overhead_bytes", 0), 1
-                )
+                r["peft_lora_peak_over_lamda"] = peak_over(peft, lamda)
             if lamda and lora:
                 r["lora_over_lamda_updated_parameters"] = lora["trainable_parameters"] / max(
                     lamda.get("trainable_parameters_after_freeze", lamda["trainable_parameters"]), 1
                 )
             full = _find(results, "full", 0.0, False)
             if full:
-                r["full_peak_over_lorafa"] = (full[peak] - full.get("overhead_bytes", 0)) / max(
-                    ours[peak] - ours.get("overhead_bytes", 0), 1
-                )
+                r["full_peak_over_lorafa"] = peak_over(full, ours)
             out[key] = {k: round(v, 4) for k, v in r.items()}
     return out
 

@@ -38,6 +38,11 @@ OUT = accuracy.RESULTS / "a-directions"
 KINDS = ("gradient", "activations", "turn")
 
 
+def loss(model, batch) -> torch.Tensor:
+    """The training loss, as `frozen_a_init="gradient"` takes it by default."""
+    return model(**batch).loss
+
+
 def held(d: torch.Tensor, q: torch.Tensor) -> float:
     """The share of the rows of `q` (orthonormal, k×d) inside the row space of `d` (orthonormal, r×d)."""
     return float((d @ q.t()).square().sum() / q.square().sum())
@@ -51,7 +56,7 @@ def turn_directions(model, layers: dict, batches: list, a0: dict[str, torch.Tens
         term = g.double().t() @ x.double()
         sums[name] = sums[name] + term if name in sums else term
 
-    calibration_pass(model, layers, batches, None, lambda m, b: m(**b).loss, add)
+    calibration_pass(model, layers, batches, None, loss, add)
     out = {}
     for name, g in sums.items():
         q0 = a0[name]
@@ -79,8 +84,7 @@ def measure(task: str, seed: int, oracle: Path = oracle_a.OUT, out: Path = OUT, 
                 if kind == "turn":
                     data = turn_directions(model, layers, batches, own)
                 else:
-                    loss_fn = (lambda m, b: m(**b).loss) if kind == "gradient" else None
-                    data = data_directions(model, layers, batches, kind, loss_fn)
+                    data = data_directions(model, layers, batches, kind, loss if kind == "gradient" else None)
                 per_layer = {}
                 for name, d in data.items():
                     q0, qf = init[name], final[name]

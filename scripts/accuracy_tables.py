@@ -670,12 +670,26 @@ def update_norms_section(traced: list[dict], runs: list[dict] = ()) -> list[str]
         + " | at the end | ‖ΔW‖_F / ‖W‖_F | ‖A‖_F / ‖A₀‖_F | A's energy in A₀'s row space |",
         "|---|---|---|---|---|---|" + "---|" * (len(marks) + 4),
     ]
-    ends = {}
+    ends, turns = {}, []
     for r in traced:
         at = {n["step"]: n for n in r["finished"]["norms"]}
         end = r["finished"]["norms"][-1]
         ratio = "1 (A trains too)" if r["method"] == "lora" else f"{r['effective_options']['lorafa_lr_ratio']:g}"
         ends[(r["method"], ratio, r["seed"])] = (end["delta_w_norm"], r["train_loss"])
+        if r["method"] == "lora":  # how steadily LoRA's A leaves its initial row space
+            outside = {m: 1 - at[m]["a_energy_in_init_row_space"] for m in marks if m in at}
+            last = 1 - end["a_energy_in_init_row_space"]
+            turns.append(
+                f" LoRA's A turns out of its initial row space steadily, not early (seed {r['seed']}: the share of "
+                f"its energy outside it is {', '.join(f'{v:.3f} by step {m}' for m, v in outside.items())} and "
+                f"{last:.3f} at the end)"
+                + (
+                    f": an A frozen after the first quarter of the steps with A trainable would have "
+                    f"{outside[marks[0]] / last:.0%} of that turn."
+                    if marks[0] in outside and last > 0
+                    else "."
+                )
+            )
         out.append(
             f"| {r['method']} | {ratio} | {r['seed']} | {100 * r['eval_accuracy']:.1f} | {r['eval_macro_f1']:.3f} | "
             f"{r['train_loss']:.3f} | "
@@ -719,20 +733,7 @@ def update_norms_section(traced: list[dict], runs: list[dict] = ()) -> list[str]
         "`‖A‖²_F` inside the initial A's row space say how far A moved (it trains in LoRA only)."
         + (" At the end, LoRA-FA with B at " + "; ".join(compared) + "." if compared else ""),
     ]
-    for r in (r for r in traced if r["method"] == "lora"):
-        at = {n["step"]: 1 - n["a_energy_in_init_row_space"] for n in r["finished"]["norms"]}
-        end = 1 - r["finished"]["norms"][-1]["a_energy_in_init_row_space"]
-        turned = [f"{at[m]:.3f} by step {m}" for m in marks if m in at]
-        out[-1] += (
-            f" LoRA's A turns out of its initial row space steadily, not early (seed {r['seed']}: the share of its "
-            f"energy outside it is {', '.join(turned)} and {end:.3f} at the end)"
-            + (
-                f": an A frozen after the first quarter of the steps with A trainable would have "
-                f"{at[marks[0]] / end:.0%} of that turn."
-                if marks[0] in at and end > 0
-                else "."
-            )
-        )
+    out[-1] += "".join(turns)
     return out
 
 
@@ -1060,9 +1061,12 @@ def done_when(
 HELD_AT_EQUAL_PARAMETERS = (("lorafa", LORAFA), ("lamda", LAMDA_AS_LORAFA), ("lamda++", LAMDA_AS_LORAFA))
 
 
-def equal_done_when(runs: list[dict], equal: list[dict]) -> list[str]:
+def equal_done_when(
+    runs: list[dict], equal: list[dict], same_r: dict[str, dict[str, tuple[float, float]]]
+) -> list[str]:
     """Issue 13's done-when table with each method at twice each task's r (`equal`, the `equal_parameters` runs) and
-    LoRA (PEFT's and ours) at its own r (`runs`), and what is met; [] before any such run finished."""
+    LoRA (PEFT's and ours) at its own r (`runs`), and what is met; [] before any such run finished. `same_r` is what
+    `done_when(runs)` measured at the task's own r, which the paragraph quotes."""
     criteria, measured = done_when(runs, HELD_AT_EQUAL_PARAMETERS, equal)
     rows = [line for line in criteria[2:] if "not measured" not in line]
     if not rows:
@@ -1071,37 +1075,30 @@ def equal_done_when(runs: list[dict], equal: list[dict]) -> list[str]:
     wide = " / ".join(str(dict(equal_parameters(task))["r"]) for task in ("drugreview", "chatterbot"))
     own = " / ".join(str(TASKS[task]["r"]) for task in ("drugreview", "chatterbot"))
     drug_wide, drug_own = dict(equal_parameters("drugreview"))["r"], TASKS["drugreview"]["r"]
-    trainable = {
-        method: next(
-            (
-                r["trainable_parameters"]
-                for r in equal
-                if r["task"] == "drugreview" and r["method"] == method and options_of(r) == opts
-            ),
-            None,
-        )
+    groups = grouped(equal)
+    counts = ", ".join(
+        f"{method} {rs[0]['trainable_parameters']:,}"
         for method, opts in HELD_AT_EQUAL_PARAMETERS
-    }
-    lora = next((r["trainable_parameters"] for r in runs if r["task"] == "drugreview" and r["method"] == "lora"), 0)
-    same_r = [gap for gap, _ in done_when(runs)[1].get(DRUG_VS_LORA, {}).values()]
-    strict = (
-        f"there the frozen-A methods stay {min(same_r):.1f}-{max(same_r):.1f} points behind LoRA on drug-review"
-        if same_r
-        else "there the frozen-A methods are not measured yet"
+        if (rs := groups.get(("drugreview", "ours", method, opts)))
     )
+    lora = next((r["trainable_parameters"] for r in runs if r["task"] == "drugreview" and r["method"] == "lora"), 0)
+    gaps = [gap for gap, _ in same_r.get(DRUG_VS_LORA, {}).values()]
+    if gaps:
+        strict = f"there the frozen-A methods stay {min(gaps):.1f}-{max(gaps):.1f} points behind LoRA on drug-review"
+    else:
+        strict = "there the frozen-A methods are not measured yet"
     plus = measured.get(PLUS_VS_LAMDA, {}).values()
-    plus_text = (
-        (
+    if not plus:
+        plus_text = ""
+    elif all(abs(gap) <= se for gap, se in plus):
+        plus_text = (
             " LaMDA++ against LaMDA on that recipe: each gap is within one s.e. of 0, so the rank rule neither helps "
             "nor hurts measurably there."
-            if all(abs(gap) <= se for gap, se in plus)
-            else " LaMDA++ against LaMDA on that recipe: not every gap is within one s.e. of 0 (the rows say which "
-            "way)."
         )
-        if plus
-        else ""
-    )
-    counts = ", ".join(f"{method} {n:,}" for method, n in trainable.items() if n is not None)
+    else:
+        plus_text = (
+            " LaMDA++ against LaMDA on that recipe: not every gap is within one s.e. of 0 (the rows say which way)."
+        )
     return [
         "#### Done when, at LoRA's trainable parameters (issue 13)",
         "",
@@ -1286,7 +1283,7 @@ def accuracy_part(save_figure) -> list[str]:
         *seeds_needed(runs),
         *lamdapp_paragraph(runs),
         *lamda_note(runs),
-        *(["", *section] if (section := equal_done_when(runs, equal)) else []),
+        *(["", *section] if (section := equal_done_when(runs, equal, measured)) else []),
         "",
         *protocol_section(old, earlier, runs),
         "",

@@ -128,15 +128,15 @@ def equal_rank_section(report: dict) -> list[str]:
     s, ratios = report["settings"], report["ratios"].get(f"{report['settings']['dtype']}-dropout0.05", {})
     ok = [r for r in report["results"] if "error" not in r]
     trainable = {r["method"]: r["trainable_parameters"] for r in ok}
-    lamdas = [m for m in ("lamda", "lamda++") if m in trainable]
-    names = "LoRA-FA" + "".join(f", {'LaMDA' if m == 'lamda' else 'LaMDA++'}" for m in lamdas)
+    lamdas = [name for method, name in (("lamda", "LaMDA"), ("lamda++", "LaMDA++")) if method in trainable]
+    names = ", ".join(["LoRA-FA", *lamdas])
     out = [
         f"### Memory at the same accuracy: {names} at r={s['lorafa_r']}, LoRA at r={s['r']}",
         "",
         "The accuracy section below finds the frozen-A methods level with LoRA on drug-review at twice LoRA's rank "
         "(\"Done when, at LoRA's trainable parameters\"), where B alone has LoRA's trainable parameters. This run "
         "measures that pairing on the cpu preset's model: ours and PEFT's LoRA-FA"
-        + "".join(f", ours {'LaMDA' if m == 'lamda' else 'LaMDA++'}" for m in lamdas)
+        + "".join(f", ours {name}" for name in lamdas)
         + f" at r={s['lorafa_r']}, PEFT LoRA at r={s['r']}, in one run.",
     ]
     if ratios:

@@ -435,12 +435,13 @@ def test_equal_done_when_holds_each_method_at_twice_the_rank_to_lora_at_its_own(
     runs += [run("chatterbot", "ours", "lora", s, (), eval_loss=1.0) for s in range(3)]
     # at the task's own r the methods are 3 points short: those runs must not reach the second table
     runs += [drug("ours", m, s, 0.68, 0.47, o) for s in range(3) for m, o in (("lorafa", LORAFA), ("lamda", LAMDA))]
-    assert equal_done_when(runs, []) == []
+    same_r = done_when(runs)[1]  # the paragraph quotes the gaps at the task's own r
+    assert equal_done_when(runs, [], same_r) == []
     equal = [drug("ours", "lorafa", s, 0.695 + 0.01 * s, 0.50, LORAFA) for s in range(3)]
     equal += [drug("ours", "lamda", s, 0.71 + 0.01 * s, 0.49, LAMDA_AS_LORAFA) for s in range(3)]
     equal += [drug("ours", "lamda", s, 0.60, 0.40, LAMDA) for s in range(3)]  # LaMDA's defaults at 2r: not held
     equal += [run("chatterbot", "ours", "lorafa", s, LORAFA, eval_loss=1.03) for s in range(3)]  # 3% above LoRA
-    lines = equal_done_when(runs, equal)
+    lines = equal_done_when(runs, equal, same_r)
     assert lines[0] == "#### Done when, at LoRA's trainable parameters (issue 13)"
     row = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ")}
     assert row["drug-review accuracy: ours LoRA − lorafa"].endswith(
@@ -463,14 +464,14 @@ def test_equal_done_when_holds_each_method_at_twice_the_rank_to_lora_at_its_own(
         for r in equal
         if r["method"] == "lamda" and dict(LAMDA_AS_LORAFA) == r["effective_options"]
     ]
-    lines = equal_done_when(runs, equal + plus)
+    lines = equal_done_when(runs, equal + plus, same_r)
     assert "LoRA at its own (r = 8 / 16): 14 of 15 met." in lines[-1]  # LaMDA++ as LaMDA: level, within the s.e.
     assert lines[-1].endswith(
         "each gap is within one s.e. of 0, so the rank rule neither helps nor hurts measurably there."
     )
     for r in plus:  # 2 points below LaMDA at every seed: beyond the gap's s.e. of 0.8
         r["eval_accuracy"] -= 0.02
-    assert equal_done_when(runs, equal + plus)[-1].endswith(
+    assert equal_done_when(runs, equal + plus, same_r)[-1].endswith(
         "not every gap is within one s.e. of 0 (the rows say which way)."
     )
 
