@@ -9,51 +9,51 @@ from .version import __version__ as __version__  # re-exported
 
 # Exports are imported on first use: `import hf_lorafa` stays cheap for the demo and the CLI, which need only parts.
 _EXPORTS = {
-    "HubUploadError": "hub",
-    "LoRAFAArguments": "arguments",
-    "LoRAFAConfig": "config",
-    "LoRAFATrainer": "trainer",
-    "LoRAFATrainerMixin": "trainer",
-    "LoRAFATrainingArguments": "arguments",
-    "apply_activation_savers": "savers",
-    "count_parameters": "injection",
-    "estimate_memory": "estimate",
-    "init_frozen_a_from_data": "calibration",
-    "inject_adapters": "injection",
-    "lamda_plus_plus_ranks": "lamda",
-    "lamda_schedule_step": "lamda",
-    "load_adapter": "saving",
-    "load_raw_dataset": "dataprep",
-    "load_base_model": "loading",
-    "merge_adapters": "merge",
-    "pad_collator": "dataprep",
-    "push_adapter": "hub",
-    "resolve_model": "data",
-    "save_adapter": "saving",
-    "saved_tensor_bytes": "memory",
-    "take_rows": "dataprep",
-    "tokenize_for_causal_lm": "dataprep",
-    "write_model_card": "model_card",
+    "HubUploadError": "hub.push",
+    "LoRAFAArguments": "training.arguments",
+    "LoRAFAConfig": "tuners.config",
+    "LoRAFATrainer": "training.trainer",
+    "LoRAFATrainerMixin": "training.trainer",
+    "LoRAFATrainingArguments": "training.arguments",
+    "apply_activation_savers": "training.activation_savers",
+    "count_parameters": "tuners.injection",
+    "estimate_memory": "memory.estimate",
+    "init_frozen_a_from_data": "tuners.calibration",
+    "inject_adapters": "tuners.injection",
+    "lamda_plus_plus_ranks": "tuners.lamda",
+    "lamda_schedule_step": "tuners.lamda",
+    "load_adapter": "adapter_io.peft_format",
+    "load_raw_dataset": "data.preprocessing",
+    "load_base_model": "data.base_model",
+    "merge_adapters": "tuners.merge",
+    "pad_collator": "data.preprocessing",
+    "push_adapter": "hub.push",
+    "resolve_model": "data.offline",
+    "save_adapter": "adapter_io.peft_format",
+    "saved_tensor_bytes": "memory.measure",
+    "take_rows": "data.preprocessing",
+    "tokenize_for_causal_lm": "data.preprocessing",
+    "write_model_card": "hub.card",
 }
 __all__ = sorted(_EXPORTS)  # one table: what is exported is what is lazily importable
 
 if TYPE_CHECKING:
-    from .arguments import LoRAFAArguments, LoRAFATrainingArguments
-    from .calibration import init_frozen_a_from_data
-    from .config import LoRAFAConfig
-    from .data import resolve_model
-    from .dataprep import load_raw_dataset, pad_collator, take_rows, tokenize_for_causal_lm
-    from .estimate import estimate_memory
-    from .hub import HubUploadError, push_adapter
-    from .injection import count_parameters, inject_adapters
-    from .lamda import lamda_plus_plus_ranks, lamda_schedule_step
-    from .loading import load_base_model
-    from .memory import saved_tensor_bytes
-    from .merge import merge_adapters
-    from .model_card import write_model_card
-    from .savers import apply_activation_savers
-    from .saving import load_adapter, save_adapter
-    from .trainer import LoRAFATrainer, LoRAFATrainerMixin
+    from .adapter_io.peft_format import load_adapter, save_adapter
+    from .data.base_model import load_base_model
+    from .data.offline import resolve_model
+    from .data.preprocessing import load_raw_dataset, pad_collator, take_rows, tokenize_for_causal_lm
+    from .hub.card import write_model_card
+    from .hub.push import HubUploadError, push_adapter
+    from .memory.estimate import estimate_memory
+    from .memory.measure import saved_tensor_bytes
+    from .training.activation_savers import apply_activation_savers
+    from .training.arguments import LoRAFAArguments, LoRAFATrainingArguments
+    from .training.trainer import LoRAFATrainer, LoRAFATrainerMixin
+    from .tuners.calibration import init_frozen_a_from_data
+    from .tuners.config import LoRAFAConfig
+    from .tuners.injection import count_parameters, inject_adapters
+    from .tuners.lamda import lamda_plus_plus_ranks, lamda_schedule_step
+    from .tuners.merge import merge_adapters
 
 
 def __getattr__(name: str) -> Any:

@@ -15,8 +15,8 @@ try:
 except ImportError as err:  # an optional extra: say which
     raise ImportError('hf_lorafa.trl needs TRL: pip install "hf-lorafa[trl]" (or pip install trl).') from err
 
-from .arguments import LoRAFAArguments
-from .trainer import LoRAFATrainerMixin
+from .training.arguments import LoRAFAArguments
+from .training.trainer import LoRAFATrainerMixin
 
 __all__ = ["LoRAFASFTConfig", "LoRAFASFTTrainer"]
 

@@ -26,6 +26,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from hf_lorafa.dataprep import (
+    classification_metrics,
+    load_raw_dataset,
+    pad_collator,
+    tokenize_for_causal_lm,
+    tokenize_for_classification,
+)
+from hf_lorafa.injection import count_parameters
+from hf_lorafa.job import JOB_DEFAULTS
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -37,15 +46,6 @@ from transformers import (
 
 from hf_lorafa import LoRAFAConfig, LoRAFATrainer, LoRAFATrainingArguments
 from hf_lorafa.data import resolve_model
-from hf_lorafa.dataprep import (
-    classification_metrics,
-    load_raw_dataset,
-    pad_collator,
-    tokenize_for_causal_lm,
-    tokenize_for_classification,
-)
-from hf_lorafa.injection import count_parameters
-from hf_lorafa.job import JOB_DEFAULTS
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "accuracy"
 # drugreview: the reference protocol of BENCHMARKS.md (8 epochs, 3 seeds, r=8, lr 5e-4); ~40 s per epoch on an

@@ -37,14 +37,14 @@ from accuracy import (
     run_argv,
     run_name,
 )
+from hf_lorafa.lamda import spectrum_scores
+from hf_lorafa.layers import AdapterLayer, base_weight
 from oracle_a import OUT as ORACLE
 from oracle_a import TAGS as ORACLE_TAGS
 from update_norms import OUT as UPDATE_NORMS
 
 from hf_lorafa import LoRAFAConfig, inject_adapters
 from hf_lorafa.data import drugreview_split
-from hf_lorafa.lamda import spectrum_scores
-from hf_lorafa.layers import AdapterLayer, base_weight
 
 # Issue 13's independent PEFT LoRA run (same nominal settings, someone else's script): quoted, not measured here.
 INDEPENDENT = {"accuracy": (72.3, 71.0, 71.5), "macro_f1": (0.499, 0.508, 0.513)}

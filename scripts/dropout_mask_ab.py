@@ -9,11 +9,11 @@ import statistics
 import time
 
 import torch
+from hf_lorafa.bench import PRESETS
+from hf_lorafa.injection import adapter_layers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_lorafa import LoRAFAConfig, inject_adapters
-from hf_lorafa.bench import PRESETS
-from hf_lorafa.injection import adapter_layers
 
 
 def main() -> None:

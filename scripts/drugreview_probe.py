@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 from accuracy import RESULTS, TASKS
+from hf_lorafa.dataprep import classification_metrics
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_lorafa.data import drugreview_split, resolve_model
-from hf_lorafa.dataprep import classification_metrics
 
 
 def features(model, tokenizer, rows: list[dict], max_length: int) -> dict[str, torch.Tensor]:
@@ -87,8 +87,9 @@ def top_singular_values(model_name: str) -> dict[str, float]:
 
 def subspace_variation(model: torch.nn.Module, batch: dict, r: int) -> dict[str, float]:
     """Median over the adapted layers of the token-varying share of z = A x, for A top-r singular and random."""
-    from hf_lorafa import LoRAFAConfig
     from hf_lorafa.injection import find_target_modules
+
+    from hf_lorafa import LoRAFAConfig
 
     layers = find_target_modules(model, LoRAFAConfig(r=r, modules_to_save=["classifier", "pooler"]))
     inputs, hooks = {}, []
@@ -138,10 +139,10 @@ def frozen_a_scales() -> dict[str, dict[str, float]]:
     """Per task: the median (and range) over adapted layers of z_i's mean square along `frozen_a_init`'s top
     directions over a random direction's, over 4 batches of the first training rows (a run takes 4 shuffled ones)."""
     from accuracy import _data, load_model
-
-    from hf_lorafa import LoRAFAConfig, inject_adapters
     from hf_lorafa.calibration import data_directions, direction_scales
     from hf_lorafa.injection import adapter_layers
+
+    from hf_lorafa import LoRAFAConfig, inject_adapters
 
     out = {}
     for task in ("drugreview", "chatterbot"):

@@ -277,7 +277,7 @@ def main() -> int:
         "`hf-lorafa estimate --model smollm2 --method all --batch 4 --seq 256 [--load-in-4bit] "
         "[--dropout 0.05]` "
         "prints weights, gradients, optimizer states, activations and the predicted peak for each method "
-        "(`hf_lorafa.estimate.estimate_memory` in Python). The activation term counts what autograd keeps in "
+        "(`hf_lorafa.memory.estimate.estimate_memory` in Python). The activation term counts what autograd keeps in "
         "stock transformers' Llama block (see the module docstring); the memory tables above compare it with "
         "the hooks count (`saved`) and the peak with the measured high-water mark. On CPU the peak includes "
         "the process itself, measured at run time: the resident memory once torch has run a throwaway "

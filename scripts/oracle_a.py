@@ -36,7 +36,6 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402
-
 from hf_lorafa.calibration import set_frozen_a_directions  # noqa: E402
 from hf_lorafa.injection import adapter_layers  # noqa: E402
 

@@ -22,9 +22,8 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402
-from oracle_a import row_spaces  # noqa: E402
-
 from hf_lorafa.injection import adapter_layers  # noqa: E402
+from oracle_a import row_spaces  # noqa: E402
 
 OUT = accuracy.RESULTS / "update-norms"
 TAG = "norms"

@@ -27,10 +27,10 @@ from fixtures.tiny_folder import build_tokenizer
 from safetensors.torch import load_file
 
 from hf_lorafa import LoRAFAConfig, LoRAFATrainer, LoRAFATrainingArguments, inject_adapters, load_adapter, save_adapter
-from hf_lorafa.dataprep import load_raw_dataset, tokenize_for_causal_lm, tokenize_for_classification
-from hf_lorafa.estimate import estimate_memory
-from hf_lorafa.hub import HubUploadError, push_adapter
-from hf_lorafa.loading import quantize_model
+from hf_lorafa.data.base_model import quantize_model
+from hf_lorafa.data.preprocessing import load_raw_dataset, tokenize_for_causal_lm, tokenize_for_classification
+from hf_lorafa.hub.push import HubUploadError, push_adapter
+from hf_lorafa.memory.estimate import estimate_memory
 
 REPO = Path(__file__).resolve().parent.parent
 

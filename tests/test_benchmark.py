@@ -7,9 +7,9 @@ import json
 import pytest
 from transformers import LlamaConfig
 
-from hf_lorafa.bench import PRESETS, configurations, main, worker_specs
-from hf_lorafa.estimate import estimate_memory
-from hf_lorafa.estimate import main as estimate_main
+from hf_lorafa.cli.bench import PRESETS, configurations, main, worker_specs
+from hf_lorafa.memory.estimate import estimate_memory
+from hf_lorafa.memory.estimate import main as estimate_main
 
 RESULT_KEYS = {
     "method",

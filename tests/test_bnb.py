@@ -19,15 +19,15 @@ from hf_lorafa import (
     save_adapter,
     saved_tensor_bytes,
 )
-from hf_lorafa.bnb import (
+from hf_lorafa.data.base_model import load_base_model, quantize_model
+from hf_lorafa.tuners.injection import adapter_layers
+from hf_lorafa.tuners.quantization import (
     check_base_layer,
     check_quantization,
     dequantize_model,
     dequantize_weight,
     prepare_kbit_model,
 )
-from hf_lorafa.injection import adapter_layers
-from hf_lorafa.loading import load_base_model, quantize_model
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -12,9 +12,9 @@ from conftest import FROZEN_A_METHODS, tiny_llama
 from test_trainer import make_args, token_dataset
 
 from hf_lorafa import LoRAFAConfig, LoRAFATrainer, inject_adapters, load_adapter, save_adapter
-from hf_lorafa.calibration import init_frozen_a_from_data, set_frozen_a_directions
-from hf_lorafa.injection import adapter_layers
-from hf_lorafa.layers import A_ROW_NORM
+from hf_lorafa.tuners.calibration import init_frozen_a_from_data, set_frozen_a_directions
+from hf_lorafa.tuners.injection import adapter_layers
+from hf_lorafa.tuners.layers import A_ROW_NORM
 
 
 def batches(n: int = 2):
@@ -164,7 +164,7 @@ def test_the_trainer_sets_a_once_before_the_first_step_and_a_saved_adapter_keeps
     trainer = LoRAFATrainer(model=model, args=args, train_dataset=token_dataset())
     assert trainer.lorafa_config.frozen_a_init == kind
     random_a = {n: m.lora_A.weight.detach().clone() for n, m in adapter_layers(model).items()}
-    with caplog.at_level(logging.INFO, logger="hf_lorafa.trainer"):
+    with caplog.at_level(logging.INFO, logger="hf_lorafa.training.trainer"):
         trainer.train()
     assert model.hf_lorafa_a_batches == 4
     assert re.search(rf"frozen A set from the {kind} of 4 training batches; peak \d+ MiB \(process_rss\)", caplog.text)

@@ -13,7 +13,7 @@ from conftest import perturb_adapters, tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_lorafa import LoRAFAConfig, inject_adapters, load_base_model, save_adapter
-from hf_lorafa.data import smollm2_path
+from hf_lorafa.data.offline import smollm2_path
 
 pytest.importorskip("bitsandbytes")
 

@@ -10,8 +10,8 @@ import torch
 from conftest import tiny_llama
 
 from hf_lorafa import compat
-from hf_lorafa.chunked_loss import loss_only
-from hf_lorafa.savers import apply_activation_savers
+from hf_lorafa.training.activation_savers import apply_activation_savers
+from hf_lorafa.training.chunked_loss import loss_only
 
 
 def test_transformers_trains_a_quantized_model_once_adapters_are_marked():

@@ -26,8 +26,8 @@ from hf_lorafa import (
     save_adapter,
     saved_tensor_bytes,
 )
-from hf_lorafa.lamda import LaMDALayer
-from hf_lorafa.layers import FrozenAAdapterFunction, LoRAFALayer
+from hf_lorafa.tuners.lamda import LaMDALayer
+from hf_lorafa.tuners.layers import FrozenAAdapterFunction, LoRAFALayer
 
 
 def adapted(method: str, base=None, **kwargs):
@@ -79,7 +79,7 @@ def test_custom_backward_matches_float64_autograd(with_core, p, masks):
     # Same seed → the same draw inside forward → the same mask, rebuilt here.
     torch.manual_seed(42)
     seed = int(torch.randint(0, 2**62, (1,)).item())
-    from hf_lorafa.layers import dropout_mask
+    from hf_lorafa.tuners.layers import dropout_mask
 
     mask = dropout_mask(x.shape, p, seed, x.device, x.dtype, masks) if p else torch.ones_like(x)
     x_ref = x.detach().clone().requires_grad_(True)
@@ -99,7 +99,7 @@ def test_custom_backward_matches_float64_autograd(with_core, p, masks):
 
 @pytest.mark.parametrize("generator", [None, "sfc64", "torch"])
 def test_dropout_mask_is_a_fair_seeded_draw(generator):
-    from hf_lorafa.layers import dropout_mask
+    from hf_lorafa.tuners.layers import dropout_mask
 
     mask = dropout_mask(torch.Size([256, 1024]), 0.05, 7, torch.device("cpu"), torch.float32, generator)
     kept = mask > 0
@@ -115,7 +115,7 @@ def test_dropout_mask_is_a_fair_seeded_draw(generator):
 
 
 def test_dropout_mask_generators_differ_and_unknown_is_refused():
-    from hf_lorafa.layers import dropout_mask
+    from hf_lorafa.tuners.layers import dropout_mask
 
     args = (torch.Size([64, 64]), 0.3, 7, torch.device("cpu"), torch.float32)
     assert not torch.equal(dropout_mask(*args, "sfc64"), dropout_mask(*args, "torch"))

@@ -20,9 +20,9 @@ from conftest import perturb_adapters, tiny_llama
 from transformers import AutoTokenizer
 
 from hf_lorafa import LoRAFAConfig, inject_adapters, load_adapter, save_adapter
-from hf_lorafa.data import smollm2_path
-from hf_lorafa.demo import BASE, DEFAULT_ADAPTER_DIR, load_models, main, parse_args
-from hf_lorafa.demo_models import adapter_facts
+from hf_lorafa.cli.demo import BASE, DEFAULT_ADAPTER_DIR, load_models, main, parse_args
+from hf_lorafa.cli.demo_models import adapter_facts
+from hf_lorafa.data.offline import smollm2_path
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"

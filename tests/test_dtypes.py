@@ -14,7 +14,7 @@ from conftest import METHODS, assert_only_adapter_trained, perturb_adapters, tin
 from test_trainer import make_args, token_dataset
 
 from hf_lorafa import LoRAFAConfig, LoRAFATrainer, inject_adapters
-from hf_lorafa.savers import apply_activation_savers
+from hf_lorafa.training.activation_savers import apply_activation_savers
 
 PRECISIONS = ["fp32", "bf16-weights", "bf16-autocast"]
 
@@ -61,7 +61,7 @@ def test_adapter_gradients_in_every_precision(method, precision, savers, input_i
 @pytest.mark.parametrize("method", ["lorafa", "lamda"])
 def test_autocast_keeps_z_in_half_precision(method, input_ids):
     """Under autocast the one saved activation per adapted layer, z = A·x, is bf16: half the bytes of fp32."""
-    from hf_lorafa.memory import saved_tensor_bytes
+    from hf_lorafa.memory.measure import saved_tensor_bytes
 
     def saved(precision: str) -> int:
         model = adapted(method, precision, savers=False)

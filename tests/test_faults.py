@@ -30,7 +30,7 @@ from hub_server import HubServer
 from transformers import TrainerCallback
 
 from hf_lorafa import LoRAFATrainer, LoRAFATrainingArguments
-from hf_lorafa.trainer import TRAINING_STATE_FILE, TrainingDivergedError, complete_checkpoints
+from hf_lorafa.training.trainer import TRAINING_STATE_FILE, TrainingDivergedError, complete_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 ENV_TOKEN = "hf_SECRETenvQ9wE2rT5yU8iO1pA4sD7fG0hJ"
@@ -150,8 +150,8 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(bad, 
 
 
 def test_trust_remote_code_is_never_on_by_default():
-    from hf_lorafa.job import ScriptArguments
-    from hf_lorafa.loading import load_base_model
+    from hf_lorafa.cli.main_job import ScriptArguments
+    from hf_lorafa.data.base_model import load_base_model
 
     assert ScriptArguments().trust_remote_code is False
     assert inspect.signature(load_base_model).parameters["trust_remote_code"].default is False
@@ -350,7 +350,7 @@ def test_sigterm_saves_a_checkpoint_and_resuming_gives_the_uninterrupted_adapter
     ("on_train_end", ["checkpoint-2", "checkpoint-3"]),  # after the last step, which had no checkpoint yet
 ])  # fmt: skip
 def test_sigterm_in_process_raises_training_preempted_and_restores_the_handler(when, saved, tmp_path):
-    from hf_lorafa.preemption import TrainingPreempted
+    from hf_lorafa.training.preemption import TrainingPreempted
 
     class SendSigterm(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -376,7 +376,7 @@ def test_hub_500_during_checkpoint_pushes_warns_training_goes_on_and_the_final_p
 ):
     import huggingface_hub.constants
 
-    from hf_lorafa.hub import HubUploadError
+    from hf_lorafa.hub.push import HubUploadError
 
     class FlakyHub(TrainerCallback):
         """The Hub answers 500 to the commits of step 1's save; it recovers before step 2's."""
@@ -396,10 +396,10 @@ def test_hub_500_during_checkpoint_pushes_warns_training_goes_on_and_the_final_p
         )  # fmt: skip
         trainer.add_callback(FlakyHub())
         hub.state.fail = (500, "/commit/")
-        with caplog.at_level("WARNING", logger="hf_lorafa.hub"):
+        with caplog.at_level("WARNING", logger="hf_lorafa.hub.push"):
             trainer.train()
         assert trainer.state.global_step == 3  # the run went on
-        warnings = [r.getMessage() for r in caplog.records if r.name == "hf_lorafa.hub"]
+        warnings = [r.getMessage() for r in caplog.records if r.name == "hf_lorafa.hub.push"]
         assert len(warnings) == 1 and "HTTP 500" in warnings[0], warnings
         assert "Training goes on; the next checkpoint save pushes again" in warnings[0]
         repo = hub.state.repos["user/flaky"]

@@ -13,10 +13,10 @@ import torch
 from conftest import BAD_TOKEN, METHODS, TOKEN, perturb_adapters, tiny_llama, train_steps
 from transformers import AutoModelForCausalLM
 
-import hf_lorafa.hub
+import hf_lorafa.hub.push
 from hf_lorafa import LoRAFAConfig, LoRAFATrainer, inject_adapters, load_adapter, save_adapter
-from hf_lorafa.hub import HubUploadError, push_adapter
-from hf_lorafa.model_card import write_model_card
+from hf_lorafa.hub.card import write_model_card
+from hf_lorafa.hub.push import HubUploadError, push_adapter
 
 INFO = {  # what the trainer adds to hf_lorafa.json
     "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -125,7 +125,7 @@ def test_failed_push_is_one_clear_fast_error_and_leaves_folder_intact(case, hub,
     elif setup == "closed_port":
         endpoint = closed_port_url()
     elif setup == "hang":
-        monkeypatch.setattr(hf_lorafa.hub, "PROBE_TIMEOUT_S", 1.0)
+        monkeypatch.setattr(hf_lorafa.hub.push, "PROBE_TIMEOUT_S", 1.0)
         hub.state.hang_s = 3.0
     elif setup == "offline":
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -9,8 +9,8 @@ import torch
 from conftest import assert_only_adapter_trained, perturb_adapters, train_steps
 
 from hf_lorafa import LoRAFAConfig, inject_adapters, load_adapter, merge_adapters, save_adapter
-from hf_lorafa.lamda import LaMDALayer, lamda_schedule_step
-from hf_lorafa.optim import lorafa_param_groups, lr_ratios
+from hf_lorafa.training.param_groups import lorafa_param_groups, lr_ratios
+from hf_lorafa.tuners.lamda import LaMDALayer, lamda_schedule_step
 
 # init → (B gets gradient on the window's first step, S gets gradient on the first step)
 INITS = {

@@ -1,4 +1,4 @@
-"""Registry spec: each method's entry in `hf_lorafa.methods` agrees with the layer it builds and what uses it."""
+"""Registry spec: each method's entry in `tuners.methods` agrees with the layer it builds and what uses it."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import pytest
 from conftest import METHODS, tiny_llama
 
 from hf_lorafa import LoRAFAConfig, LoRAFATrainingArguments, estimate_memory, inject_adapters
-from hf_lorafa.config import ADAPTER_PREFIX
-from hf_lorafa.config import METHODS as CONFIG_METHODS
-from hf_lorafa.injection import adapter_layers
-from hf_lorafa.methods import METHODS as REGISTRY
-from hf_lorafa.model_card import write_model_card
-from hf_lorafa.optim import lr_ratios
-from hf_lorafa.saving import save_adapter
+from hf_lorafa.adapter_io.peft_format import save_adapter
+from hf_lorafa.hub.card import write_model_card
+from hf_lorafa.training.param_groups import lr_ratios
+from hf_lorafa.tuners.config import ADAPTER_PREFIX
+from hf_lorafa.tuners.config import METHODS as CONFIG_METHODS
+from hf_lorafa.tuners.injection import adapter_layers
+from hf_lorafa.tuners.methods import METHODS as REGISTRY
 
 
 def test_every_config_method_has_one_entry():

@@ -15,7 +15,7 @@ from datasets import Dataset
 from transformers import HfArgumentParser
 
 from hf_lorafa import LoRAFAConfig, LoRAFATrainer, LoRAFATrainingArguments, inject_adapters, load_adapter, save_adapter
-from hf_lorafa.lamda import LaMDALayer
+from hf_lorafa.tuners.lamda import LaMDALayer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -202,7 +202,7 @@ def test_trainer_applies_activation_savers_and_records_them(tmp_path, caplog):
     import logging
 
     model = tiny_llama()
-    with caplog.at_level(logging.INFO, logger="hf_lorafa.trainer"):
+    with caplog.at_level(logging.INFO, logger="hf_lorafa.training.trainer"):
         trainer = LoRAFATrainer(
             model=model, args=make_args(tmp_path, activation_savers=True), train_dataset=token_dataset()
         )
@@ -238,7 +238,7 @@ def test_peft_model_continues_in_our_layers(method, tmp_path):
     """A script that kept `get_peft_model`: its LoRA continues as `adapter_method`, same outputs, PEFT-loadable."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from hf_lorafa.layers import LoRAFALayer, LoRALayer
+    from hf_lorafa.tuners.layers import LoRAFALayer, LoRALayer
 
     peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     perturb_adapters(peft_model)
@@ -301,7 +301,7 @@ def test_classification_head_includes_an_untrained_pooler(tmp_path):
     from peft import PeftModel
     from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
-    from hf_lorafa.job import classification_head
+    from hf_lorafa.cli.main_job import classification_head
 
     torch.manual_seed(0)
     bert = BertForSequenceClassification(

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from test_trainer import QUICK_RUN
 from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 
-from hf_lorafa.data import smollm2_path
-from hf_lorafa.lamda import LaMDALayer
+from hf_lorafa.data.offline import smollm2_path
+from hf_lorafa.tuners.lamda import LaMDALayer
 
 trl = pytest.importorskip("trl")
 from hf_lorafa.trl import LoRAFASFTConfig, LoRAFASFTTrainer  # noqa: E402

@@ -13,7 +13,7 @@ import pytest
 from conftest import tiny_llama
 from transformers import AutoTokenizer
 
-from hf_lorafa.data import smollm2_path
+from hf_lorafa.data.offline import smollm2_path
 
 REPO = Path(__file__).resolve().parent.parent
 # What the wheel is built from: pyproject.toml's inputs only, so a file the build forgets cannot hide in the checkout.
@@ -46,7 +46,7 @@ def run_installed(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProc
 
 
 def test_wheel_ships_the_card_template(installed_wheel, tmp_path):
-    probe = "import hf_lorafa, hf_lorafa.model_card as c; print(hf_lorafa.__file__); print(c.template_path())"
+    probe = "import hf_lorafa, hf_lorafa.hub.card as c; print(hf_lorafa.__file__); print(c.template_path())"
     result = run_installed(installed_wheel, tmp_path, "-c", probe)
     assert result.returncode == 0, result.stderr[-2000:]
     package, template = result.stdout.split()

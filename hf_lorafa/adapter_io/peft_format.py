@@ -1,0 +1,300 @@
+"""Save and load adapters in PEFT's LoRA format, plus hf-lorafa's own fields in `hf_lorafa.json`.
+
+The PEFT side goes through PEFT's public API (`LoraConfig.save_pretrained`, `PeftConfig.from_pretrained`) and its
+weight-key naming (`base_model.model.<module>.lora_A.weight`), so `peft.PeftModel.from_pretrained(base, dir)`
+loads our adapters and we load plain PEFT LoRA adapters. Weights are read and written with safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..tuners.config import LoRAFAConfig, is_adapter_tensor
+from ..tuners.injection import adapter_layers, has_adapters, inject_adapters, matches_targets
+from .checks import (
+    PEFT_PREFIX,
+    peft_rank_and_scaling,
+    read_json_object,
+    read_lora_config,
+    split_adapter_tensors,
+)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+HF_LORAFA_FILE = "hf_lorafa.json"
+HUB_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, HF_LORAFA_FILE, "README.md", "memory.json", "*.png"]
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS")):
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+def _peft_target_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """Leaf names when they select exactly our layers (PEFT's suffix match), otherwise the full module names."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    selected = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in leaves and n}
+    return leaves if selected == set(names) else sorted(names)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: a crash never leaves a half file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _full_tensors(model: nn.Module, state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """`model`'s tensors by name, taken from `state_dict` where it has them (the full tensors FSDP/ZeRO-3 gathered
+    on the main process); a DTensor left over means a shard would be saved as if it were the whole tensor."""
+    own = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    full = {name: (state_dict or {}).get(name, tensor) for name, tensor in own.items()}
+    # FSDP2 shards are DTensors; a ZeRO-3 partitioned parameter carries `ds_numel` (its full size) and holds none.
+    sharded = [
+        n for n, t in full.items() if is_adapter_tensor(n) and (hasattr(t, "full_tensor") or hasattr(t, "ds_numel"))
+    ]
+    if sharded:
+        raise ValueError(
+            f"`state_dict` is needed to save a sharded adapter ({sharded[0]!r} is only this rank's shard): pass the "
+            "full state dict, e.g. `accelerator.get_state_dict(model)` (what Trainer.save_model does under FSDP)."
+        )
+    return full
+
+
+def adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter (and `modules_to_save`) weights under PEFT's key names; LaMDA folded (`B' = B S − C`).
+
+    `state_dict` supplies full tensors by the model's parameter names when the model holds shards (FSDP, ZeRO-3).
+    """
+    config: LoRAFAConfig = model.hf_lorafa_config
+    full = _full_tensors(model, state_dict)
+    state = {}
+    for name, layer in adapter_layers(model).items():
+        tensors = {local: full[f"{name}.{local}"] for local in layer.adapter_tensors()}
+        for key, tensor in layer.peft_weights(tensors).items():
+            state[f"{PEFT_PREFIX}{name}.{key}"] = tensor.detach().contiguous().clone()
+    for name, module in model.named_modules():
+        if config.modules_to_save and name and matches_targets(name, config.modules_to_save):
+            for key in module.state_dict():
+                state[f"{PEFT_PREFIX}{name}.{key}"] = full[f"{name}.{key}"].detach().contiguous().clone()
+    return state
+
+
+def save_adapter(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    extra: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Save the adapter of `model` in PEFT's LoRA format plus `hf_lorafa.json`.
+
+    Args:
+        model (`nn.Module`): a model with adapters from [`inject_adapters`] or [`load_adapter`].
+        save_directory (`str` or `os.PathLike`): folder to write (created if needed; files replaced atomically).
+        extra (`dict`, *optional*): more fields for `hf_lorafa.json` (the trainer adds memory figures).
+        state_dict (`dict`, *optional*): the model's full state dict when its parameters are sharded (FSDP2
+            DTensors, ZeRO-3): gathered on every rank (`accelerator.get_state_dict(model)`), saved by the main one.
+
+    Example:
+
+    ```python
+    >>> save_adapter(model, "outputs/my-adapter")  # doctest: +SKIP
+    ```
+    """
+    from peft import LoraConfig
+
+    if not has_adapters(model):
+        raise ValueError("`model` has no hf-lorafa adapters to save; call inject_adapters(model, config) first.")
+    config: LoRAFAConfig = model.hf_lorafa_config
+    state = adapter_state_dict(model, state_dict)  # before any file is written: a sharded model fails here
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    layers = adapter_layers(model)
+    rank_pattern = {name: layer.r for name, layer in layers.items() if layer.r != config.r}
+    name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    peft_config = LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=_peft_target_modules(model, list(layers)),
+        rank_pattern=rank_pattern,
+        modules_to_save=config.modules_to_save,
+        base_model_name_or_path=name_or_path,
+        task_type=_task_type(model),
+        bias="none",
+    )
+    staging = Path(tempfile.mkdtemp(dir=directory, prefix=".adapter-config-"))
+    try:
+        peft_config.save_pretrained(staging)
+        os.replace(staging / ADAPTER_CONFIG, directory / ADAPTER_CONFIG)
+    finally:
+        for leftover in staging.iterdir():
+            leftover.unlink()
+        staging.rmdir()
+    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    fields = {"method": config.method, "config": config.to_dict(), **(extra or {})}
+    atomic_write(directory / HF_LORAFA_FILE, lambda tmp: Path(tmp).write_text(json.dumps(fields, indent=2)))
+    return directory
+
+
+def resolve_adapter_dir(adapter: str | os.PathLike, revision: str | None = None, token: str | None = None) -> Path:
+    """A local adapter folder, or a Hub repo id downloaded with `huggingface_hub` (pinned to `revision`)."""
+    path = Path(adapter)
+    if path.is_dir():
+        return path
+    if path.exists() or str(adapter).count("/") != 1 or str(adapter).startswith((".", "/")):
+        raise ValueError(
+            f"`adapter`={str(adapter)!r} is neither an adapter folder nor a Hub repo id like 'user/my-adapter'; "
+            "check the path."
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(adapter), revision=revision, token=token, allow_patterns=HUB_FILES))
+    except Exception as err:  # noqa: BLE001 - not found, gated, offline, unreachable: one error that says which
+        from ..redact import scrub_secrets
+
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else "no detail"
+        raise ValueError(
+            scrub_secrets(
+                f"`adapter`={str(adapter)!r} is not a local folder and could not be downloaded from the Hub "
+                f"({type(err).__name__}: {detail}). Check the repo id and `revision`, pass `token` for a private "
+                "repo, and check the network (HF_HUB_OFFLINE must be unset to download).",
+                token,
+            )
+        ) from None
+
+
+def read_adapter_facts(directory: str | os.PathLike) -> dict[str, Any]:
+    """The `hf_lorafa.json` of an adapter folder (empty when absent, e.g. a plain PEFT adapter)."""
+    path = Path(directory) / HF_LORAFA_FILE
+    facts = read_json_object(path) if path.exists() else {}
+    if not isinstance(facts.get("config", {}), dict):
+        raise ValueError(
+            f"`adapter` file {str(path)!r} has 'config'={facts['config']!r}; it must be an object of LoRAFAConfig "
+            "fields. Fix the file or save the adapter again."
+        )
+    return facts
+
+
+def read_adapter_weights(directory: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter's tensors from `adapter_model.safetensors`; a pickle `adapter_model.bin` only if allowed."""
+    weights = directory / ADAPTER_WEIGHTS
+    pickled = directory / "adapter_model.bin"
+    if not weights.exists() and pickled.exists() and allow_pickle:
+        try:
+            # Even opted in, only tensors: `weights_only=True` refuses pickled code objects.
+            return torch.load(pickled, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
+            raise ValueError(
+                f"`adapter` weights {str(pickled)!r} could not be loaded as plain tensors ({type(err).__name__}); "
+                "convert them to safetensors with the tool that wrote them."
+            ) from None
+    if not weights.exists():
+        hint = (
+            " It has adapter_model.bin, a pickle, which hf-lorafa does not load by default (unpickling can run "
+            "code). Convert it with PEFT: PeftModel.from_pretrained(base, dir).save_pretrained(new_dir, "
+            "safe_serialization=True), or, if you trust its source, pass `allow_pickle=True`."
+            if pickled.exists()
+            else ""
+        )
+        raise ValueError(f"`adapter` folder {str(directory)!r} has no {ADAPTER_WEIGHTS}.{hint}")
+    try:
+        return load_file(weights)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(
+            f"`adapter` weights {str(weights)!r} are corrupt or truncated ({err}); save or download them again."
+        ) from None
+
+
+def load_adapter(
+    model: nn.Module,
+    adapter: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    method: str | None = None,
+    allow_pickle: bool = False,
+) -> nn.Module:
+    """Put a saved adapter (ours or a plain PEFT LoRA one) into `model`, ready to train or evaluate.
+
+    A plain PEFT LoRA adapter continues as LoRA-FA (A frozen) unless `method="lora"`; a LaMDA adapter (saved
+    folded) continues with S = I over B' = B S − C, training only S.
+
+    Args:
+        model (`nn.Module`): the base model the adapter was trained on (no adapters yet).
+        adapter (`str` or `os.PathLike`): a local folder or a Hub repo id.
+        revision (`str`, *optional*): Hub revision (branch, tag or commit) to pin.
+        token (`str`, *optional*): Hub token for private repos (never logged).
+        method (`str`, *optional*): override the method to continue training with.
+        allow_pickle (`bool`, *optional*, defaults to `False`): also read a pickle `adapter_model.bin` when there is
+            no safetensors file (tensors only, `torch.load(weights_only=True)`). Only for adapters you trust.
+
+    Example:
+
+    ```python
+    >>> model = load_adapter(base_model, "outputs/my-adapter")  # doctest: +SKIP
+    ```
+    """
+    if has_adapters(model):
+        raise ValueError("`model` already has hf-lorafa adapters; load the adapter into a fresh base model.")
+    directory = resolve_adapter_dir(adapter, revision, token)
+    peft_config = read_lora_config(directory / ADAPTER_CONFIG)
+    ours = read_adapter_facts(directory)
+    weights = read_adapter_weights(directory, allow_pickle)
+    file = directory / (ADAPTER_WEIGHTS if (directory / ADAPTER_WEIGHTS).exists() else "adapter_model.bin")
+    pairs, extra = split_adapter_tensors(weights, model, peft_config, file)
+    own = model.state_dict()
+    for key, tensor in extra.items():
+        if tensor.shape != own[key].shape:
+            raise ValueError(
+                f"`adapter` tensor {key!r} in {str(file)!r} has shape {tuple(tensor.shape)} but this model's has "
+                f"{tuple(own[key].shape)}; the adapter was trained for another base (or another number of labels)."
+            )
+    try:
+        saved = LoRAFAConfig.from_dict(ours.get("config", {})) if ours else None
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"`adapter` file {str(directory / HF_LORAFA_FILE)!r} key 'config': {err}") from None
+    ranks = {name: pair["lora_A"].shape[0] for name, pair in pairs.items()}
+    method = method or (saved.method if saved else "lorafa")
+    config = LoRAFAConfig(
+        method=method,
+        r=peft_config.r,
+        alpha=peft_config.lora_alpha,
+        dropout=peft_config.lora_dropout,
+        target_modules=sorted(pairs),
+        modules_to_save=peft_config.modules_to_save,
+        lorafa_gradient_correction=saved.lorafa_gradient_correction if saved else True,
+        lorafa_lr_ratio=saved.lorafa_lr_ratio if saved else LoRAFAConfig.lorafa_lr_ratio,
+        lamda_lr_ratio=saved.lamda_lr_ratio if saved else LoRAFAConfig.lamda_lr_ratio,
+        lamda_s_lr_ratio=saved.lamda_s_lr_ratio if saved else LoRAFAConfig.lamda_s_lr_ratio,
+        # Where the saved A came from (the card says so again on a re-save); a LoRA that trains it on has its own.
+        frozen_a_init=saved.frozen_a_init if saved and method != "lora" else LoRAFAConfig.frozen_a_init,
+        rank_pattern={n: r for n, r in ranks.items() if r != peft_config.r},
+    )
+    inject_adapters(model, config, init_weights=False)
+    for name, layer in adapter_layers(model).items():
+        # rsLoRA (alpha/√r) and alpha_pattern give PEFT another scaling than our alpha/r: the ratio is folded into
+        # B, so the layer computes exactly PEFT's s·B·A and saves back as a plain LoRA adapter with equal outputs.
+        ratio = peft_rank_and_scaling(peft_config, name)[1] / layer.scaling
+        layer.load_peft_weights(pairs[name]["lora_A"], pairs[name]["lora_B"] * ratio)
+    if extra:
+        model.load_state_dict(extra, strict=False)
+    return model

@@ -1,0 +1,1 @@
+"""Publishing: the generated model card and the push to the Hugging Face Hub."""

@@ -1,0 +1,293 @@
+"""Predict training memory before training: weights, gradients, optimizer states and activations per method.
+
+The activation model counts what autograd keeps in stock transformers' Llama block (`modeling_llama.py`, SDPA
+attention), per token, with frozen linear layers keeping nothing (their backward needs only the weight):
+
+* each RMSNorm keeps its input in float32 and `rsqrt(variance)` (one float per token);
+* attention keeps the rotated q and k, v (at key/value-head width, GQA is not expanded), the output, and the
+  float32 log-sum-exp per head; cos/sin once per sequence;
+* the SwiGLU MLP keeps `gate`, `silu(gate)` and `up`;
+* the loss keeps float32 log-probabilities over the vocabulary and the int64 labels.
+
+Adapters add, per adapted linear layer: LoRA keeps `A·dropout(x)` (r per token) plus its input for A's gradient
+— with dropout, its own `dropout(x)` and the mask (in the activation dtype on CPU, one byte on CUDA); LoRA-FA and
+LaMDA keep only `z = A·dropout(x)`, r float32 values per token (the mask is regenerated from a seed). Full
+fine-tuning adds the inputs of every linear layer and of the norms' weights. Adapters are float32 (as PEFT's).
+
+The step's peak is `overhead + weights + optimizer states + max(activations + loss transient, gradients)`:
+gradients grow while activations are freed in backward; the loss transient is the logits and the two float32
+vocabulary-sized gradients of the cross-entropy. `overhead` is the process's own memory (interpreter, torch,
+kernels): measure it in the process that will train (`hf-lorafa estimate` uses its own resident memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..tuners.methods import METHODS as ADAPTER_METHODS
+from .measure import current_rss_bytes, format_bytes
+
+METHODS = ("none", "full", *ADAPTER_METHODS)
+OPTIMIZER_STATES = {"adamw": 2.0, "adamw-8bit": 0.5, "sgd": 0.0}  # state bytes per trainable parameter byte
+_NF4_BYTES = 0.5 + 4 / 64  # packed 4-bit values plus one float32 absmax per block of 64
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted bytes of one training step; `peak` is what the step's high-water mark should reach."""
+
+    method: str
+    weights: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    loss_transient: int
+    overhead: int
+    trainable_parameters: int
+    total_parameters: int
+
+    @property
+    def peak(self) -> int:
+        return (
+            self.overhead
+            + self.weights
+            + self.optimizer_states
+            + max(self.activations + self.loss_transient, self.gradients)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "peak": self.peak}
+
+    def table(self) -> str:
+        rows = [
+            ("weights", self.weights),
+            ("gradients", self.gradients),
+            ("optimizer states", self.optimizer_states),
+            ("activations (saved for backward)", self.activations),
+            ("loss transient (logits + their gradients)", self.loss_transient),
+            ("process overhead", self.overhead),
+            ("peak = overhead + weights + states + max(act + transient, grads)", self.peak),
+        ]
+        lines = [f"{'':<66}{'bytes':>14}  human", "-" * 92]
+        lines += [f"{name:<66}{n:>14}  {format_bytes(n)}" for name, n in rows]
+        lines.append(f"trainable parameters: {self.trainable_parameters:,} of {self.total_parameters:,}")
+        return "\n".join(lines)
+
+
+def process_overhead() -> int:
+    """Resident bytes of this process once torch has trained something: the peak's model-independent part.
+
+    A throwaway two-layer Llama takes one forward/backward first, so the libraries, kernels and thread pools a
+    training step loads lazily are counted here rather than attributed to the model.
+    """
+    import gc
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    for dtype in (torch.float32, torch.bfloat16):
+        tiny.to(dtype)(input_ids=ids, labels=ids).loss.backward()
+    del tiny
+    gc.collect()
+    return current_rss_bytes()
+
+
+def _config(config_or_model: Any):
+    if isinstance(config_or_model, nn.Module):
+        return config_or_model.config
+    if isinstance(config_or_model, str):
+        from transformers import AutoConfig
+
+        from ..data.offline import resolve_model
+
+        return AutoConfig.from_pretrained(resolve_model(config_or_model))
+    return config_or_model
+
+
+def _shape(config) -> dict[str, int]:
+    needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+    missing = [k for k in needed if not hasattr(config, k)]
+    if missing:
+        raise ValueError(
+            f"`config_or_model` has no {', '.join(missing)}; estimate_memory models Llama-family decoders "
+            "(Llama, Mistral, Qwen2, SmolLM): pass one of their configs, a model, or a Hub id / local folder."
+        )
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {
+        "H": config.hidden_size,
+        "I": config.intermediate_size,
+        "L": config.num_hidden_layers,
+        "V": config.vocab_size,
+        "nh": heads,
+        "nkv": getattr(config, "num_key_value_heads", None) or heads,
+        "hd": head_dim,
+        "tied": int(bool(getattr(config, "tie_word_embeddings", False))),
+    }
+
+
+def _linears(s: dict[str, int]) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every linear layer in one block, in q, k, v, o, gate, up, down order."""
+    q, kv = s["nh"] * s["hd"], s["nkv"] * s["hd"]
+    return [(s["H"], q), (s["H"], kv), (s["H"], kv), (q, s["H"]), (s["H"], s["I"]), (s["H"], s["I"]), (s["I"], s["H"])]
+
+
+def estimate_memory(
+    config_or_model: Any,
+    method: str,
+    batch: int,
+    seq: int,
+    r: int = 16,
+    dtype: torch.dtype = torch.bfloat16,
+    load_in_4bit: bool = False,
+    optimizer: str = "adamw",
+    dropout: float = 0.0,
+    device: str = "cpu",
+    overhead: int = 0,
+) -> MemoryEstimate:
+    """Predict one training step's memory for a Llama-family model with adapters on all linear layers.
+
+    Args:
+        config_or_model (`PretrainedConfig`, `nn.Module` or `str`):
+            The model's config, the model, or a Hub id / local folder / built-in name (`smollm2`).
+        method (`str`):
+            `"lora"`, `"lorafa"`, `"lamda"`, `"lamda++"`, `"full"` (full fine-tuning) or `"none"` (all frozen,
+            gradient flowing to the inputs: the floor).
+        batch (`int`), seq (`int`):
+            Sequences per step and tokens per sequence.
+        r (`int`, *optional*, defaults to `16`):
+            Adapter rank (LaMDA++: the mean rank; the budget sums to the same total).
+        dtype (`torch.dtype`, *optional*, defaults to `torch.bfloat16`):
+            Weight and activation dtype (the compute dtype under 4-bit).
+        load_in_4bit (`bool`, *optional*, defaults to `False`):
+            NF4 linear weights in the blocks (the output head and embeddings stay in `dtype`).
+        optimizer (`str`, *optional*, defaults to `"adamw"`):
+            `"adamw"` (two states), `"adamw-8bit"` or `"sgd"` (none).
+        dropout (`float`, *optional*, defaults to `0.0`):
+            Adapter dropout; changes what LoRA keeps, not LoRA-FA/LaMDA.
+        device (`str`, *optional*, defaults to `"cpu"`):
+            `"cpu"` or `"cuda"`: dropout masks are kept in the activation dtype on CPU, as bytes on CUDA.
+        overhead (`int`, *optional*, defaults to `0`):
+            The training process's memory before the model exists (measure it there; 0 for GPU memory).
+
+    Example:
+
+    ```python
+    >>> from transformers import LlamaConfig
+    >>> from hf_lorafa.memory.estimate import estimate_memory
+    >>> cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    ...                   num_key_value_heads=2, vocab_size=256)
+    >>> est = estimate_memory(cfg, "lorafa", batch=2, seq=32, r=4)
+    >>> est.activations < estimate_memory(cfg, "lora", batch=2, seq=32, r=4, dropout=0.05).activations
+    True
+    ```
+    """
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {', '.join(METHODS)}; got {method!r}.")
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"`optimizer` must be one of {', '.join(OPTIMIZER_STATES)}; got {optimizer!r}.")
+    if load_in_4bit and method == "full":
+        raise ValueError("`method`='full' cannot train 4-bit weights; drop `load_in_4bit` or pick an adapter method.")
+    s = _shape(_config(config_or_model))
+    b = torch.finfo(dtype).bits // 8
+    H, I, L, V, N = s["H"], s["I"], s["L"], s["V"], batch * seq  # noqa: E741  (the papers' names)
+    linears = _linears(s)
+    linear_numel = L * sum(i * o for i, o in linears)
+    other_numel = V * H * (2 - s["tied"]) + (2 * L + 1) * H
+    base_bytes = int(linear_numel * (_NF4_BYTES if load_in_4bit else b)) + other_numel * b
+
+    # Adapter parameters (float32) and what is trained at the step's peak (LaMDA trains B early, then S only).
+    adapter = ADAPTER_METHODS.get(method)
+    adapter_numel = L * sum(adapter.adapter_numel(i, o, r) for i, o in linears) if adapter else 0
+    if method == "full":
+        trainable_bytes, trainable = (linear_numel + other_numel) * b, linear_numel + other_numel
+    else:
+        trainable = L * sum(adapter.trainable_numel(i, o, r) for i, o in linears) if adapter else 0
+        trainable_bytes = 4 * trainable
+
+    # Activations: the frozen floor, then what each method adds (see the module docstring for the count).
+    floor_layer = 2 * (4 * H + 4) + (2 * s["nh"] * s["hd"] + 2 * s["nkv"] * s["hd"]) * b + 4 * s["nh"] + 3 * I * b
+    per_token = L * floor_layer + (4 * H + 4) + 4 * V + 8
+    per_sequence = 2 * seq * s["hd"] * b  # cos and sin, shared by every layer and sequence
+    if method == "full":
+        per_token += L * (4 * H + I) * b + 2 * H * b + 8
+    elif adapter is not None and adapter.keeps_input:
+        inputs = sum(i for i, _ in linears)
+        if dropout > 0:
+            per_token += L * inputs * (4 + (4 if device == "cpu" else 1))
+        elif b == 4:  # one float32 input per distinct tensor: q/k/v share one, gate/up another, o reuses SDPA's
+            per_token += L * (2 * H + I) * 4
+        else:  # each layer casts its input to the float32 adapter: a copy per layer
+            per_token += L * inputs * 4
+        per_token += L * len(linears) * r * 4
+    elif method != "none":
+        per_token += L * len(linears) * r * 4
+    activations = N * per_token + per_sequence + 4
+    transient = N * V * (b + 8)
+    return MemoryEstimate(
+        method=method,
+        weights=base_bytes + 4 * adapter_numel,
+        gradients=trainable_bytes,
+        optimizer_states=int(OPTIMIZER_STATES[optimizer] * trainable_bytes),
+        activations=activations,
+        loss_transient=transient,
+        overhead=overhead,
+        trainable_parameters=trainable,
+        total_parameters=linear_numel + other_numel + adapter_numel,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`hf-lorafa estimate --model CONFIG_OR_ID --method … --batch … --seq … [--load-in-4bit]`."""
+    parser = argparse.ArgumentParser(prog="hf-lorafa estimate", description="Predict training memory per method.")
+    parser.add_argument("--model", required=True, help="Hub id, local folder, config.json folder or smollm2.")
+    parser.add_argument("--method", default="lorafa", help=f"One of {', '.join(METHODS)}, or 'all'.")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--load-in-4bit", action="store_true")
+    parser.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZER_STATES))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = parser.parse_args(argv)
+    # On CPU the peak is resident memory, which includes this interpreter with torch loaded: measured, not guessed.
+    overhead = process_overhead() if args.device == "cpu" else 0
+    methods = [m for m in METHODS if not (m == "full" and args.load_in_4bit)] if args.method == "all" else None
+    methods = methods or [args.method]
+    config = _config(args.model)
+    for method in methods:
+        est = estimate_memory(
+            config,
+            method,
+            args.batch,
+            args.seq,
+            r=args.r,
+            dtype=getattr(torch, args.dtype),
+            load_in_4bit=args.load_in_4bit,
+            optimizer=args.optimizer,
+            dropout=args.dropout,
+            device=args.device,
+            overhead=overhead,
+        )
+        print(
+            f"\n{args.model}: {method}, batch {args.batch} × seq {args.seq}, r={args.r}, {args.dtype}"
+            f"{', 4-bit' if args.load_in_4bit else ''}, {args.optimizer}"
+        )
+        print(est.table())
+    return 0

@@ -1,0 +1,1 @@
+"""Trainer integration: arguments, the trainer mixin, callbacks, checkpoints, memory logging, savers."""

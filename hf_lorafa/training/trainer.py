@@ -1,0 +1,309 @@
+"""`LoRAFATrainerMixin`: hf-lorafa's behaviour for any `Trainer` subclass; `LoRAFATrainer` is it over `Trainer`.
+
+Overrides (each short): `__init__` (quantize if asked, continue a PeftModel's LoRA, inject, activation savers),
+`create_optimizer` (LoRA-FA's B learning-rate multiplier as a param group of whatever `args.optim` builds), `log`
+(memory figures, so every reporting integration sees them), `_save` (adapter only), `_load_from_checkpoint` /
+`_load_best_model` (adapter only), `create_model_card` and `push_to_hub` (our card, adapter upload). LaMDA's freezing
+schedule and the activation-byte sampling are callbacks on step boundaries. The mixin goes first among the bases
+(`class MyTrainer(LoRAFATrainerMixin, SFTTrainer)`), so its overrides wrap the other trainer's.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer
+
+from ..adapter_io.peft_format import atomic_write, save_adapter
+from ..compat import forget_accelerate_prepared
+from ..tuners.calibration import init_frozen_a_from_data
+from ..tuners.config import is_adapter_tensor
+from ..tuners.injection import adapter_layers, count_parameters
+from .arguments import LoRAFAArguments, LoRAFATrainingArguments
+from .callbacks import TRAINING_STATE_FILE, LaMDAScheduleCallback, MemoryCallback, complete_checkpoints
+from .checkpoints import resolve_resume
+from .chunked_loss import loss_only
+from .memory_logging import MemoryTracker
+from .model_setup import prepare_model
+from .param_groups import lorafa_param_groups, lr_ratios
+from .preemption import preemptible
+from .run_facts import run_facts
+
+logger = logging.getLogger(__name__)
+# Training batches whose gradient sets a frozen A (`frozen_a_init="gradient"`): LoRA-GA's 64 examples at batch 16.
+FROZEN_A_BATCHES = 4
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
+
+
+class LoRAFATrainerMixin:
+    """
+    Gives a [`~transformers.Trainer`] subclass hf-lorafa's behaviour: adapters injected from the arguments' adapter
+    fields (after quantizing the base if `load_in_4bit` / `load_in_8bit`), LoRA-FA's learning-rate groups, LaMDA's
+    freezing schedule, memory figures in every log, and adapter-only saving (PEFT format + `hf_lorafa.json` + card).
+
+    The model may come with adapters already (from [`inject_adapters`] or [`load_adapter`]), as a `peft.PeftModel`
+    whose LoRA adapter then continues in hf-lorafa's layers, or as a name/folder loaded with [`load_base_model`].
+    The arguments must carry [`LoRAFAArguments`]' fields.
+
+    Example:
+
+    ```python
+    >>> from transformers import Trainer
+    >>> from hf_lorafa import LoRAFATrainerMixin
+    >>> class MyTrainer(LoRAFATrainerMixin, Trainer):  # the mixin first, so its overrides run first
+    ...     pass
+    ```
+    """
+
+    # What `args=None` builds, and what a wrong `args` is told to use instead.
+    lorafa_args_class: type[LoRAFAArguments] = LoRAFATrainingArguments
+    # hf-lorafa's chunked LM-head loss; off where the trainer brings its own (TRL's fused LM head).
+    lorafa_chunked_loss: bool = True
+
+    def __init__(self, model: torch.nn.Module | str | None = None, args: LoRAFAArguments | None = None, *a, **kw):
+        args = self.lorafa_args_class(output_dir="trainer_output") if args is None else args
+        if not isinstance(args, LoRAFAArguments):
+            wanted = self.lorafa_args_class.__name__
+            raise TypeError(
+                f"`args` is a {type(args).__name__}; {type(self).__name__} needs {wanted}. Replace "
+                f"`{type(args).__name__}(...)` by `{wanted}(...)` (same fields, plus the adapter ones)."
+            )
+        model = prepare_model(model, args, chunked_loss=self.lorafa_chunked_loss, trainer=type(self).__name__)
+        if args.gradient_checkpointing and not args.gradient_checkpointing_kwargs:
+            args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        super().__init__(model, args, *a, **kw)
+        self.results: dict[str, float] = {}
+        # Extra facts for hf_lorafa.json and the card that only the caller knows (e.g. {"dataset": "chatterbot"}).
+        self.run_info: dict[str, Any] = {}
+        self.memory = MemoryTracker(model, sample_every=args.logging_steps) if args.log_memory else None
+        if self.memory is not None:
+            self.add_callback(MemoryCallback(self.memory))
+        self.add_callback(LaMDAScheduleCallback())
+        savers = getattr(model, "hf_lorafa_savers", None)
+        if savers:
+            logger.info("hf-lorafa activation savers active: %s", ", ".join(savers))
+
+    @property
+    def lorafa_config(self):
+        return self.accelerator.unwrap_model(self.model).hf_lorafa_config
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`, resuming only from checkpoints whose save completed and whose files read cleanly (a kill
+        mid-save leaves a partial `checkpoint-N` behind; `True`/`"last"` picks the newest complete one)."""
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        from transformers.training_args import ParallelMode
+
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        if self.args.parallel_mode == ParallelMode.DISTRIBUTED and self.model_wrapped is self.model and not sharded:
+            forget_accelerate_prepared(self.model)  # evaluate() before train() marked it prepared, unwrapped
+        if resume_from_checkpoint is None:
+            self.init_frozen_a()
+        with preemptible(self):  # SIGTERM: save a checkpoint at the step's end, then exit 143 (see preemption.py)
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def frozen_a_batches(self):
+        """The first `FROZEN_A_BATCHES` training batches, on the model's device: what a frozen A is set from."""
+        return (self._prepare_inputs(b) for b in itertools.islice(self.get_train_dataloader(), FROZEN_A_BATCHES))
+
+    def init_frozen_a(self) -> None:
+        """`frozen_a_init="gradient"` or `"activations"`: set each frozen A from the first `FROZEN_A_BATCHES` training
+        batches, once, before the first step (a resumed run loads its A from the checkpoint instead)."""
+        model = self.accelerator.unwrap_model(self.model)
+        kind = self.lorafa_config.frozen_a_init
+        if kind == "random" or not getattr(model, "hf_lorafa_a_pending", False):
+            return  # a random A, one set already, or one loaded with its adapter
+        batches = self.frozen_a_batches()
+        if self.memory is not None:
+            self.memory.reset_peak()
+        # TRL's compute_loss records token counts and metrics as it goes; the calibration batches are not training.
+        kept = {k: copy.deepcopy(getattr(self, k)) for k in ("_metrics", "_total_train_tokens") if hasattr(self, k)}
+        count = init_frozen_a_from_data(model, batches, lambda m, b: self.compute_loss(m, b), kind=kind)
+        for key, value in kept.items():
+            setattr(self, key, value)
+        model.hf_lorafa_a_batches = count  # init_frozen_a_from_data cleared hf_lorafa_a_pending
+        peak = ""
+        if self.memory is not None:  # the run's overall peak includes this pass; the step logs cover training only
+            used = self.memory.peak_since_reset()
+            self.memory.overall_peak = max(self.memory.overall_peak, used)
+            self.memory.reset_peak()
+            peak = f"; peak {used / 2**20:.0f} MiB ({self.memory.peak_kind})"
+        logger.info("hf-lorafa: frozen A set from the %s of %d training batches%s", kind, count, peak)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """`Trainer.training_step`, stopping at the first non-finite loss instead of training on garbage."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            good = complete_checkpoints(self.args.output_dir)
+            raise TrainingDivergedError(
+                f"the training loss became {loss.item()} at step {self.state.global_step + 1}; training stopped. "
+                f"Last good checkpoint: {str(good[-1]) if good else 'none saved yet'}. Lower `learning_rate`, set "
+                "`max_grad_norm`, or check the data for empty or corrupt rows."
+            )
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """`Trainer.prediction_step`; when only the loss is wanted, the chunked-loss saver computes it without the
+        `(tokens × vocab)` logits (the largest tensor of an evaluation batch)."""
+        with loss_only(self.accelerator.unwrap_model(model), enabled=prediction_loss_only):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """`args.optim`'s optimizer over trainable parameters; LoRA-FA's B, LaMDA's S and B at multiples of lr."""
+        ratios = lr_ratios(self.lorafa_config)
+        opt_model = self.model if model is None else model
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        special = {"params", "model", "optimizer_dict"} & set(optimizer_kwargs)
+        if self.optimizer is not None or not ratios or special or not isinstance(optimizer_cls, type):
+            return super().create_optimizer(model)
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups = lorafa_param_groups(opt_model, decay, self.args.learning_rate, self.args.weight_decay, ratios)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.memory is not None and not any(k.startswith(("eval_", "test_")) for k in logs):
+            logs.update(self.memory.metrics(self.state.global_step, count_parameters(self.model)[0]))
+        super().log(logs, start_time)
+
+    def adapter_facts(self) -> dict[str, Any]:
+        """What `hf_lorafa.json` and the model card say about this run."""
+        return run_facts(self)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the adapter (PEFT format + `hf_lorafa.json`), its exact training state, tokenizer and card."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        # Under FSDP/ZeRO-3 `save_model` passes the full state dict it gathered on every rank; otherwise None.
+        full = state_dict or None
+        save_adapter(model, output_dir, extra=self.adapter_facts(), state_dict=full)
+        # Unfolded adapter tensors (LaMDA's B and S separately): what resuming needs to continue exactly. LaMDA's
+        # frozen columns follow from the global step, restored by the schedule callback at train begin.
+        trainable = {
+            n: (full or {}).get(n, p).detach().contiguous().clone()
+            for n, p in model.named_parameters()
+            if is_adapter_tensor(n) or p.requires_grad
+        }
+        atomic_write(Path(output_dir) / TRAINING_STATE_FILE, lambda tmp: save_file(trainable, tmp))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
+        self.create_model_card(output_dir=output_dir)
+
+    def _load_adapter_state(self, checkpoint: str) -> None:
+        path = Path(checkpoint) / TRAINING_STATE_FILE
+        if not path.exists():
+            raise ValueError(
+                f"`resume_from_checkpoint`={checkpoint!r} has no {TRAINING_STATE_FILE}; it was not written by "
+                "LoRAFATrainer. Point it at a checkpoint-N folder of this output_dir."
+            )
+        model = self.accelerator.unwrap_model(self.model)
+        state = load_file(path)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any(is_adapter_tensor(k) for k in missing):
+            raise ValueError(
+                f"`resume_from_checkpoint`={checkpoint!r} holds an adapter for another model or configuration "
+                f"({(unexpected or missing)[0]!r} does not match); resume with the same model and adapter arguments."
+            )
+        for layer in adapter_layers(model).values():
+            refresh = getattr(layer, "refresh_preconditioner", None)
+            if refresh is not None:
+                refresh()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self._load_adapter_state(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        self._load_adapter_state(self.state.best_model_checkpoint)
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Create the Hub repo before training (`push_to_hub=True`); a failure is one clear `HubUploadError`."""
+        if not self.is_world_process_zero():
+            return
+        from ..hub.push import create_hub_repo
+
+        repo_id = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        self.hub_model_id = create_hub_repo(
+            repo_id,
+            token=token if token is not None else self.args.hub_token,
+            private=bool(private if private is not None else self.args.hub_private_repo),
+        )
+        self.push_in_progress = None
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Push the checkpoint's adapter (never transformers' `training_args.bin`, a pickle that holds `hub_token`);
+        a Hub failure warns and the next save retries, and nothing is written at the top of `output_dir`."""
+        if self.is_world_process_zero() and self.args.hub_strategy != "end":
+            from ..hub.push import push_checkpoint
+
+            push_checkpoint(
+                checkpoint_folder,
+                self.args.hub_model_id or Path(self.args.output_dir).resolve().name,
+                step=self.state.global_step,
+                token=self.args.hub_token,
+                private=bool(self.args.hub_private_repo),
+            )
+
+    def create_model_card(self, output_dir: str | None = None, **kwargs) -> None:
+        """Write README.md (the adapter's model card) beside the adapter."""
+        from ..hub.card import write_model_card
+
+        directory = output_dir or self.args.output_dir
+        # The usage samples name the Hub repo when it is known.
+        extra = dict(kwargs)
+        if self.args.hub_model_id:
+            extra.setdefault("repo_id", self.args.hub_model_id)
+        if self.args.should_save and (Path(directory) / "hf_lorafa.json").exists():
+            write_model_card(directory, extra=extra or None)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        **kwargs,
+    ) -> str:
+        """Save locally first, then upload the adapter, card and memory plot to `args.hub_model_id`."""
+        from ..hub.push import push_adapter
+
+        self.save_model(_internal_call=True)
+        if not self.args.should_save:
+            return ""
+        repo_id = self.args.hub_model_id or Path(self.args.output_dir).resolve().name
+        return push_adapter(
+            self.args.output_dir,
+            repo_id,
+            token=token or self.args.hub_token,
+            private=bool(self.args.hub_private_repo),
+            revision=revision,
+            commit_message=commit_message,
+        )
+
+
+class LoRAFATrainer(LoRAFATrainerMixin, Trainer):
+    """
+    [`~transformers.Trainer`] for hf-lorafa adapters: pass [`LoRAFATrainingArguments`] instead of
+    `TrainingArguments` and everything else in your script stays the same (see [`LoRAFATrainerMixin`]).
+
+    `save_model()` writes only the adapter (PEFT format + `hf_lorafa.json`) and the model card.
+
+    Example:
+
+    ```python
+    >>> from hf_lorafa import LoRAFATrainer, LoRAFATrainingArguments
+    >>> args = LoRAFATrainingArguments(output_dir="out", adapter_method="lorafa", lora_r=16)
+    >>> trainer = LoRAFATrainer(model=model, args=args, train_dataset=train_ds)  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+    ```
+    """

@@ -1,0 +1,159 @@
+"""Find target linear layers, wrap them in adapters (PEFT's `setattr(parent, name, new)`), freeze the rest."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+
+from torch import nn
+
+from .config import LoRAFAConfig
+from .lamda import lamda_plus_plus_ranks
+from .layers import AdapterLayer, base_weight
+from .methods import METHODS
+from .quantization import check_base_layer, check_quantization
+
+logger = logging.getLogger(__name__)
+
+
+def is_linear(module: nn.Module) -> bool:
+    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear, so one check covers every base kind.
+    return isinstance(module, nn.Linear) and not isinstance(module, AdapterLayer)
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """Every adapter layer in `model`, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return any(isinstance(m, AdapterLayer) for m in model.modules())
+
+
+def matches_targets(name: str, targets: str | list[str]) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _inside(name: str, patterns: str | list[str]) -> bool:
+    """Whether module `name` or a module containing it matches `patterns` (`pooler.dense` is in `pooler`)."""
+    parts = name.split(".")
+    return any(matches_targets(".".join(parts[:i]), patterns) for i in range(1, len(parts) + 1))
+
+
+def find_target_modules(model: nn.Module, config: LoRAFAConfig) -> dict[str, nn.Linear]:
+    """The linear layers `config.target_modules` selects, by full module name.
+
+    `"all-linear"` is every linear layer but the output head and `modules_to_save`, as in PEFT.
+    """
+    linear = {name: m for name, m in model.named_modules() if is_linear(m)}
+    excluded = set()
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    for name, module in linear.items():
+        if module is head or (config.modules_to_save and _inside(name, config.modules_to_save)):
+            excluded.add(name)
+    if config.target_modules == "all-linear":
+        targets = {n: m for n, m in linear.items() if n not in excluded}
+    else:
+        # A layer inside a module trained in full takes no adapter (PEFT wraps such a module whole).
+        targets = {n: m for n, m in linear.items() if matches_targets(n, config.target_modules) and n not in excluded}
+        others = [n for n, m in model.named_modules() if n not in linear and matches_targets(n, config.target_modules)]
+        if others and not targets:
+            raise TypeError(
+                f"`target_modules` matched {others[0]!r}, a {type(model.get_submodule(others[0])).__name__}; "
+                "only linear layers can take adapters."
+            )
+    if not targets:
+        short = sorted({n.rsplit(".", 1)[-1] for n in linear if n not in excluded})
+        raise ValueError(
+            f"`target_modules`={config.target_modules!r} matched nothing; linear layers in this model: "
+            f"{', '.join(short)}. Pass some of these names, or 'all-linear'."
+        )
+    return targets
+
+
+def build_layer(config: LoRAFAConfig, base: nn.Module, r: int) -> AdapterLayer:
+    return METHODS[config.method].build(config, base, r)
+
+
+def inject_adapters(model: nn.Module, config: LoRAFAConfig, *, init_weights: bool = True) -> nn.Module:
+    """Wrap the target layers of `model` in adapters, in place, and freeze everything else.
+
+    Args:
+        model (`nn.Module`):
+            A transformers model (or any module with linear layers), full precision or bitsandbytes-quantized.
+        config ([`LoRAFAConfig`]):
+            Which method, rank and layers.
+        init_weights (`bool`, *optional*, defaults to `True`):
+            Initialise adapters (orthonormal A / SVD for LaMDA); `False` when weights are loaded right after.
+
+    Returns:
+        The same `model`, with `model.hf_lorafa_config` set.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM
+    >>> from hf_lorafa import LoRAFAConfig, inject_adapters
+    >>> model = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")  # doctest: +SKIP
+    >>> model = inject_adapters(model, LoRAFAConfig(method="lorafa", r=16))  # doctest: +SKIP
+    ```
+    """
+    if not isinstance(config, LoRAFAConfig):
+        raise TypeError(f"`config` must be a LoRAFAConfig; got {type(config).__name__}.")
+    if has_adapters(model):
+        raise ValueError(
+            "`model` already has hf-lorafa adapters (injecting twice); call merge_adapters(model) first to fold "
+            "them in, or train the model as it is."
+        )
+    config = dataclasses.replace(config, rank_pattern=dict(config.rank_pattern))
+    check_quantization(model)  # GPTQ / AWQ / torch.ao layers are not nn.Linear: say so, not "matched nothing"
+    targets = find_target_modules(model, config)
+    for name, base in targets.items():
+        check_base_layer(name, base)
+    if METHODS[config.method].ranks_from_spectrum and init_weights and not config.rank_pattern:
+        weights = {name: base_weight(m) for name, m in targets.items()}
+        config.rank_pattern = lamda_plus_plus_ranks(
+            weights, config.r, config.lamda_rank_budget, min(config.lamda_min_rank, config.r)
+        )
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for index, (name, base) in enumerate(targets.items()):
+        try:
+            layer = build_layer(config, base, config.rank_for(name))
+        except ValueError as err:
+            raise ValueError(f"{err} (layer {name!r})") from None
+        if init_weights:
+            layer.init_lora(config.init_seed * 100_003 + index)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    for name, module in model.named_modules():
+        if config.modules_to_save and matches_targets(name, config.modules_to_save):
+            module.requires_grad_(True)
+    model.hf_lorafa_config = config
+    # A from the data is set once, by the trainer's first train() (calibration.py); a loaded adapter keeps its own.
+    model.hf_lorafa_a_pending = init_weights and config.frozen_a_init != "random"
+    trainable, total = count_parameters(model)
+    logger.info(
+        "hf-lorafa: %s r=%d on %d layers; trainable params: %s of %s (%.4f%%)",
+        config.method,
+        config.r,
+        len(targets),
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / max(total, 1),
+    )
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """`(trainable, total)` parameter counts; 4-bit weights count their packed elements twice, as PEFT does."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel() * (2 if type(param).__name__ == "Params4bit" else 1)
+        total += n
+        trainable += n if param.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,277 @@
+"""Adapter layers that wrap a frozen `base_layer`, and the one memory-saving autograd function.
+
+LoRA-FA (Zhang et al., 2023, "LoRA-FA: Memory-efficient Low-rank Adaptation for Large Language Models
+Fine-tuning", arXiv:2308.03303, §3) freezes the projection-down A, so the gradient of B needs only `z = A·x`
+(Eq. 4) and the input gradient needs only the weights (Eq. 5): the full-rank input is never kept for backward.
+`FrozenAAdapterFunction` implements exactly that for any base kind (nn.Linear, bitsandbytes 4-bit and 8-bit) and
+is shared by LoRA-FA and LaMDA (which adds a trained r×r core S between A and B).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ADAPTER_PREFIX
+from .quantization import dequantize_weight, is_bnb_layer
+
+# PEFT's default A (kaiming-uniform, a=√5) has rows of squared norm 1/3; our orthonormal A keeps that scale.
+A_ROW_NORM = 1.0 / math.sqrt(3.0)
+
+
+def base_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The base layer's weight as a dense `(out_features, in_features)` tensor; quantized kinds are dequantized.
+
+    This is the only place the autograd function and merge read a base weight, so every base kind plugs in here.
+    """
+    if is_bnb_layer(base_layer):
+        return dequantize_weight(base_layer)
+    return base_layer.weight
+
+
+def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
+    """Adapters stay in fp32 over half-precision or quantized bases (as PEFT's `autocast_adapter_dtype`)."""
+    weight = getattr(base_layer, "weight", None)
+    if weight is not None and weight.dtype in (torch.float32, torch.float64):
+        return weight.dtype
+    return torch.float32
+
+
+MASK_GENERATORS = ("sfc64", "torch")
+
+
+def dropout_mask(
+    shape: torch.Size, p: float, seed: int, device: torch.device, dtype: torch.dtype, generator: str | None = None
+) -> torch.Tensor:
+    """The inverted-dropout mask for `seed`: the same call in backward regenerates the forward's mask.
+
+    On CPU the keep decisions come from numpy's SFC64 (raw 32-bit words against `p · 2³²`): about 8x faster than
+    `bernoulli_` with a seeded torch generator (MT19937, ~10 ns per element on the benchmark machine), which made
+    drawing the mask twice (forward, then backward) most of LoRA-FA's step time at dropout 0.05. On GPUs torch's
+    Philox generator is used; both are pure functions of `seed`. `generator` ("sfc64" or "torch", the seeded
+    `bernoulli_`) overrides the choice, which is how `scripts/dropout_mask_ab.py` compares the two.
+    """
+    if generator not in (None, *MASK_GENERATORS):
+        raise ValueError(f"`generator` must be one of {', '.join(MASK_GENERATORS)} or None; got {generator!r}.")
+    if (generator or ("sfc64" if device.type == "cpu" else "torch")) == "sfc64":
+        n = math.prod(shape)
+        words = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
+        keep = torch.from_numpy(words >= np.uint32(round(p * 2**32))).view(shape)
+        return keep.to(device=device, dtype=dtype).mul_(1.0 / (1.0 - p))
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    mask = torch.empty(shape, device=device, dtype=dtype)
+    return mask.bernoulli_(1.0 - p, generator=generator).div_(1.0 - p)
+
+
+def _common_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The widest dtype among the adapter's tensors: the one its products run in outside autocast.
+
+    Adapters are fp32 (`adapter_dtype`), but a trainer may cast the trained ones (TRL casts QLoRA adapters to bf16)
+    while the frozen A stays fp32; every product then runs in the wider dtype and each gradient is cast back to its
+    parameter's dtype by autograd.
+    """
+    return functools.reduce(torch.promote_types, [t.dtype for t in tensors if t is not None])
+
+
+class FrozenAAdapterFunction(torch.autograd.Function):
+    """`y = base(x) + s · (B (S) − C) A dropout(x)` with A frozen, keeping only `z = A·dropout(x)` for backward.
+
+    `offset` C (d_out×r, frozen, optional) is LaMDA's starting `B₀S₀`, so the adapter adds nothing at step 0 (for the
+    residual init `s·C A` is W's principal part and `W − s·C A` the residual base, never stored): the base weight
+    (dense or quantized) is left as it is.
+
+    Backward: `dB = s·gᵀ(Sz)`, `dS = s·(gB)ᵀz`, `dx = Wᵀg + dropout'(Aᵀ Sᵀ s Bᵀg)` with W from `base_weight` and the
+    dropout mask regenerated from a seed drawn in forward (an int on `ctx`, not a tensor). Everything saved goes
+    through `ctx.save_for_backward`: z (r values per token) plus the adapter's own parameters and buffers.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x, lora_A, lora_B, lora_S, b_grad_transform, base_layer, scaling, p, training, offset=None, masks=None
+    ):
+        with torch.no_grad():
+            result = base_layer(x)
+        dtype = _common_dtype(lora_A, lora_B, lora_S)
+        h = x.to(dtype)
+        seed = None
+        if p > 0.0 and training:
+            # Drawn from the global generator: reproducible under torch.manual_seed and replayed by checkpointing.
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            h = h * dropout_mask(h.shape, p, seed, h.device, h.dtype, masks)
+        z = h @ lora_A.to(dtype).t()
+        u = z if lora_S is None else z @ lora_S.to(dtype).t()
+        out = u @ lora_B.to(dtype).t()
+        if offset is not None:
+            out = out - z @ offset.to(dtype).t()
+        result = result + (scaling * out).to(result.dtype)
+        ctx.save_for_backward(z, lora_A, lora_B, lora_S, b_grad_transform, offset)
+        ctx.base_layer, ctx.scaling, ctx.p, ctx.seed, ctx.masks = base_layer, scaling, p, seed, masks
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, lora_A, lora_B, lora_S, b_grad_transform, offset = ctx.saved_tensors
+        # Under autocast the forward's products ran in half precision (z is bf16/fp16, and is kept so: half the
+        # bytes); the parameter gradients are computed in the adapter's own dtype, as autograd does for LoRA.
+        dtype = _common_dtype(lora_A, lora_B, lora_S)
+        z, g, lora_A, lora_B = (t.to(dtype) for t in (z, grad_out, lora_A, lora_B))
+        lora_S, b_grad_transform, offset = (
+            None if t is None else t.to(dtype) for t in (lora_S, b_grad_transform, offset)
+        )
+        r = z.shape[-1]
+        grad_x = grad_B = grad_S = None
+        gu = ctx.scaling * (g @ lora_B)
+        if ctx.needs_input_grad[2]:
+            u = z if lora_S is None else z @ lora_S.t()
+            grad_B = ctx.scaling * (g.reshape(-1, g.shape[-1]).t() @ u.reshape(-1, r))
+            if b_grad_transform is not None:
+                # (r×r) LoRA-FA v2 preconditioner, or a (1×r) LaMDA column mask: both right-multiply/scale columns.
+                grad_B = grad_B @ b_grad_transform if b_grad_transform.shape[0] == r else grad_B * b_grad_transform
+        if lora_S is not None and ctx.needs_input_grad[3]:
+            grad_S = gu.reshape(-1, r).t() @ z.reshape(-1, r)
+        if ctx.needs_input_grad[0]:
+            weight = base_weight(ctx.base_layer)
+            grad_x = grad_out @ weight.to(grad_out.dtype)
+            gz = gu if lora_S is None else gu @ lora_S
+            if offset is not None:
+                gz = gz - ctx.scaling * (g @ offset)
+            gh = gz @ lora_A
+            if ctx.seed is not None:
+                gh = gh * dropout_mask(gh.shape, ctx.p, ctx.seed, gh.device, gh.dtype, ctx.masks)
+            grad_x = grad_x + gh.to(grad_x.dtype)
+        return grad_x, None, grad_B, grad_S, None, None, None, None, None, None, None
+
+
+class AdapterLayer(nn.Module):
+    """Common part of every adapter: the wrapped `base_layer`, `lora_A (r×d_in)`, `lora_B (d_out×r)`, scaling."""
+
+    # The frozen-A layers' dropout-mask generator: None picks per device (see `dropout_mask`).
+    mask_generator: str | None = None
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        if not 0 < r <= min(self.in_features, self.out_features):
+            raise ValueError(
+                f"`r`={r} does not fit a {self.in_features}→{self.out_features} layer; "
+                f"use a rank between 1 and {min(self.in_features, self.out_features)}."
+            )
+        self.r, self.scaling, self.dropout = r, alpha / r, dropout
+        device = next(base_layer.parameters()).device
+        kwargs = {"bias": False, "device": device, "dtype": adapter_dtype(base_layer)}
+        self.lora_A = nn.Linear(self.in_features, r, **kwargs)
+        self.lora_B = nn.Linear(r, self.out_features, **kwargs)
+
+    def init_lora(self, seed: int) -> None:
+        """A with orthonormal rows of PEFT's scale (`A Aᵀ = I/3`), B = 0: the output starts unchanged."""
+        generator = torch.Generator().manual_seed(seed)
+        gaussian = torch.randn(self.in_features, self.r, generator=generator, dtype=torch.float64)
+        q, _ = torch.linalg.qr(gaussian)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(q.t() * A_ROW_NORM)
+            self.lora_B.weight.zero_()
+
+    def set_frozen_a(self, a: torch.Tensor) -> None:
+        """Replace the frozen A (r×d_in) after init, e.g. from the training data's gradient (calibration.py)."""
+        with torch.no_grad():
+            self.lora_A.weight.copy_(a)
+
+    def delta_weight(self) -> torch.Tensor:
+        """`s · B A`, the dense update the adapter adds to the base weight."""
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter's own parameters by local name (`lora_A.weight`, `lora_B.weight`, ...)."""
+        return {name: p for name, p in self.named_parameters() if name.startswith(ADAPTER_PREFIX)}
+
+    def peft_weights(self, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """This adapter in PEFT's LoRA format (`lora_A.weight`, `lora_B.weight`).
+
+        `tensors` replaces the layer's own parameters by local name: the full tensors an FSDP or ZeRO-3 state dict
+        gathered, where the layer itself holds only this rank's shard.
+        """
+        t = tensors or self.adapter_tensors()
+        return {"lora_A.weight": t["lora_A.weight"], "lora_B.weight": t["lora_B.weight"]}
+
+    def load_peft_weights(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.lora_A.weight.copy_(lora_A)
+            self.lora_B.weight.copy_(lora_B)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, dropout={self.dropout:g}"
+
+
+class LoRALayer(AdapterLayer):
+    """Plain LoRA (Hu et al., 2021): A and B trained, ordinary autograd. The baseline the others are measured by."""
+
+    method = "lora"
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__(base_layer, r, alpha, dropout)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        h = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        return result + (self.scaling * self.lora_B(self.lora_A(h))).to(result.dtype)
+
+
+class LoRAFALayer(AdapterLayer):
+    """LoRA-FA: A frozen after init, only B trained; keeps r values per token for backward.
+
+    With `gradient_correction`, B's gradient is right-multiplied by `(A Aᵀ)⁻¹ / s²` (LoRA-FA v2, as PEFT's
+    `create_lorafa_optimizer`), here inside backward so it composes with any optimizer.
+    """
+
+    method = "lorafa"
+
+    def __init__(
+        self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, gradient_correction: bool = True
+    ) -> None:
+        super().__init__(base_layer, r, alpha, dropout)
+        self.lora_A.weight.requires_grad_(False)
+        self.gradient_correction = gradient_correction
+        self.register_buffer("lorafa_precondition", None, persistent=False)
+
+    def refresh_preconditioner(self) -> None:
+        """Recompute `(A Aᵀ)⁻¹ / s²` after A is set (init or load); a PEFT-initialised A is not orthonormal."""
+        if not self.gradient_correction:
+            self.lorafa_precondition = None
+            return
+        a = self.lora_A.weight.detach().double()
+        precondition = torch.linalg.pinv(a @ a.t()) / self.scaling**2
+        self.lorafa_precondition = precondition.to(self.lora_A.weight.dtype)
+
+    def init_lora(self, seed: int) -> None:
+        super().init_lora(seed)
+        self.refresh_preconditioner()
+
+    def load_peft_weights(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        super().load_peft_weights(lora_A, lora_B)
+        self.refresh_preconditioner()
+
+    def set_frozen_a(self, a: torch.Tensor) -> None:
+        super().set_frozen_a(a)
+        self.refresh_preconditioner()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return FrozenAAdapterFunction.apply(
+            x,
+            self.lora_A.weight,
+            self.lora_B.weight,
+            None,
+            self.lorafa_precondition,
+            self.base_layer,
+            self.scaling,
+            self.dropout,
+            self.training,
+            None,
+            self.mask_generator,
+        )
