@@ -22,7 +22,7 @@ from fixtures.tiny_folder import adapter_tensors, build_tiny_llama_folder, job_t
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hf_lorafa.training.trainer import TRAINING_STATE_FILE, complete_checkpoints
+from hf_lorafa.training.checkpoints import TRAINING_STATE_FILE, complete_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = [

@@ -30,7 +30,8 @@ from hub_server import HubServer
 from transformers import TrainerCallback
 
 from hf_lorafa import LoRAFATrainer, LoRAFATrainingArguments
-from hf_lorafa.training.trainer import TRAINING_STATE_FILE, TrainingDivergedError, complete_checkpoints
+from hf_lorafa.training.checkpoints import TRAINING_STATE_FILE, complete_checkpoints
+from hf_lorafa.training.trainer import TrainingDivergedError
 
 REPO = Path(__file__).resolve().parent.parent
 ENV_TOKEN = "hf_SECRETenvQ9wE2rT5yU8iO1pA4sD7fG0hJ"

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..tuners.config import LoRAFAConfig, is_adapter_tensor
+from ..tuners.config import INIT_ONLY, LoRAFAConfig, is_adapter_tensor
 from ..tuners.injection import adapter_layers, has_adapters, inject_adapters, matches_targets
 from .checks import (
     PEFT_PREFIX,
@@ -149,7 +149,9 @@ def save_adapter(
             leftover.unlink()
         staging.rmdir()
     atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    fields = {"method": config.method, "config": config.to_dict(), **(extra or {})}
+    # A reloaded adapter keeps its saved tensors: the options that only set initial values describe how it started.
+    fields = {"method": config.method, "config": config.to_dict(), "init_only_options": list(INIT_ONLY)}
+    fields.update(extra or {})
     atomic_write(directory / HF_LORAFA_FILE, lambda tmp: Path(tmp).write_text(json.dumps(fields, indent=2)))
     return directory
 
@@ -274,21 +276,20 @@ def load_adapter(
         raise ValueError(f"`adapter` file {str(directory / HF_LORAFA_FILE)!r} key 'config': {err}") from None
     ranks = {name: pair["lora_A"].shape[0] for name, pair in pairs.items()}
     method = method or (saved.method if saved else "lorafa")
-    config = LoRAFAConfig(
+    # Every option the adapter was trained with (hf_lorafa.json), over what the PEFT files say of its shape.
+    options = saved.to_dict() if saved else {}
+    options.update(
         method=method,
         r=peft_config.r,
         alpha=peft_config.lora_alpha,
         dropout=peft_config.lora_dropout,
         target_modules=sorted(pairs),
         modules_to_save=peft_config.modules_to_save,
-        lorafa_gradient_correction=saved.lorafa_gradient_correction if saved else True,
-        lorafa_lr_ratio=saved.lorafa_lr_ratio if saved else LoRAFAConfig.lorafa_lr_ratio,
-        lamda_lr_ratio=saved.lamda_lr_ratio if saved else LoRAFAConfig.lamda_lr_ratio,
-        lamda_s_lr_ratio=saved.lamda_s_lr_ratio if saved else LoRAFAConfig.lamda_s_lr_ratio,
-        # Where the saved A came from (the card says so again on a re-save); a LoRA that trains it on has its own.
-        frozen_a_init=saved.frozen_a_init if saved and method != "lora" else LoRAFAConfig.frozen_a_init,
         rank_pattern={n: r for n, r in ranks.items() if r != peft_config.r},
     )
+    if method == "lora":  # LoRA trains its A on from here: where the saved A came from no longer applies
+        options["frozen_a_init"] = "random"
+    config = LoRAFAConfig(**options)
     inject_adapters(model, config, init_weights=False)
     for name, layer in adapter_layers(model).items():
         # rsLoRA (alpha/√r) and alpha_pattern give PEFT another scaling than our alpha/r: the ratio is folded into

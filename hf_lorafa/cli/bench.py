@@ -155,8 +155,8 @@ def run_configuration(spec: dict, timeout: float = 1800) -> dict:
     """Measure one configuration in fresh interpreters; returns its result, or `{"error": ...}`.
 
     Memory is measured with `MALLOC_MMAP_THRESHOLD_=65536` (freed tensors leave the resident set at once), which
-    makes every large CPU allocation an mmap with fresh page faults: 1.6-2x slower steps than glibc's default, and
-    more so for methods that allocate more temporaries. So on CPU the step time comes from a second process with
+    makes every large CPU allocation an mmap with fresh page faults, so its steps are slower than with glibc's
+    default. So on CPU the step time comes from a second process with
     the default allocator, as users run; on GPU the caching allocator makes one process enough.
     """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -278,8 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="Rank of the frozen-A configurations (LoRA-FA, ours and PEFT's, LaMDA and LaMDA++; LoRA's stays the "
-        "preset's r). Twice the preset's r gives LoRA-FA LoRA's trainable parameters, the rank at which the frozen-A "
-        "methods matched LoRA's accuracy (BENCHMARKS.md).",
+        "preset's r). Twice the preset's r gives LoRA-FA LoRA's trainable parameters.",
     )
     args = parser.parse_args(argv)
     if args.lorafa_r is not None and args.lorafa_r < 1:

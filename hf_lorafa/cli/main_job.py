@@ -181,8 +181,8 @@ def classification_head(model) -> list[str]:
     """The modules a sequence classifier trains in full: its new head, and a BERT-style pooler where there is one.
 
     The pooler is part of BERT's classification head, and checkpoints trained with mean pooling (sentence-transformers
-    models such as all-MiniLM-L6-v2) never trained theirs: left frozen, its output hardly varies between inputs, and
-    runs can sit at the class prior (BENCHMARKS.md, drug-review protocol 3).
+    models such as all-MiniLM-L6-v2) never trained theirs: left frozen, its output hardly varies between inputs
+    (research/README.md).
     """
     head = ["classifier" if hasattr(model, "classifier") else "score"]
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)

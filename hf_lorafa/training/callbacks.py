@@ -1,26 +1,11 @@
-"""Trainer callbacks on step boundaries (LaMDA's schedule, memory sampling) and checkpoint bookkeeping."""
+"""Trainer callbacks on step boundaries: LaMDA's schedule and memory sampling."""
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 from transformers import TrainerCallback
 
 from ..tuners.lamda import LaMDALayer, lamda_schedule_step
 from .memory_logging import MemoryTracker
-
-TRAINING_STATE_FILE = "hf_lorafa_state.safetensors"
-
-
-def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """`checkpoint-N` folders whose save finished (trainer state written last), oldest first."""
-    found = []
-    for folder in Path(output_dir).glob("checkpoint-*"):
-        step = folder.name.rsplit("-", 1)[-1]
-        if step.isdigit() and (folder / "trainer_state.json").exists() and (folder / TRAINING_STATE_FILE).exists():
-            found.append((int(step), folder))
-    return [folder for _, folder in sorted(found)]
 
 
 class LaMDAScheduleCallback(TrainerCallback):

@@ -12,11 +12,21 @@ import json
 import os
 from pathlib import Path
 
-from .callbacks import TRAINING_STATE_FILE, complete_checkpoints
-
 # `--resume_from_checkpoint` arrives as text from the command line; these mean "the newest complete checkpoint".
 NEWEST = ("true", "last")
 TORCH_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth")
+# hf-lorafa's own state in a checkpoint (LaMDA's frozen columns, the adapters' RNG), written after Trainer's.
+TRAINING_STATE_FILE = "hf_lorafa_state.safetensors"
+
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """`checkpoint-N` folders whose save finished (trainer state written last), oldest first."""
+    found = []
+    for folder in Path(output_dir).glob("checkpoint-*"):
+        step = folder.name.rsplit("-", 1)[-1]
+        if step.isdigit() and (folder / "trainer_state.json").exists() and (folder / TRAINING_STATE_FILE).exists():
+            found.append((int(step), folder))
+    return [folder for _, folder in sorted(found)]
 
 
 def damaged_file(folder: Path) -> tuple[str, str] | None:

@@ -17,7 +17,7 @@ from torch import nn
 from ..compat import mark_adapters_attached
 from ..tuners.injection import has_adapters, inject_adapters
 from ..tuners.methods import METHODS
-from .run_facts import is_quantized
+from ..tuners.quantization import is_quantized
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .callbacks import complete_checkpoints
+from .checkpoints import complete_checkpoints
 
 PREEMPTED_EXIT_STATUS = 128 + signal.SIGTERM
 

@@ -5,19 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from ..tuners.injection import adapter_layers, count_parameters
+from ..tuners.quantization import is_quantized
 from ..version import __version__
-
-
-def is_quantized(model: nn.Module) -> bool:
-    """Whether `model` was loaded or quantized by bitsandbytes (transformers' flags)."""
-    return bool(
-        getattr(model, "is_quantized", False)
-        or getattr(model, "is_loaded_in_4bit", False)
-        or getattr(model, "is_loaded_in_8bit", False)
-    )
 
 
 def run_facts(trainer) -> dict[str, Any]:

@@ -26,8 +26,8 @@ from ..tuners.calibration import init_frozen_a_from_data
 from ..tuners.config import is_adapter_tensor
 from ..tuners.injection import adapter_layers, count_parameters
 from .arguments import LoRAFAArguments, LoRAFATrainingArguments
-from .callbacks import TRAINING_STATE_FILE, LaMDAScheduleCallback, MemoryCallback, complete_checkpoints
-from .checkpoints import resolve_resume
+from .callbacks import LaMDAScheduleCallback, MemoryCallback
+from .checkpoints import TRAINING_STATE_FILE, complete_checkpoints, resolve_resume
 from .chunked_loss import loss_only
 from .memory_logging import MemoryTracker
 from .model_setup import prepare_model

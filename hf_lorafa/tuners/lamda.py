@@ -7,65 +7,32 @@ Adaptation" (arXiv:2406.12832). What is the paper's and what is ours:
   low-dimensional adapter S, and the projection matrix B (PMB, d_out×r) trained only early on. The paper's text takes
   the projections "from singular vectors" of W; its published code instead uses a random frozen A, B = 0 and S at
   nn.Linear's default init, with no SVD.
-- Initialisation, `lamda_init` (ours; chosen by the ablation in BENCHMARKS.md on both accuracy tasks):
+- Initialisation, `lamda_init` (ours):
   - `"spectral"` (default): A random with orthonormal rows (as in the published code and LoRA-FA), B = U_r
     (orthonormal columns), S = diag(σ_r)/s from W's SVD. The adapter subtracts C = B₀S₀ (`FrozenAAdapterFunction`'s
     `offset`, a frozen d_out×r buffer), so its output at step 0 is zero and the model is the base model, while
     B's gradient `s·gᵀ(S z)` and S's `s·(gB)ᵀz` are both non-zero from the first step. The stored base weight,
     dense or 4-/8-bit, never changes. The export folds C in exactly: PEFT's B' = B S − C over the same A (rank r).
-    Why B and S from the spectrum: a step on B's column i moves W σ_i/s times as far as the same step on
-    LoRA-FA's B over the same A (SmolLM2's median σ_1 is 16, s = 2), and after B freezes, S's steps act on
-    unit-norm output directions that started as W's principal ones. With B = 0 and S = I instead (`"identity"`)
-    B learns at LoRA-FA's pace from zero, and the S-only half of a short run has little to turn (chatterbot: 16%
-    above LoRA's held-out loss).
-    Why A random: with A = W's top-r right singular vectors (`"residual"`), MiniLM's drug-review run at seed 0 stays
-    at the class prior, with the same B and S it leaves it (seed 0: 69.7% against 65.4%); those directions
-    carry less of what varies between tokens (`scripts/drugreview_probe.py`, `subspace`).
   - `"residual"`: as `"spectral"` over A = V_rᵀ, so that C A = U_r Σ_r V_rᵀ is W's principal part and the model
     is the residual base W − U_r Σ_r V_rᵀ plus a trained principal adapter, the way PiSSA (Meng et al., 2024)
-    starts LoRA (PEFT's PiSSA conversion needs rank 2r because its A moves; ours stays r).
-  - `"svd"` (this module's first reading): A = V_rᵀ, B = U_r·diag(σ_r), S = 0. B's gradient is exactly zero
-    while S ≈ 0, so B's early window trains nothing.
-  - `"published"`: the authors' code: A random with orthonormal rows (LoRA-FA's init), B = 0, S at nn.Linear's
-    default init (kaiming-uniform): B gets gradient from step 1, S from step 2.
-  - `"identity"`: the published code's A and B = 0 with S = I, so that while B trains its update is exactly
-    LoRA-FA's (`s·g zᵀ`) and S takes over the directions B learned. S gets gradient from step 2.
-- `lamda_lr_ratio` (ours): S and B at that multiple of the learning rate (an S step moves W by `s·lr` per
-  singular direction, a LoRA B step by about `s·lr·√d_out/√3`).
-- `lamda_s_lr_ratio` (ours): S alone at a further multiple. Adam moves each trained entry by about the step size
-  whatever its gradient, and one of S's r² entries carries a single rank-1 direction `B_i A_jᵀ` of W while one of B's
-  columns moves d_out entries together, so once B is frozen the same rate turns W far more slowly than LoRA's or
-  LoRA-FA's B does.
+    starts LoRA.
+  - `"svd"`: A = V_rᵀ, B = U_r·diag(σ_r), S = 0. B's gradient is exactly zero while S ≈ 0.
+  - `"published"`: the authors' code: A random with orthonormal rows, B = 0, S at nn.Linear's default init.
+  - `"identity"`: the published A and B = 0 with S = I, so that while B trains its update is exactly LoRA-FA's
+    (`s·g zᵀ`) and S takes over the directions B learned.
+  Why the default, and how the inits compare: research/README.md.
+- `lamda_lr_ratio` / `lamda_s_lr_ratio` (ours): S and B at a multiple of the learning rate, and S alone at a further
+  multiple (one of S's r² entries carries a single rank-1 direction `B_i A_jᵀ` of W, one of B's columns d_out entries).
 - §3.2 (the paper's): PMB is frozen gradually during early training, so that afterwards only S (r² per layer)
-  trains. The window (`lamda_freeze_fraction` of the total steps) and the order are ours: with `"ascending"`, B's
-  columns freeze one by one from the smallest singular value up (for `"published"` and `"identity"`, from the last),
-  linearly in progress; `"all"` freezes B whole at the window's end. The default window is the first three quarters
-  of the steps, so the average column trains for 3/8 of the run: over 10% of a 40-step run B trains only during the
-  warmup, and LaMDA ends 65% above LoRA's held-out loss (17% over a quarter of the steps, level over half, 14% below
-  over three quarters); on drug-review the S-only part of a run hardly lowers the training loss, and 0.75 beats
-  0.5's macro-F1 on every seed (BENCHMARKS.md). This is later than the paper's "early" freezing, which its longer
-  GLUE runs can afford.
-- At twice LoRA's rank (ours; BENCHMARKS.md, "LaMDA's learning-rate multiples, freeze order and init"): at the same r
-  no LaMDA setting measured reaches LoRA on drug-review (MiniLM), and twice the rank alone leaves the spectral init
-  where it was (70.2% / .471 at r=16, 70.4% / .470 at r=8, 8 seeds). Larger steps on its B (2x, 4x) or B whole until
-  the window's end make it fit the training set further and score lower (B at 2x and whole: 66.6% / .472, 2 seeds); so
-  do S and B at half the rate (r=8: 69.2% / .440, 3 seeds). What reaches LoRA is LoRA-FA's pace while B trains: at 2r,
-  `lamda_init="identity"`, `lamda_lr_ratio=4`, `lamda_s_lr_ratio=0.25` and `lamda_freeze_order="all"` (B = 0 and S = I,
-  B at 4x the learning rate and whole for the first 3/4 of the steps, then S alone, r² a layer, at the rate itself):
-  drug-review 71.2% / .496 against ours LoRA's 71.3% / .495 at r (8 seeds), chatterbot 22% below LoRA's held-out loss
-  (3 seeds); LaMDA++ the same way 70.8% / .488 (8 seeds) and 22% below (3 seeds). For 3/4 of such a run LaMDA trains
-  what LoRA-FA at 2r does (about LoRA's parameter count); its saving over that is the last quarter's optimizer state
-  and B's gradient, and A·x keeps 2r values a token.
-- The frozen A (PMA) from the training data (ours, `frozen_a_init`, `hf_lorafa/tuners/calibration.py`): the top-r right
-  singular vectors of each layer's gradient over the first 4 training batches (`"gradient"`, as LoRA-GA and LoRA-SB
-  start their adapters) or the inputs' top principal directions (`"activations"`, as EVA), in place of the random A
-  of `"spectral"`, `"identity"` or `"published"`; B and S start as those inits say. Measured in BENCHMARKS.md ("The
-  frozen A: random, or from the training data").
+  trains. The window (`lamda_freeze_fraction` of the total steps, default the first three quarters) and the order
+  are ours: with `"ascending"`, B's columns freeze one by one from the smallest singular value up (for `"published"`
+  and `"identity"`, from the last), linearly in progress; `"all"` freezes B whole at the window's end.
+- The frozen A from the training data (ours, experimental, `frozen_a_init`, `tuners/calibration.py`) replaces the
+  random A of `"spectral"`, `"identity"` or `"published"`.
 - §3.3 (LaMDA++): ranks per layer from a "normalized spectrum analysis" of each W, singular values only. The rule is
   our reading: a layer's score is the share of its energy (Σσ²) *outside* its top-r directions at the mean rank r,
   so layers whose top singular values hold less of the energy get more rank. Ranks are proportional to the score,
-  at least `lamda_min_rank`, and sum exactly to the budget (largest-remainder rounding). Where the layers' scores are
-  close, the ranks stay close to r and LaMDA++ trains nearly what LaMDA does (drug-review's MiniLM, BENCHMARKS.md).
+  at least `lamda_min_rank`, and sum exactly to the budget (largest-remainder rounding).
 
 Frozen columns are kept fixed against optimizer momentum and weight decay by restoring them after each step from
 a snapshot (`lamda_schedule_step`), so any `torch.optim` optimizer can be used.

@@ -49,11 +49,10 @@ def dropout_mask(
 ) -> torch.Tensor:
     """The inverted-dropout mask for `seed`: the same call in backward regenerates the forward's mask.
 
-    On CPU the keep decisions come from numpy's SFC64 (raw 32-bit words against `p · 2³²`): about 8x faster than
-    `bernoulli_` with a seeded torch generator (MT19937, ~10 ns per element on the benchmark machine), which made
-    drawing the mask twice (forward, then backward) most of LoRA-FA's step time at dropout 0.05. On GPUs torch's
-    Philox generator is used; both are pure functions of `seed`. `generator` ("sfc64" or "torch", the seeded
-    `bernoulli_`) overrides the choice, which is how `scripts/dropout_mask_ab.py` compares the two.
+    On CPU the keep decisions come from numpy's SFC64 (raw 32-bit words against `p · 2³²`), much faster than
+    `bernoulli_` with a seeded torch generator (MT19937), which the mask is drawn with twice (forward, then backward).
+    On GPUs torch's Philox generator is used; both are pure functions of `seed`. `generator` ("sfc64" or "torch", the
+    seeded `bernoulli_`) overrides the choice.
     """
     if generator not in (None, *MASK_GENERATORS):
         raise ValueError(f"`generator` must be one of {', '.join(MASK_GENERATORS)} or None; got {generator!r}.")

@@ -269,3 +269,12 @@ def _forget_quantization(model: nn.Module) -> None:
         model.is_quantized = False
     if config is not None and getattr(config, "_is_quantized", False):
         config._is_quantized = False
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether `model` was loaded or quantized by bitsandbytes (transformers' flags)."""
+    return bool(
+        getattr(model, "is_quantized", False)
+        or getattr(model, "is_loaded_in_4bit", False)
+        or getattr(model, "is_loaded_in_8bit", False)
+    )
