@@ -15,8 +15,12 @@ _EXPORTS = {
     "LoRAFATrainer": "trainer",
     "LoRAFATrainerMixin": "trainer",
     "LoRAFATrainingArguments": "arguments",
+    "adapter_layers": "injection",
     "apply_activation_savers": "savers",
+    "chatterbot_pairs": "data",
+    "classification_metrics": "dataprep",
     "count_parameters": "injection",
+    "drugreview_split": "data",
     "estimate_memory": "estimate",
     "init_frozen_a_from_data": "calibration",
     "inject_adapters": "injection",
@@ -33,6 +37,7 @@ _EXPORTS = {
     "saved_tensor_bytes": "memory",
     "take_rows": "dataprep",
     "tokenize_for_causal_lm": "dataprep",
+    "tokenize_for_classification": "dataprep",
     "write_model_card": "model_card",
 }
 __all__ = sorted(_EXPORTS)  # one table: what is exported is what is lazily importable
@@ -41,11 +46,18 @@ if TYPE_CHECKING:
     from .arguments import LoRAFAArguments, LoRAFATrainingArguments
     from .calibration import init_frozen_a_from_data
     from .config import LoRAFAConfig
-    from .data import resolve_model
-    from .dataprep import load_raw_dataset, pad_collator, take_rows, tokenize_for_causal_lm
+    from .data import chatterbot_pairs, drugreview_split, resolve_model
+    from .dataprep import (
+        classification_metrics,
+        load_raw_dataset,
+        pad_collator,
+        take_rows,
+        tokenize_for_causal_lm,
+        tokenize_for_classification,
+    )
     from .estimate import estimate_memory
     from .hub import HubUploadError, push_adapter
-    from .injection import count_parameters, inject_adapters
+    from .injection import adapter_layers, count_parameters, inject_adapters
     from .lamda import lamda_plus_plus_ranks, lamda_schedule_step
     from .loading import load_base_model
     from .memory import saved_tensor_bytes
