@@ -32,8 +32,8 @@ test: setup browser
 	$(BIN)/python -m pytest -q -m "not gpu" tests
 
 lint: setup
-	$(BIN)/ruff check hf_lorafa scripts spaces_demo tests
-	$(BIN)/ruff format --check hf_lorafa scripts spaces_demo tests
+	$(BIN)/ruff check hf_lorafa scripts spaces_demo tests research
+	$(BIN)/ruff format --check hf_lorafa scripts spaces_demo tests research
 
 bench: setup
 	$(BIN)/python scripts/benchmark.py --preset cpu --output benchmarks/cpu.json
