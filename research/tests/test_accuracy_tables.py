@@ -439,7 +439,7 @@ def test_equal_done_when_holds_each_method_at_twice_the_rank_to_lora_at_its_own(
     equal += [drug("ours", "lamda", s, 0.60, 0.40, LAMDA) for s in range(3)]  # LaMDA's defaults at 2r: not held
     equal += [run("chatterbot", "ours", "lorafa", s, LORAFA, eval_loss=1.03) for s in range(3)]  # 3% above LoRA
     lines = equal_done_when(runs, equal, same_r)
-    assert lines[0] == "#### Done when, at LoRA's trainable parameters (issue 13)"
+    assert lines[0] == "#### Done when, at LoRA's trainable parameters"
     row = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ")}
     assert row["drug-review accuracy: ours LoRA − lorafa"].endswith(
         "| 3 vs 3 | +0.5 ± 0.8 points | ≤ 1 point | reached |"
