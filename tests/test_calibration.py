@@ -84,7 +84,7 @@ def test_a_spans_the_datas_top_directions_at_a_random_rows_scale(method, kind, l
 
 @pytest.mark.parametrize("method", ["lorafa", "lamda"])
 def test_given_directions_are_set_at_a_random_rows_scale_and_the_model_is_unchanged(method, llama):
-    """`set_frozen_a_directions` (what scripts/oracle_a.py freezes LoRA's learned row space with): A spans the given
+    """`set_frozen_a_directions` (what research/oracle_a.py freezes LoRA's learned row space with): A spans the given
     rows, each scaled to a random row's mean square over the batches; output, RNG and train mode as they were."""
     data = batches()
     model = inject_adapters(copy.deepcopy(llama), LoRAFAConfig(method=method, r=4))

@@ -1,13 +1,13 @@
 """How large an update each method makes to fit: the adapters' `‖s·B A‖_F` over training, LoRA against LoRA-FA.
 
 LoRA-FA reaches LoRA's training loss on drug-review at B's learning rate ×2 and a lower one at ×4 (its default), yet
-stays 1-2 accuracy points below LoRA at the same r (BENCHMARKS.md). This records, every 19 steps of one run, per
+stays 1-2 accuracy points below LoRA at the same r (RESULTS.md). This records, every 19 steps of one run, per
 adapted layer: the size of the update the adapter adds to W (`‖ΔW‖_F`, and relative to `‖W‖_F`), and for A
 (which trains in LoRA only) how far its norm and its row space moved from the init: `‖A‖_F / ‖A₀‖_F` and the share
 of `‖A‖²_F` inside A₀'s row space. Medians over the adapted layers; the run's metrics as `accuracy.py run`'s.
 
-    python scripts/update_norms.py --method lora --seed 0
-    python scripts/update_norms.py --method lorafa --seed 0 --opt lorafa_lr_ratio=1
+    python -m research.update_norms --method lora --seed 0
+    python -m research.update_norms --method lorafa --seed 0 --opt lorafa_lr_ratio=1
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import accuracy  # noqa: E402
-from hf_lorafa.injection import adapter_layers  # noqa: E402
-from oracle_a import row_spaces  # noqa: E402
+from hf_lorafa import adapter_layers
+from research import accuracy
+from research.oracle_a import row_spaces
 
 OUT = accuracy.RESULTS / "update-norms"
 TAG = "norms"
@@ -71,7 +70,7 @@ def trace(
         return {"layers": len(layers), "every": every}
 
     command = " ".join(
-        ["python scripts/update_norms.py --task", task, "--method", method, "--seed", str(seed)]
+        ["python -m research.update_norms --task", task, "--method", method, "--seed", str(seed)]
         + [f"--opt {k}={v}" for k, v in options]
         + [f"--spec {k}={v}" for k, v in spec_changes]
     )

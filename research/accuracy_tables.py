@@ -1,7 +1,7 @@
-"""BENCHMARKS.md's accuracy part, from the JSON runs under benchmarks/accuracy/ (nothing is measured here).
+"""RESULTS.md's accuracy part, from the JSON runs under research/results/accuracy/ (nothing is measured here).
 
-Protocol 2 runs are `benchmarks/accuracy/*.json`; protocol 1 runs (5 warmup steps, 15 chatterbot steps, r=8) are
-under `v1/` and appear only in the protocol comparison.
+Protocol 2 runs are `research/results/accuracy/*.json`; protocol 1 runs (5 warmup steps, 15 chatterbot steps, r=8)
+are under `v1/` and appear only in the protocol comparison.
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from a_directions import KINDS as DIRECTION_KINDS
-from a_directions import OUT as A_DIRECTIONS
-from accuracy import (
+import torch
+
+from hf_lorafa import LoRAFAConfig, adapter_layers, drugreview_split, inject_adapters
+from research.a_directions import KINDS as DIRECTION_KINDS
+from research.a_directions import OUT as A_DIRECTIONS
+from research.accuracy import (
     ABLATION,
     DRUG_ABLATION,
     EQUAL_PARAMETERS,
@@ -37,14 +40,9 @@ from accuracy import (
     run_argv,
     run_name,
 )
-from hf_lorafa.lamda import spectrum_scores
-from hf_lorafa.layers import AdapterLayer, base_weight
-from oracle_a import OUT as ORACLE
-from oracle_a import TAGS as ORACLE_TAGS
-from update_norms import OUT as UPDATE_NORMS
-
-from hf_lorafa import LoRAFAConfig, inject_adapters
-from hf_lorafa.data import drugreview_split
+from research.oracle_a import OUT as ORACLE
+from research.oracle_a import TAGS as ORACLE_TAGS
+from research.update_norms import OUT as UPDATE_NORMS
 
 # Issue 13's independent PEFT LoRA run (same nominal settings, someone else's script): quoted, not measured here.
 INDEPENDENT = {"accuracy": (72.3, 71.0, 71.5), "macro_f1": (0.499, 0.508, 0.513)}
@@ -92,7 +90,7 @@ def command(runs: list[dict]) -> str:
     first = min(runs, key=lambda r: r["seed"])
     if first.get("protocol", 1) >= 2:  # every option spelled out: the command reruns it whatever today's defaults
         argv = run_argv(first["task"], first["impl"], first["method"], first["seed"], recorded_options(first))
-        return f"`python scripts/accuracy.py run {' '.join(argv)}`"
+        return f"`python -m research.accuracy run {' '.join(argv)}`"
     return f"`{first['command']}`" if first.get("command") else "–"
 
 
@@ -179,7 +177,7 @@ def protocol_section(v1: list[dict], v2: list[dict], current: list[dict]) -> lis
             "ended depended on when. A constant schedule, lr 1e-3 and a head without dropout each left seed 2 at "
             "the prior (the `v2/` variant rows). The cause is the pooler: all-MiniLM-L6-v2 was trained with mean "
             "pooling, its pooler never was, and BertForSequenceClassification's head reads the pooler. "
-            "`python scripts/drugreview_probe.py` (frozen model, the 600 training reviews): each pooler feature "
+            "`python -m research.drugreview_probe` (frozen model, the 600 training reviews): each pooler feature "
             f"spreads {probe['pooler']['spread']:.3f} across reviews, the [CLS] state's {probe['cls']['spread']:.3f}, "
             f"the mean-pooled state's {probe['mean']['spread']:.3f}; a logistic probe on the frozen pooler output "
             f"scores at best {100 * best['pooler']['accuracy']:.1f}% (on [CLS] {100 * best['cls']['accuracy']:.1f}%, "
@@ -270,7 +268,7 @@ def ablation_section(runs: list[dict], old: list[dict]) -> list[str]:
         out.append(f"{cells} {seeds_cell(rs)} | {stat(loss)} | {gap} | {stat(values(rs, 'train_loss'))} |")
     out += [
         "",
-        f"Ours LoRA: eval loss {stat(lora)} (`python scripts/accuracy.py run --task chatterbot --impl "
+        f"Ours LoRA: eval loss {stat(lora)} (`python -m research.accuracy run --task chatterbot --impl "
         "ours --method lora --seed 0`); each LaMDA row's command is in the chatterbot table above.",
     ]
     out += ["", *drug_ablation(groups)]
@@ -375,7 +373,7 @@ def lorafa_ratio_section(runs: list[dict], equal: list[dict]) -> list[str]:
         )
     out += [
         "",
-        "Command: `python scripts/accuracy.py sweep --plan issue13-ratio`, then `--plan issue13-rank` (each row's "
+        "Command: `python -m research.accuracy sweep --plan issue13-ratio`, then `--plan issue13-rank` (each row's "
         "`run` command is in the task tables below). Targets as in the done-when table: within 1 point of ours LoRA "
         "in accuracy and macro-F1 on drug-review, within 1.5% of its held-out loss on chatterbot, 3 seeds or more on "
         "each side. " + verdict,
@@ -393,7 +391,7 @@ def lorafa_ratio_section(runs: list[dict], equal: list[dict]) -> list[str]:
         out += [
             "",
             f"The r={wide_ranks} row (twice each task's r, alpha likewise: the same scale alpha/r; "
-            f"`python scripts/accuracy.py run {' '.join(argv)}`) gives LoRA-FA LoRA's trainable parameters: B alone "
+            f"`python -m research.accuracy run {' '.join(argv)}`) gives LoRA-FA LoRA's trainable parameters: B alone "
             "at rank 2r has 2r·d_out parameters a square layer, LoRA's r·(d_in + d_out) at rank r ("
             + "; ".join(counts)
             + ", heads included), equal where the adapted layers' d_in and d_out sum alike. Its backward still keeps "
@@ -440,14 +438,14 @@ def rank_section(runs: list[dict], equal: list[dict]) -> list[str]:
             f"{cells[0]} | {cells[1]} |"
         )
     commands = [
-        f"`python scripts/accuracy.py run "
+        f"`python -m research.accuracy run "
         f"{' '.join(run_argv('drugreview', impl, method, 0, recorded_options(rs[0]), EQUAL_PARAMETERS))}`"
         for impl, method, rank, rs in rows
         if rank == wide_r and rs
     ]
     out += [
         "",
-        f"Command: `python scripts/accuracy.py sweep --plan issue13-rank`; first runs: {', '.join(commands)}. "
+        f"Command: `python -m research.accuracy sweep --plan issue13-rank`; first runs: {', '.join(commands)}. "
         f"LoRA-FA at r={wide_r} has ours LoRA's trainable parameters (B alone, 2r·d_out a layer); LaMDA keeps its "
         f"default options (`lamda_init=spectral`, B's window over 3/4 of the steps) and after the schedule a layer "
         f"keeps r² trainable: {wide_r**2} at r={wide_r}, {r**2} at r={r} (the trainable column counts at the end of "
@@ -523,8 +521,8 @@ def lamda_ratio_section(runs: list[dict], equal: list[dict]) -> list[str]:
     argv = run_argv("drugreview", "ours", first["method"], 0, recorded_options(first), spec)
     out += [
         "",
-        "Command: `python scripts/accuracy.py sweep --plan issue13-lamda-lr`; a row's runs are "
-        f"`python scripts/accuracy.py run {' '.join(argv)}` with its method, rank, options and seed (r=16 on "
+        "Command: `python -m research.accuracy sweep --plan issue13-lamda-lr`; a row's runs are "
+        f"`python -m research.accuracy run {' '.join(argv)}` with its method, rank, options and seed (r=16 on "
         "drug-review: `--spec r=16 --spec alpha=32`). The multiples are of the learning rate: B (PMB) trains at "
         "`lamda_lr_ratio` x it during its window, S at `lamda_lr_ratio` x `lamda_s_lr_ratio` x it throughout. B's "
         "window is the first 3/4 of the steps (the default); over it B's columns freeze one by one from the smallest "
@@ -624,11 +622,11 @@ def frozen_a_section(runs: list[dict]) -> list[str]:
         ]
         scales = (
             " (unscaled, the top directions' mean square is, median over the adapted layers, gradient and inputs: "
-            f"{', '.join(parts)} a random direction's; `python scripts/drugreview_probe.py --only frozen_a`)"
+            f"{', '.join(parts)} a random direction's; `python -m research.drugreview_probe --only frozen_a`)"
         )
     out += [
         "",
-        "Command: `python scripts/accuracy.py sweep --plan issue13-frozen-a` (each row's runs: the method's command "
+        "Command: `python -m research.accuracy sweep --plan issue13-frozen-a` (each row's runs: the method's command "
         "in the task tables below with `--opt frozen_a_init=gradient` or `activations`). `gradient`: A's rows are the "
         "top-r right singular vectors of each layer's `Σ g xᵀ` (full fine-tuning's gradient of W) over the first 4 "
         "training batches, as LoRA-GA and LoRA-SB start their adapters; `activations`: the top-r principal "
@@ -652,7 +650,7 @@ def seeds_of(runs: list[dict]) -> str:
 
 
 def update_norms_section(traced: list[dict], runs: list[dict] = ()) -> list[str]:
-    """`scripts/update_norms.py`: the size of the update (`‖s·B A‖_F`, median over the adapted layers) each method
+    """`research/update_norms.py`: the size of the update (`‖s·B A‖_F`, median over the adapted layers) each method
     makes over a drug-review run, and how far LoRA's A moved: whether LoRA-FA fits with a larger update than LoRA."""
     traced = [r for r in traced if r["task"] == "drugreview" and recorded_spec(r) == TASKS["drugreview"]]
     traced.sort(
@@ -720,7 +718,7 @@ def update_norms_section(traced: list[dict], runs: list[dict] = ()) -> list[str]
     ]
     out += [
         "",
-        "Command: `python scripts/update_norms.py --method lora --seed 0`, and `--method lorafa --seed 0 --opt "
+        "Command: `python -m research.update_norms --method lora --seed 0`, and `--method lorafa --seed 0 --opt "
         "lorafa_lr_ratio=R` for each multiple R (the runs of the task table below"
         + (
             ", with the same accuracy and macro-F1, and train loss to 6 digits: recording does not change training"
@@ -738,7 +736,7 @@ def update_norms_section(traced: list[dict], runs: list[dict] = ()) -> list[str]
 
 
 def a_directions_section(measured: list[dict]) -> list[str]:
-    """`scripts/a_directions.py`: how much of the row space LoRA's A ended with (and of the part it added to its
+    """`research/a_directions.py`: how much of the row space LoRA's A ended with (and of the part it added to its
     random init) the data's directions (`frozen_a_init`) hold, against a random space's share."""
     measured = sorted((r for r in measured if r["task"] == "drugreview"), key=lambda r: r["seed"])
     if not measured:
@@ -764,7 +762,7 @@ def a_directions_section(measured: list[dict]) -> list[str]:
         out.append(f"| {names[kind]} | {seeds_of(have)} | {' | '.join(cells)} |")
     out += [
         "",
-        f"Command: `python scripts/a_directions.py --seeds {seeds_of(measured)}` (after `scripts/oracle_a.py` at "
+        f"Command: `python -m research.a_directions --seeds {seeds_of(measured)}` (after `research/oracle_a.py` at "
         "those seeds, whose LoRA runs keep their initial and final A row spaces). Each cell is the share of a row "
         "space that the data's r directions hold (`‖D Qᵀ‖²_F / ‖Q‖²_F`), the median over the "
         f"{measured[0]['prepared'][DIRECTION_KINDS[0]]['layers']} adapted layers, averaged over the seeds; "
@@ -776,7 +774,7 @@ def a_directions_section(measured: list[dict]) -> list[str]:
 
 
 def oracle_a_section(oracle: list[dict], runs: list[dict]) -> list[str]:
-    """`scripts/oracle_a.py`: LoRA-FA and LaMDA over the row space LoRA learned at the same seed (an A no method could
+    """`research/oracle_a.py`: LoRA-FA and LaMDA over the row space LoRA learned at the same seed (an A no method could
     know at step 0), against the same methods with their random A and against that LoRA run: whether any frozen A
     could close the same-r gap on drug-review."""
     oracle = [r for r in oracle if r["task"] == "drugreview" and recorded_spec(r) == TASKS["drugreview"]]
@@ -843,7 +841,7 @@ def oracle_a_section(oracle: list[dict], runs: list[dict]) -> list[str]:
     ]
     out += [
         "",
-        f"Command: `python scripts/oracle_a.py --seeds {seeds_of(lora)}`, and for the control `--a init --seeds "
+        f"Command: `python -m research.oracle_a --seeds {seeds_of(lora)}`, and for the control `--a init --seeds "
         f"{seeds_of(control)}`"
         + "".join(
             f", for {method} with an option `{flags.strip()} --opt {opts} --seeds {seeds}`"
@@ -976,7 +974,7 @@ def lamda_note(runs: list[dict]) -> list[str]:
             f"the adapted layers) is {subspace[mini]['top']:.2f} with the top singular directions against "
             f"{subspace[mini]['random']:.2f} with a random A in MiniLM ({subspace[smol]['top']:.2f} against "
             f"{subspace[smol]['random']:.2f} in SmolLM2); B's gradient is `g zᵀ`, so z's constant part only shifts "
-            "every token alike (`python scripts/drugreview_probe.py`)."
+            "every token alike (`python -m research.drugreview_probe`)."
         )
     return out
 
@@ -1011,7 +1009,7 @@ def done_when(
     groups = grouped(runs)
     method_groups = groups if method_runs is None else grouped(method_runs)
     measured = defaultdict(dict)
-    out = ["| criterion (issue 13) | seeds | measured (± s.e.) | target | |", "|---|---|---|---|---|"]
+    out = ["| criterion | seeds | measured (± s.e.) | target | |", "|---|---|---|---|---|"]
 
     def row(group: str, label: str, ref: list[dict], rs: list[dict], key: str, target: float) -> None:
         """`ref` − `rs` in points of a score, or for a loss `rs` / `ref` − 1 in % of ref's mean (lower is better)."""
@@ -1100,7 +1098,7 @@ def equal_done_when(
             " LaMDA++ against LaMDA on that recipe: not every gap is within one s.e. of 0 (the rows say which way)."
         )
     return [
-        "#### Done when, at LoRA's trainable parameters (issue 13)",
+        "#### Done when, at LoRA's trainable parameters",
         "",
         *criteria[:2],
         *rows,
@@ -1190,7 +1188,7 @@ def seeds_needed(runs: list[dict]) -> list[str]:
     ]
 
 
-def adapter_layers(task: str, method: str, init_seed: int = 0) -> dict[str, AdapterLayer]:
+def task_adapter_layers(task: str, method: str, init_seed: int = 0) -> dict:
     """`task`'s model with `method`'s adapters as its runs inject them (r, alpha, head from TASKS), by layer name."""
     spec = TASKS[task]
     head = spec.get("head")
@@ -1201,15 +1199,20 @@ def adapter_layers(task: str, method: str, init_seed: int = 0) -> dict[str, Adap
         modules_to_save=head.split(",") if head else None,
         init_seed=init_seed,
     )
-    model = inject_adapters(load_model(task, spec), config)
-    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+    return adapter_layers(inject_adapters(load_model(task, spec), config))
+
+
+def spectrum_score(weight: torch.Tensor, r: int) -> float:
+    """The share of `weight`'s spectral energy outside its top-r singular directions: LaMDA++'s score for a layer."""
+    energy = torch.linalg.svdvals(weight.detach().float()).square()
+    return float(1.0 - energy[:r].sum() / energy.sum().clamp_min(1e-30))
 
 
 @functools.cache
 def lamdapp_ranks(task: str) -> tuple[dict[str, int], dict[str, float]]:
     """Each adapted layer's LaMDA++ rank as the library sets it on `task`'s model, and its spectrum score."""
-    layers = adapter_layers(task, "lamda++")
-    scores = spectrum_scores({name: base_weight(m.base_layer) for name, m in layers.items()}, TASKS[task]["r"])
+    layers = task_adapter_layers(task, "lamda++")
+    scores = {name: spectrum_score(m.base_layer.weight, TASKS[task]["r"]) for name, m in layers.items()}
     return {name: m.r for name, m in layers.items()}, scores
 
 
@@ -1259,7 +1262,7 @@ def accuracy_part(save_figure) -> list[str]:
     se = 100 * (0.7 * 0.3 / n) ** 0.5
     criteria, measured = done_when(runs)
     out = [
-        "Command: `python scripts/accuracy.py sweep --plan issue13`, then `--plan issue13-seeds` and "
+        "Command: `python -m research.accuracy sweep --plan issue13`, then `--plan issue13-seeds` and "
         "`--plan issue13-seeds8` (seeds 3 and 4, then 5 to 7, of the done-when rows on drug-review) and "
         "`--plan issue13-ratio` (LoRA-FA's B learning-rate multiple), `--plan issue13-rank` (twice the rank) and "
         "`--plan issue13-lamda-lr` (LaMDA's learning-rate multiples, freeze order and init) (each run in its own "
@@ -1275,7 +1278,7 @@ def accuracy_part(save_figure) -> list[str]:
         f"about {se:.1f} points; a model answering the majority class scores {100 * share:.1f}% accuracy and "
         f"macro-F1 {majority_f1():.3f}.",
         "",
-        "#### Done when (issue 13)",
+        "#### Done when",
         "",
         *criteria,
         "",

@@ -12,10 +12,10 @@ top-r right singular vectors (LaMDA's `"residual"` init) and with a random ortho
 `frozen_a` measures, for `frozen_a_init` (hf_lorafa/calibration.py), how much larger z_i's mean square is along
 the data's top directions than along a random one (`tr(M)/d_in`, M the inputs' second moment), before the rows are
 scaled to a random row's: the median over the adapted layers, over 4 training batches at each task's batch size.
-Writes benchmarks/drugreview-probe.json, which BENCHMARKS.md quotes (`--only frozen_a` updates that entry alone).
+Writes research/results/drugreview-probe.json, which RESULTS.md quotes (`--only frozen_a` updates that entry alone).
 
-    python scripts/drugreview_probe.py
-    python scripts/drugreview_probe.py --only frozen_a
+    python -m research.drugreview_probe
+    python -m research.drugreview_probe --only frozen_a
 """
 
 from __future__ import annotations
@@ -25,12 +25,11 @@ import statistics
 from pathlib import Path
 
 import torch
-from accuracy import RESULTS, TASKS
-from hf_lorafa.dataprep import classification_metrics
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hf_lorafa.data import drugreview_split, resolve_model
+from hf_lorafa import classification_metrics, drugreview_split, resolve_model
+from research.accuracy import RESULTS, TASKS
 
 
 def features(model, tokenizer, rows: list[dict], max_length: int) -> dict[str, torch.Tensor]:
@@ -87,11 +86,11 @@ def top_singular_values(model_name: str) -> dict[str, float]:
 
 def subspace_variation(model: torch.nn.Module, batch: dict, r: int) -> dict[str, float]:
     """Median over the adapted layers of the token-varying share of z = A x, for A top-r singular and random."""
-    from hf_lorafa.injection import find_target_modules
+    from hf_lorafa import LoRAFAConfig, adapter_layers, inject_adapters
 
-    from hf_lorafa import LoRAFAConfig
-
-    layers = find_target_modules(model, LoRAFAConfig(r=r, modules_to_save=["classifier", "pooler"]))
+    # The layers LoRA-FA adapts (B = 0: the model's outputs, and so every layer's inputs, stay the base model's).
+    inject_adapters(model, LoRAFAConfig(method="lorafa", r=r, modules_to_save=["classifier", "pooler"]))
+    layers = adapter_layers(model)
     inputs, hooks = {}, []
     for name, layer in layers.items():
         hooks.append(layer.register_forward_hook(lambda m, i, o, n=name: inputs.__setitem__(n, i[0].detach())))
@@ -104,7 +103,7 @@ def subspace_variation(model: torch.nn.Module, batch: dict, r: int) -> dict[str,
     shares = {"top": [], "random": []}
     for name, layer in layers.items():
         x = inputs[name][mask].double()
-        vh = torch.linalg.svd(layer.weight.detach().double(), full_matrices=False)[2]
+        vh = torch.linalg.svd(layer.base_layer.weight.detach().double(), full_matrices=False)[2]
         random, _ = torch.linalg.qr(torch.randn(x.shape[1], r, generator=generator, dtype=torch.float64))
         for kind, a in (("top", vh[:r].t()), ("random", random)):
             z = x @ a
@@ -116,7 +115,7 @@ def subspaces() -> dict[str, dict[str, float]]:
     """`subspace_variation` for both accuracy models on 32 rows of their own task, at their protocol's rank."""
     from transformers import AutoModelForCausalLM
 
-    from hf_lorafa.data import chatterbot_pairs
+    from hf_lorafa import chatterbot_pairs
 
     out = {}
     for task in ("drugreview", "chatterbot"):
@@ -138,11 +137,9 @@ def subspaces() -> dict[str, dict[str, float]]:
 def frozen_a_scales() -> dict[str, dict[str, float]]:
     """Per task: the median (and range) over adapted layers of z_i's mean square along `frozen_a_init`'s top
     directions over a random direction's, over 4 batches of the first training rows (a run takes 4 shuffled ones)."""
-    from accuracy import _data, load_model
-    from hf_lorafa.calibration import data_directions, direction_scales
-    from hf_lorafa.injection import adapter_layers
-
-    from hf_lorafa import LoRAFAConfig, inject_adapters
+    from hf_lorafa import LoRAFAConfig, adapter_layers, inject_adapters
+    from research.accuracy import _data, load_model
+    from research.probes import data_directions, direction_scales
 
     out = {}
     for task in ("drugreview", "chatterbot"):

@@ -1,14 +1,11 @@
-"""scripts/update_norms.py: the size of the adapters' update over a run, and how far LoRA's A moved (short real runs
+"""research/update_norms.py: the size of the adapters' update over a run, and how far LoRA's A moved (short real runs
 of the drug-review protocol)."""
 
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import update_norms  # noqa: E402
+from research import update_norms
 
 
 def test_lora_moves_a_and_lorafa_keeps_it_while_both_grow_the_update(tmp_path):
@@ -20,7 +17,7 @@ def test_lora_moves_a_and_lorafa_keeps_it_while_both_grow_the_update(tmp_path):
     assert saved["finished"] == lorafa["finished"] and saved["prepared"] == {"layers": 36, "every": 1}
     assert (
         saved["command"]
-        == "python scripts/update_norms.py --task drugreview --method lorafa --seed 0 --spec max_steps=3"
+        == "python -m research.update_norms --task drugreview --method lorafa --seed 0 --spec max_steps=3"
     )
     for run in (lora, lorafa):
         norms = run["finished"]["norms"]

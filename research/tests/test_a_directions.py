@@ -1,17 +1,13 @@
-"""scripts/a_directions.py: how much of LoRA's learned A row space the data's directions hold (a short real
+"""research/a_directions.py: how much of LoRA's learned A row space the data's directions hold (a short real
 drug-review run of the oracle first, whose LoRA run keeps its row spaces)."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import a_directions  # noqa: E402
-import oracle_a  # noqa: E402
+from research import a_directions, oracle_a
 
 
 def test_held_is_the_share_of_rows_inside_a_row_space():

@@ -3,15 +3,15 @@
 Tasks: all-MiniLM-L6-v2 on the drug-review set (3-class accuracy and macro-F1 on the 379-row test split) and
 SmolLM2-135M-Instruct on chatterbot pairs at the main job's defaults (held-out loss). Every run has the same data,
 steps, batch, rank and learning rate (full fine-tuning gets the usual 10x lower rate); one JSON per run under
-`benchmarks/accuracy/` (protocol 2; protocol 1's runs, 5 warmup steps and 15 chatterbot steps, are under `v1/`).
+`research/results/accuracy/` (protocol 2; protocol 1's runs, 5 warmup steps and 15 chatterbot steps, are under `v1/`).
 
 Protocol 2 warms the learning rate up over 10% of the drug-review steps (was 5 of 304): at 5e-4 from step 5 the
 adapters' first Adam steps (each ±lr on every entry, whatever the gradient's size) follow the gradient of a
 classifier head that is still random, so where a seed's head starts decided where LoRA ended (PEFT LoRA 64.9 /
-73.1 / 61.2 over seeds 0-2, ours the same per seed; BENCHMARKS.md).
+73.1 / 61.2 over seeds 0-2, ours the same per seed; RESULTS.md).
 
-    python scripts/accuracy.py run --task drugreview --impl ours --method lamda --opt lamda_init=residual --seed 0
-    python scripts/accuracy.py sweep --plan issue13      # the runs BENCHMARKS.md reports, skipping finished ones
+    python -m research.accuracy run --task drugreview --impl ours --method lamda --opt lamda_init=residual --seed 0
+    python -m research.accuracy sweep --plan issue13      # the runs RESULTS.md reports, skipping finished ones
 """
 
 from __future__ import annotations
@@ -26,15 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from hf_lorafa.dataprep import (
-    classification_metrics,
-    load_raw_dataset,
-    pad_collator,
-    tokenize_for_causal_lm,
-    tokenize_for_classification,
-)
-from hf_lorafa.injection import count_parameters
-from hf_lorafa.job import JOB_DEFAULTS
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -44,11 +35,31 @@ from transformers import (
     Trainer,
 )
 
-from hf_lorafa import LoRAFAConfig, LoRAFATrainer, LoRAFATrainingArguments
-from hf_lorafa.data import resolve_model
+from hf_lorafa import (
+    LoRAFAConfig,
+    LoRAFATrainer,
+    LoRAFATrainingArguments,
+    classification_metrics,
+    count_parameters,
+    load_raw_dataset,
+    pad_collator,
+    resolve_model,
+    tokenize_for_causal_lm,
+    tokenize_for_classification,
+)
 
-RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "accuracy"
-# drugreview: the reference protocol of BENCHMARKS.md (8 epochs, 3 seeds, r=8, lr 5e-4); ~40 s per epoch on an
+ROOT = Path(__file__).resolve().parent.parent  # the repository: a sweep runs `python -m research.accuracy` there
+RESULTS = Path(__file__).resolve().parent / "results" / "accuracy"
+# The main job's defaults (`hf-lorafa train` with no flags) when chatterbot's runs were made, pinned here so that a
+# later change of the job's defaults never mixes protocols.
+JOB_DEFAULTS = {
+    "max_steps": 40,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 5e-4,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 4,
+}
+# drugreview: the reference protocol of RESULTS.md (8 epochs, 3 seeds, r=8, lr 5e-4); ~40 s per epoch on an
 # idle 2-core machine. chatterbot: what `hf-lorafa train` runs with no flags (JOB_DEFAULTS, r=16, alpha=32, 64 rows
 # held out).
 TASKS = {
@@ -66,7 +77,7 @@ TASKS = {
         "classifier_dropout": None,  # None: BERT's hidden_dropout_prob (0.1)
         # Trained in full (PEFT's modules_to_save), comma-separated. Protocol 3 adds BERT's pooler: this model was
         # trained with mean pooling, its pooler never was, and its output hardly varies between reviews, so with
-        # the pooler frozen a run could sit at the class prior for all 304 steps (BENCHMARKS.md).
+        # the pooler frozen a run could sit at the class prior for all 304 steps (RESULTS.md).
         "head": "classifier,pooler",
     },
     "chatterbot": {
@@ -242,7 +253,7 @@ PLANS["issue13-seeds8"] = [
 ]
 # LoRA-FA's B learning-rate multiple on drug-review, where the default 4 (chosen on chatterbot) ends with held-out
 # loss 1.36 against LoRA's 1.16 and PEFT's LoRA-FA's 0.84 (B at the learning rate itself, scoring higher). It was
-# taken for over-fitting; measured, ratios 1 and 2 end with lower loss and no higher accuracy (BENCHMARKS.md). Ratios 1
+# taken for over-fitting; measured, ratios 1 and 2 end with lower loss and no higher accuracy (RESULTS.md). Ratios 1
 # and 2 for seeds 0-3, chatterbot's 3 seeds at each, then LoRA-FA at LoRA's trainable parameters: B alone at r=16
 # (alpha 32, the same scale) has r·d_out = 16·d_out parameters a square layer, LoRA's r·(d_in + d_out) at r=8, while
 # its backward still keeps 16 values a token, not x (384). Then seeds 4-7 of ratios 2 and 1 (seed by seed throughout:
@@ -403,7 +414,7 @@ def run(
     `spec_changes` ((key, value) pairs of TASKS' entries) tries a protocol variant; named in the run's file name.
     `prepare` (before training) and `finish` (after it) get the trainer; what they return is recorded under
     `"prepared"` / `"finished"`. `tag` names such a variant at the end of the run's name, and `command` replaces the
-    recorded command that reruns it (`scripts/oracle_a.py`).
+    recorded command that reruns it (`research/oracle_a.py`).
     """
     spec = {**TASKS[task], **dict(spec_changes)}
     if impl == "ours":  # named with every option of the method, so the name says what ran whatever the defaults
@@ -494,7 +505,7 @@ def run(
         "spec": spec,
         "spec_changes": dict(spec_changes),
         "command": command
-        or " ".join(["python scripts/accuracy.py run", *run_argv(task, impl, method, seed, options, spec_changes)]),
+        or " ".join(["python -m research.accuracy run", *run_argv(task, impl, method, seed, options, spec_changes)]),
         "model": spec["model"],
         "r": spec["r"],
         "alpha": spec["alpha"],
@@ -582,10 +593,11 @@ def sweep(plan: str, out_dir: Path, shard: tuple[int, int] = (0, 1)) -> None:
             os.close(os.open(claim, os.O_CREAT | os.O_EXCL))
         except FileExistsError:
             continue
-        argv = [sys.executable, __file__, "run", *run_argv(*entry), "--out", str(out_dir)]
+        argv = [sys.executable, "-m", "research.accuracy", "run", *run_argv(*entry), "--out", str(out_dir)]
         started = time.time()
         try:
-            code = subprocess.call(argv, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+            code = subprocess.call(argv, cwd=ROOT, env=env)
         finally:
             claim.unlink(missing_ok=True)
         print(f"[accuracy] {name}: exit {code} after {time.time() - started:.0f} s", flush=True)

@@ -1,17 +1,13 @@
-"""scripts/oracle_a.py: LoRA-FA and LaMDA trained over the A that ours LoRA learned at the same seed (a short run
+"""research/oracle_a.py: LoRA-FA and LaMDA trained over the A that ours LoRA learned at the same seed (a short run
 of the real drug-review task: the experiment's plumbing, not its result)."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-
-import oracle_a  # noqa: E402
+from research import oracle_a
 
 
 def test_overlap_is_one_for_the_same_space_and_zero_for_an_orthogonal_one():
@@ -31,7 +27,7 @@ def test_lorafa_trains_over_the_row_space_lora_ended_with(tmp_path):
     assert (
         lorafa["command"]
         == lora["command"]
-        == ("python scripts/oracle_a.py --task drugreview --seeds 0 --methods lorafa --spec max_steps=3")
+        == ("python -m research.oracle_a --task drugreview --seeds 0 --methods lorafa --spec max_steps=3")
     )
     moved = lora["finished"]["a_overlap_with_init"]
     assert moved["layers"] == 36 and moved["min"] < 1 - 1e-4  # LoRA's A moved in 3 steps, a little

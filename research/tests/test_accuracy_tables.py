@@ -3,11 +3,10 @@ errors, and that the committed page is what the results give (no figure typed by
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import statistics
-import sys
-from pathlib import Path
 
 import matplotlib
 
@@ -15,17 +14,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import accuracy  # noqa: E402
-from accuracy import LAMDA, LAMDA_AS_LORAFA, LORAFA, TASKS, lamda_options, recorded_options, run_name  # noqa: E402
-from accuracy_tables import (  # noqa: E402
+from research import accuracy
+from research.accuracy import LAMDA, LAMDA_AS_LORAFA, LORAFA, TASKS, lamda_options, recorded_options, run_name
+from research.accuracy_tables import (
     DRUG_VS_LORA,
     PLUS_VS_LAMDA,
     a_directions_section,
     accuracy_part,
-    adapter_layers,
     current_runs,
     done_when,
     equal_done_when,
@@ -40,10 +35,12 @@ from accuracy_tables import (  # noqa: E402
     rank_section,
     se_paragraph,
     seeds_for,
+    task_adapter_layers,
     update_norms_section,
     values,
     verdict,
 )
+from research.make_results_md import HERE, SUMMARY, summary, wrap
 
 
 def test_gap_error_is_the_standard_error_of_a_difference_of_means():
@@ -361,7 +358,7 @@ def test_a_directions_section_averages_each_kinds_shares_over_the_seeds():
         "| the inputs' top directions | 0 1 | 0.040 | 0.020 | 0.100 | 0.020 |",
         "| LoRA's first turn, `A₀ GᵀG` outside A₀ (no option sets it) | 0 | 0.010 | 0.000 | 0.130 | 0.020 |",
     ]
-    assert lines[-1].startswith("Command: `python scripts/a_directions.py --seeds 0 1`")
+    assert lines[-1].startswith("Command: `python -m research.a_directions --seeds 0 1`")
     assert "the median over the 36 adapted layers, averaged over the seeds" in lines[-1]
 
 
@@ -394,7 +391,7 @@ def test_sweeps_side_by_side_claim_each_run_once(tmp_path, monkeypatch):
     (tmp_path / "tmp" / f"{names[1]}.claim").touch()  # running in another sweep
     started = []
 
-    def call(argv, env):
+    def call(argv, cwd, env):
         started.append(argv[argv.index("--seed") + 1])
         assert (tmp_path / "tmp" / f"{names[int(started[-1])]}.claim").exists()  # claimed while it runs
         return 1 if started[-1] == "3" else 0
@@ -442,7 +439,7 @@ def test_equal_done_when_holds_each_method_at_twice_the_rank_to_lora_at_its_own(
     equal += [drug("ours", "lamda", s, 0.60, 0.40, LAMDA) for s in range(3)]  # LaMDA's defaults at 2r: not held
     equal += [run("chatterbot", "ours", "lorafa", s, LORAFA, eval_loss=1.03) for s in range(3)]  # 3% above LoRA
     lines = equal_done_when(runs, equal, same_r)
-    assert lines[0] == "#### Done when, at LoRA's trainable parameters (issue 13)"
+    assert lines[0] == "#### Done when, at LoRA's trainable parameters"
     row = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ")}
     assert row["drug-review accuracy: ours LoRA − lorafa"].endswith(
         "| 3 vs 3 | +0.5 ± 0.8 points | ≤ 1 point | reached |"
@@ -476,17 +473,19 @@ def test_equal_done_when_holds_each_method_at_twice_the_rank_to_lora_at_its_own(
     )
 
 
-def test_benchmarks_md_is_what_the_results_give():
-    """Every accuracy line make_benchmarks_md.py writes from the committed JSONs is in the committed page."""
-    page = (ROOT / "BENCHMARKS.md").read_text()
+def test_results_md_is_what_the_results_give():
+    """Every accuracy line make_results_md.py writes from the committed JSONs is in the committed page, and the summary
+    BENCHMARKS.md quotes is the one they give."""
+    page = (HERE / "RESULTS.md").read_text()
 
     def save_figure(fig, ax, name: str, alt: str, legend_size: int | None = None) -> str:
         plt.close(fig)  # the plots are not compared, only the text
-        return f"![{alt}](benchmarks/{name})"
+        return f"![{alt}](results/{name})"
 
-    lines = accuracy_part(save_figure)
+    lines = wrap(accuracy_part(save_figure))
     missing = [line for line in lines if line and not re.match(r"!\[", line) and line not in page]
-    assert not missing, f"BENCHMARKS.md is stale (run `python scripts/make_benchmarks_md.py`): {missing[:3]}"
+    assert not missing, f"RESULTS.md is stale (run `python -m research.make_results_md`): {missing[:3]}"
+    assert json.loads(SUMMARY.read_text()) == summary()
 
 
 def test_lamdapp_on_drugreview_is_lamda_but_for_the_layers_its_rule_moves():
@@ -498,7 +497,7 @@ def test_lamdapp_on_drugreview_is_lamda_but_for_the_layers_its_rule_moves():
     assert 0 < len(moved) < len(ranks) and set(scores) == set(ranks)
 
     def adapters(method: str) -> dict[str, dict[str, torch.Tensor]]:
-        return {n: m.adapter_tensors() for n, m in adapter_layers("drugreview", method, init_seed=3).items()}
+        return {n: m.adapter_tensors() for n, m in task_adapter_layers("drugreview", method, init_seed=3).items()}
 
     lamda, plus = adapters("lamda"), adapters("lamda++")
     assert set(lamda) == set(plus) == set(ranks)

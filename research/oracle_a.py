@@ -1,7 +1,7 @@
 """Would a better frozen A close the same-r gap? LoRA-FA and LaMDA over the row space LoRA itself learned.
 
 LoRA-FA and LaMDA freeze A, so the update `ΔW = s·B A` can use only A's r input directions for the whole run. On
-drug-review they stay 1-2 points below LoRA at the same r (BENCHMARKS.md), and every data-chosen A tried there (W's
+drug-review they stay 1-2 points below LoRA at the same r (RESULTS.md), and every data-chosen A tried there (W's
 top singular vectors, the first gradient's, the inputs') did no better than a random one. This asks the question
 from the other end: per seed, train ours LoRA, take the row space of each layer's final A (the directions LoRA
 chose with all 304 steps of hindsight: no frozen-A method could know them at step 0), and train LoRA-FA and LaMDA
@@ -10,16 +10,16 @@ rows). LoRA's final update `B A` is then within reach of B alone.
 
 - If the oracle A closes the gap, the gap is the choice of A, and a better data-chosen A could close it.
 - If it does not, no frozen A can: the gap is B alone training (with A fixed, and so with half LoRA's adapter
-  parameters), and equal trainable parameters (twice the rank) is what closes it (BENCHMARKS.md).
+  parameters), and equal trainable parameters (twice the rank) is what closes it (RESULTS.md).
 
 The control (`--a init`) freezes each method's own random A's row space, orthonormalised and rescaled the same way,
 so that the basis and scale are not mistaken for the subspace. Each LoRA run also records how far its A's row space
 moved from its init (the random A LoRA-FA keeps at the same seed): `‖Q_final Q_initᵀ‖²_F / r` per layer, 1 for the
 same space, about r/d_in for unrelated ones.
 
-    python scripts/oracle_a.py --seeds 0 1 2          # one process; two at a time: --seeds 0 1 & --seeds 2
-    python scripts/oracle_a.py --seeds 0 1 2 --a init # the control: each method's own random A, rescaled alike
-    python scripts/oracle_a.py --seeds 0 1 2 --methods lorafa --opt lorafa_lr_ratio=1  # B at LoRA's own pace
+    python -m research.oracle_a --seeds 0 1 2          # one process; two at a time: --seeds 0 1 & --seeds 2
+    python -m research.oracle_a --seeds 0 1 2 --a init # the control: each method's own random A, rescaled alike
+    python -m research.oracle_a --seeds 0 1 2 --methods lorafa --opt lorafa_lr_ratio=1  # B at LoRA's own pace
 
 A LoRA run's initial and final row spaces are kept in `OUT/tmp/` (safetensors), so a later call at the same seed
 (another method or option) reuses them instead of training LoRA again; its JSON must still be there.
@@ -34,10 +34,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import accuracy  # noqa: E402
-from hf_lorafa.calibration import set_frozen_a_directions  # noqa: E402
-from hf_lorafa.injection import adapter_layers  # noqa: E402
+from hf_lorafa import adapter_layers
+from research import accuracy
+from research.probes import frozen_a_batches, set_frozen_a_directions
 
 OUT = accuracy.RESULTS / "oracle-a"
 # The A each variant freezes: LoRA's final row space, or (the control) the method's own random one, rescaled.
@@ -80,7 +79,7 @@ def seed_runs(
     method over its own random A's row space, orthonormalised and scaled the same way (`"init"`, no LoRA run).
     `options` ((key, value) pairs, as `accuracy.py run --opt`) go to every method's run, not to LoRA's."""
     command = " ".join(
-        ["python scripts/oracle_a.py --task", task, "--seeds", str(seed), "--methods", *methods]
+        ["python -m research.oracle_a --task", task, "--seeds", str(seed), "--methods", *methods]
         + (["--a", a_from] if a_from != "final" else [])
         + [f"--opt {k}={v}" for k, v in options]
         + [f"--spec {k}={v}" for k, v in spec_changes]
@@ -125,7 +124,7 @@ def seed_runs(
             model = _model(trainer)
             before = row_spaces(trainer)
             directions = learned if a_from == "final" else before
-            set_frozen_a_directions(model, trainer.frozen_a_batches(), directions)
+            set_frozen_a_directions(model, frozen_a_batches(trainer), directions)
             after = row_spaces(trainer)
             if a_from != "final":
                 return {"a_overlap_with_own_random_a": summary(overlaps(after, before))}

@@ -1,10 +1,10 @@
 """Do the data's directions point where LoRA's A went? Overlaps of `frozen_a_init`'s directions with LoRA's A.
 
-`scripts/oracle_a.py` trains ours LoRA per seed and keeps each layer's initial and final A row space (in
-`benchmarks/accuracy/oracle-a/tmp/`). LoRA's A keeps most of its random init (about 0.9 of it) and turns a little;
-LoRA-FA over that final A, at LoRA's pace, comes close to LoRA (BENCHMARKS.md). This asks whether a frozen A chosen
-from the first training batches (`frozen_a_init="gradient"` or `"activations"`, as the trainer computes them) spans
-what LoRA learned. It also measures a third candidate that no option sets: LoRA's own first turn, the random A
+`research/oracle_a.py` trains ours LoRA per seed and keeps each layer's initial and final A row space (in
+`research/results/accuracy/oracle-a/tmp/`). LoRA's A keeps most of its random init (about 0.9 of it) and turns a
+little; LoRA-FA over that final A, at LoRA's pace, comes close to LoRA (RESULTS.md). This asks whether a frozen A
+chosen from the first training batches (`frozen_a_init="gradient"` or `"activations"`, as the trainer computes them)
+spans what LoRA learned. It also measures a third candidate that no option sets: LoRA's own first turn, the random A
 pushed one power-iteration step along the gradient (`A₀ GᵀG`, G = Σ g xᵀ over the same batches, less its part in
 A₀'s row space: the direction LoRA's A gradient `s Bᵀ G` takes once B has followed `G A₀ᵀ`). Per layer, with `Q₀`
 LoRA's initial row space, `Q_f` its final one and `D` the data's top-r directions, the overlaps `‖D Q_fᵀ‖²_F / r`
@@ -12,7 +12,7 @@ and `‖D Q₀ᵀ‖²_F / r`, and the share of the part of `Q_f` outside `Q₀`
 `‖D Nᵀ‖²_F / ‖N‖²_F` with `N = Q_f − Q_f Q₀ᵀ Q₀`. A random r-dimensional space holds about r/d_in of any of
 them. One step of LoRA-FA is trained to get the trainer; its metrics mean nothing.
 
-    python scripts/a_directions.py --seeds 0 1 2     # after `scripts/oracle_a.py --seeds 0 1 2`
+    python -m research.a_directions --seeds 0 1 2     # after `python -m research.oracle_a --seeds 0 1 2`
 """
 
 from __future__ import annotations
@@ -25,14 +25,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import accuracy  # noqa: E402
-import oracle_a  # noqa: E402
-
-# Calibration's own pass and context (eval mode, the RNG left alone), as `frozen_a_init` runs them.
-from hf_lorafa.calibration import _calibrating, data_directions  # noqa: E402
-from hf_lorafa.calibration import _run as calibration_pass  # noqa: E402
-from hf_lorafa.injection import adapter_layers  # noqa: E402
+from hf_lorafa import adapter_layers
+from research import accuracy, oracle_a
+from research.probes import calibrating, calibration_pass, data_directions, frozen_a_batches
 
 OUT = accuracy.RESULTS / "a-directions"
 KINDS = ("gradient", "activations", "turn")
@@ -78,8 +73,8 @@ def measure(task: str, seed: int, oracle: Path = oracle_a.OUT, out: Path = OUT, 
         layers = adapter_layers(model)
         own = oracle_a.row_spaces(trainer)  # LoRA-FA's random A at this seed: LoRA's initial A
         found = {"random_a_overlap_with_lora_init": oracle_a.summary(oracle_a.overlaps(own, init))}
-        batches = list(trainer.frozen_a_batches())  # the same batches for every kind
-        with _calibrating(model):
+        batches = frozen_a_batches(trainer)  # the same batches for every kind
+        with calibrating(model):
             for kind in KINDS:
                 if kind == "turn":
                     data = turn_directions(model, layers, batches, own)
@@ -101,7 +96,7 @@ def measure(task: str, seed: int, oracle: Path = oracle_a.OUT, out: Path = OUT, 
                 } | {"layers": len(per_layer)}
         return found
 
-    command = f"python scripts/a_directions.py --task {task} --seeds {seed}"
+    command = f"python -m research.a_directions --task {task} --seeds {seed}"
     return accuracy.run(
         task,
         "ours",

@@ -1,0 +1,1 @@
+"""The lab: hf-lorafa's experiments on its public API, their results and write-ups (README.md). Not shipped."""
