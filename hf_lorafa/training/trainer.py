@@ -110,10 +110,6 @@ class LoRAFATrainerMixin:
         with preemptible(self):  # SIGTERM: save a checkpoint at the step's end, then exit 143 (see preemption.py)
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
-    def frozen_a_batches(self):
-        """The first `FROZEN_A_BATCHES` training batches, on the model's device: what a frozen A is set from."""
-        return (self._prepare_inputs(b) for b in itertools.islice(self.get_train_dataloader(), FROZEN_A_BATCHES))
-
     def init_frozen_a(self) -> None:
         """`frozen_a_init="gradient"` or `"activations"`: set each frozen A from the first `FROZEN_A_BATCHES` training
         batches, once, before the first step (a resumed run loads its A from the checkpoint instead)."""
@@ -121,7 +117,8 @@ class LoRAFATrainerMixin:
         kind = self.lorafa_config.frozen_a_init
         if kind == "random" or not getattr(model, "hf_lorafa_a_pending", False):
             return  # a random A, one set already, or one loaded with its adapter
-        batches = self.frozen_a_batches()
+        loader = itertools.islice(self.get_train_dataloader(), FROZEN_A_BATCHES)
+        batches = (self._prepare_inputs(batch) for batch in loader)
         if self.memory is not None:
             self.memory.reset_peak()
         # TRL's compute_loss records token counts and metrics as it goes; the calibration batches are not training.

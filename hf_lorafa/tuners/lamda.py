@@ -165,7 +165,6 @@ class LaMDALayer(AdapterLayer):
             self.dropout,
             self.training,
             self.lamda_offset,
-            self.mask_generator,
         )
 
 

@@ -91,7 +91,7 @@ class FrozenAAdapterFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, lora_A, lora_B, lora_S, b_grad_transform, base_layer, scaling, p, training, offset=None, masks=None
+        ctx, x, lora_A, lora_B, lora_S, b_grad_transform, base_layer, scaling, p, training, offset=None
     ):
         with torch.no_grad():
             result = base_layer(x)
@@ -101,7 +101,7 @@ class FrozenAAdapterFunction(torch.autograd.Function):
         if p > 0.0 and training:
             # Drawn from the global generator: reproducible under torch.manual_seed and replayed by checkpointing.
             seed = int(torch.randint(0, 2**62, (1,)).item())
-            h = h * dropout_mask(h.shape, p, seed, h.device, h.dtype, masks)
+            h = h * dropout_mask(h.shape, p, seed, h.device, h.dtype)
         z = h @ lora_A.to(dtype).t()
         u = z if lora_S is None else z @ lora_S.to(dtype).t()
         out = u @ lora_B.to(dtype).t()
@@ -109,7 +109,7 @@ class FrozenAAdapterFunction(torch.autograd.Function):
             out = out - z @ offset.to(dtype).t()
         result = result + (scaling * out).to(result.dtype)
         ctx.save_for_backward(z, lora_A, lora_B, lora_S, b_grad_transform, offset)
-        ctx.base_layer, ctx.scaling, ctx.p, ctx.seed, ctx.masks = base_layer, scaling, p, seed, masks
+        ctx.base_layer, ctx.scaling, ctx.p, ctx.seed = base_layer, scaling, p, seed
         return result
 
     @staticmethod
@@ -141,7 +141,7 @@ class FrozenAAdapterFunction(torch.autograd.Function):
                 gz = gz - ctx.scaling * (g @ offset)
             gh = gz @ lora_A
             if ctx.seed is not None:
-                gh = gh * dropout_mask(gh.shape, ctx.p, ctx.seed, gh.device, gh.dtype, ctx.masks)
+                gh = gh * dropout_mask(gh.shape, ctx.p, ctx.seed, gh.device, gh.dtype)
             grad_x = grad_x + gh.to(grad_x.dtype)
         return grad_x, None, grad_B, grad_S, None, None, None, None, None, None, None
 
@@ -149,8 +149,6 @@ class FrozenAAdapterFunction(torch.autograd.Function):
 class AdapterLayer(nn.Module):
     """Common part of every adapter: the wrapped `base_layer`, `lora_A (r×d_in)`, `lora_B (d_out×r)`, scaling."""
 
-    # The frozen-A layers' dropout-mask generator: None picks per device (see `dropout_mask`).
-    mask_generator: str | None = None
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
@@ -272,5 +270,4 @@ class LoRAFALayer(AdapterLayer):
             self.dropout,
             self.training,
             None,
-            self.mask_generator,
         )
