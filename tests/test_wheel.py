@@ -16,8 +16,9 @@ from transformers import AutoTokenizer
 from hf_lorafa.data.offline import smollm2_path
 
 REPO = Path(__file__).resolve().parent.parent
-# What the wheel is built from: pyproject.toml's inputs only, so a file the build forgets cannot hide in the checkout.
-SOURCES = ("pyproject.toml", "README.md", "hf_lorafa", "model_cards")
+# What the wheel is built from: pyproject.toml's inputs, so a file the build forgets cannot hide in the checkout, plus
+# the lab and the scripts, which must stay out of it.
+SOURCES = ("pyproject.toml", "README.md", "hf_lorafa", "model_cards", "research", "scripts")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,22 @@ def test_wheel_ships_the_card_template(installed_wheel, tmp_path):
     package, template = result.stdout.split()
     assert Path(package).is_relative_to(installed_wheel), package
     assert Path(template).is_relative_to(installed_wheel) and Path(template).name == "adapter_card.md"
+
+
+def test_wheel_ships_every_room_and_public_name_and_no_experiment(installed_wheel, tmp_path):
+    shipped = {p.name for p in installed_wheel.iterdir()}
+    assert not shipped & {"research", "scripts", "benchmarks", "tests"}, shipped
+    rooms = sorted(p.parent.name for p in (REPO / "hf_lorafa").glob("*/__init__.py"))
+    assert rooms and all((installed_wheel / "hf_lorafa" / room / "__init__.py").exists() for room in rooms)
+    probe = (
+        "import hf_lorafa, hf_lorafa.trl, hf_lorafa.cli; "
+        "print(all(getattr(hf_lorafa, n) is not None for n in hf_lorafa.__all__), hf_lorafa.trl.LoRAFASFTTrainer)"
+    )
+    result = run_installed(installed_wheel, tmp_path, "-c", probe)
+    assert result.returncode == 0 and result.stdout.startswith("True"), result.stderr[-2000:]
+    for command in ("train", "merge", "push", "estimate", "bench", "demo"):
+        result = run_installed(installed_wheel, tmp_path, "-m", "hf_lorafa.cli", command, "--help")
+        assert result.returncode == 0 and "usage: hf-lorafa" in result.stdout, (command, result.stderr[-2000:])
 
 
 def test_wheel_install_trains_and_saves(installed_wheel, tmp_path):
