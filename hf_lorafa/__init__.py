@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from .version import __version__ as __version__  # re-exported
+
+# transformers' Trainer imports peft, which imports bitsandbytes, which on AVX512-BF16 CPUs tries to fetch its fused
+# 4-bit CPU kernel from the Hub (through `kernels`) and warns when it cannot. Safe to hide: that kernel only runs on
+# weights repacked for CPU inference, which hf-lorafa never lets bitsandbytes make (`tuners.quantization.keep_canonical_layout`).
+# Set here, before any of our modules imports transformers.
+for _logger in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    logging.getLogger(_logger).addFilter(
+        lambda record: not any(s in str(record.msg) for s in ("gemm_4bit_forward", "quantization-bitsandbytes"))
+    )
 
 # Exports are imported on first use: `import hf_lorafa` stays cheap for the demo and the CLI, which need only parts.
 _EXPORTS = {

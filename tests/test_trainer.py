@@ -94,6 +94,39 @@ trainer.save_model()
     assert "Memory summary" in result.stdout
 
 
+def test_training_prints_no_warning_a_user_cannot_act_on(tmp_path):
+    """A plain run (no quantization, no GPU flags) with an evaluation, in a fresh process so that import-time and
+    once-per-process warnings are printed again."""
+    script = tmp_path / "quiet.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(REPO / "tests")!r})
+from conftest import tiny_llama
+from test_trainer import token_dataset
+from hf_lorafa import LoRAFATrainer, LoRAFATrainingArguments
+
+args = LoRAFATrainingArguments(output_dir={str(tmp_path / "run")!r}, max_steps=2, per_device_train_batch_size=4,
+                               report_to="none", lora_r=4, save_strategy="no", disable_tqdm=True)
+trainer = LoRAFATrainer(model=tiny_llama(), args=args, train_dataset=token_dataset(), eval_dataset=token_dataset(8))
+trainer.evaluate()
+trainer.train()
+""")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # bitsandbytes' CPU kernel fetch (its line and `kernels`'), torch's pin_memory, transformers' cache rename.
+    unactionable = ("gemm_4bit_forward", "quantization-bitsandbytes", "'pin_memory' argument", "`past_key_values`")
+    assert [line for line in unactionable if line in result.stderr + result.stdout] == []
+
+
+@pytest.mark.parametrize("max_steps, plotted", [(4, [2, 4]), (3, [2, 3])])
+def test_memory_plot_has_one_point_per_step(max_steps, plotted, tmp_path):
+    """The trainer's end-of-training summary log comes at the last step: a point only where no step log was."""
+    args = make_args(tmp_path, max_steps=max_steps, logging_steps=2)
+    LoRAFATrainer(model=tiny_llama(), args=args, train_dataset=token_dataset()).train()
+    history = json.loads((Path(args.output_dir) / "memory.json").read_text())["history"]
+    assert [h["step"] for h in history] == plotted
+
+
 def test_tensorboard_sees_memory_metrics(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

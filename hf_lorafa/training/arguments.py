@@ -101,6 +101,10 @@ class LoRAFAArguments(_AdapterArguments):
             # would train alone and write the same output_dir. With it, accelerate joins them over gloo.
             logger.warning("WORLD_SIZE>1 and no GPU: training on CPU over gloo (use_cpu=True).")
             self.use_cpu = True
+        accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6; torch's own test before pinning
+        if not (accelerator.is_available() if accelerator else torch.cuda.is_available()):
+            # Pinned memory only speeds copies to an accelerator: without one torch ignores it, with a warning.
+            self.dataloader_pin_memory = False
         super().__post_init__()  # the TrainingArguments subclass this mixin is combined with
 
     def _adapter_options(self) -> dict[str, Any]:

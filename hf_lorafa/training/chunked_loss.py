@@ -164,12 +164,15 @@ def _chunked_forward(self, *args, **kwargs):
     loss = _causal_lm_loss(
         outputs.last_hidden_state, head, labels, chunk_tokens=self.hf_lorafa_loss_chunk, **loss_kwargs
     )
+    # transformers 5 renamed the outputs' `past_key_values` to `cache` and warns on the old name; pass it on by
+    # whichever name this transformers' outputs declare.
+    cache = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
     return CausalLMOutputWithPast(
         loss=loss,
         logits=None,
-        past_key_values=outputs.past_key_values,
         hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
+        **{cache: getattr(outputs, cache)},
     )
 
 

@@ -84,7 +84,8 @@ class MemoryTracker:
         entry = {"memory/peak_mib": round(peak / 2**20, 2), "trainable_params": trainable}
         if self.activation_bytes is not None:
             entry["memory/activation_mib"] = round(self.activation_bytes / 2**20, 3)
-        self.history.append({"step": step, **entry})
+        if not self.history or self.history[-1]["step"] != step:  # the end-of-training summary repeats the last step
+            self.history.append({"step": step, **entry})
         self.reset_peak()
         return entry
 
