@@ -10,7 +10,8 @@ from .version import __version__ as __version__  # re-exported
 
 # transformers' Trainer imports peft, which imports bitsandbytes, which on AVX512-BF16 CPUs tries to fetch its fused
 # 4-bit CPU kernel from the Hub (through `kernels`) and warns when it cannot. Safe to hide: that kernel only runs on
-# weights repacked for CPU inference, which hf-lorafa never lets bitsandbytes make (`tuners.quantization.keep_canonical_layout`).
+# weights repacked for CPU inference, which hf-lorafa never lets bitsandbytes make
+# (`tuners.quantization.keep_canonical_layout`).
 # Set here, before any of our modules imports transformers.
 for _logger in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
     logging.getLogger(_logger).addFilter(

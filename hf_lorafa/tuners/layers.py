@@ -90,9 +90,7 @@ class FrozenAAdapterFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx, x, lora_A, lora_B, lora_S, b_grad_transform, base_layer, scaling, p, training, offset=None
-    ):
+    def forward(ctx, x, lora_A, lora_B, lora_S, b_grad_transform, base_layer, scaling, p, training, offset=None):
         with torch.no_grad():
             result = base_layer(x)
         dtype = _common_dtype(lora_A, lora_B, lora_S)
@@ -148,7 +146,6 @@ class FrozenAAdapterFunction(torch.autograd.Function):
 
 class AdapterLayer(nn.Module):
     """Common part of every adapter: the wrapped `base_layer`, `lora_A (r×d_in)`, `lora_B (d_out×r)`, scaling."""
-
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
