@@ -182,7 +182,7 @@ def classification_head(model) -> list[str]:
 
     The pooler is part of BERT's classification head, and checkpoints trained with mean pooling (sentence-transformers
     models such as all-MiniLM-L6-v2) never trained theirs: left frozen, its output hardly varies between inputs
-    (research/README.md).
+    (research/design-notes.md).
     """
     head = ["classifier" if hasattr(model, "classifier") else "score"]
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)

@@ -283,8 +283,7 @@ def set_frozen_a_directions(
     """Set each named layer's frozen A to `directions[name]` (r orthonormal rows), each row scaled so that its
     `z_i = A_i x` has a random row's mean square over `batches`' inputs (one forward-only pass).
 
-    `init_frozen_a_from_data` calls it with the data's directions; `scripts/oracle_a.py` with the row space LoRA
-    itself learned."""
+    `init_frozen_a_from_data` calls it with the data's directions."""
     layers = layers or adapter_layers(model)
     with _calibrating(model):
         scales = direction_scales(model, layers, list(batches), directions)

@@ -103,13 +103,13 @@ class LoRAFAConfig:
     lorafa_lr_ratio: float = option(
         4.0,
         "Learning-rate multiplier of LoRA-FA's `lora_B`. A frozen A removes half of LoRA's update directions; a "
-        "larger step on B recovers the pace (the default's study: research/README.md).",
+        "larger step on B recovers the pace (the default's study: research/design-notes.md).",
         valid=(lambda x: x > 0, "positive (1.0 = LoRA's learning rate)"),
     )
     lamda_freeze_fraction: float = option(
         0.75,
         "Fraction of the total training steps over which LaMDA's B is frozen; afterwards only S (r² per layer) "
-        "trains (the default's study: research/README.md).",
+        "trains (the default's study: research/design-notes.md).",
         valid=(lambda f: 0 <= f <= 1, "a fraction of training in [0, 1]"),
     )
     lamda_freeze_order: Literal["ascending", "all"] = option(

@@ -20,7 +20,7 @@ Adaptation" (arXiv:2406.12832). What is the paper's and what is ours:
   - `"published"`: the authors' code: A random with orthonormal rows, B = 0, S at nn.Linear's default init.
   - `"identity"`: the published A and B = 0 with S = I, so that while B trains its update is exactly LoRA-FA's
     (`s·g zᵀ`) and S takes over the directions B learned.
-  Why the default, and how the inits compare: research/README.md.
+  Why the default, and how the inits compare: research/design-notes.md.
 - `lamda_lr_ratio` / `lamda_s_lr_ratio` (ours): S and B at a multiple of the learning rate, and S alone at a further
   multiple (one of S's r² entries carries a single rank-1 direction `B_i A_jᵀ` of W, one of B's columns d_out entries).
 - §3.2 (the paper's): PMB is frozen gradually during early training, so that afterwards only S (r² per layer)
