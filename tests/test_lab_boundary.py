@@ -10,7 +10,7 @@ import pytest
 
 import hf_lorafa
 
-REPO = Path(__file__).resolve().parent.parent.parent
+REPO = Path(__file__).resolve().parent.parent
 RESEARCH = sorted((REPO / "research").rglob("*.py"))
 
 
