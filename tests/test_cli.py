@@ -46,3 +46,34 @@ def test_merge_command_dequantizes_a_4bit_base(tmp_path):
     # A full-precision merge of the same adapter would not: the adapter was trained on the 4-bit weights.
     plain = inject_adapters(copy.deepcopy(tiny_llama(hidden=128)), LoRAFAConfig(method="lorafa", r=4))
     assert not torch.allclose(plain(ids).logits, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "needle"),
+    [
+        ("empty.yaml", "", "holds nothing; it must be a mapping of flag to value"),
+        ("list.yaml", "- lora_r: 8\n", "holds a list; it must be a mapping of flag to value"),
+        ("empty.json", "{}", "holds nothing; it must be a mapping of flag to value"),
+        ("broken.json", '{"lora_r": 8', "could not be read"),
+        ("typed.yaml", "lora_r: 8.5\n", "`lora_r` must be an int; got 8.5."),
+        ("typed.json", '{"log_memory": "False"}', "`log_memory` must be true or false"),
+    ],
+)
+def test_an_arguments_file_that_is_not_a_mapping_of_valid_flags_is_one_error(name, text, needle, tmp_path, capsys):
+    from hf_lorafa.cli import main
+
+    path = tmp_path / name
+    path.write_text(text)
+    assert main(["train", str(path)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("hf-lorafa train: error:") and needle in last, last
+
+
+def test_an_arguments_file_takes_lists_as_peft_does(tmp_path):
+    from hf_lorafa.cli.main_job import parse
+
+    path = tmp_path / "args.yaml"
+    path.write_text(f"output_dir: {tmp_path / 'out'}\nlora_target_modules: [q_proj, v_proj]\nlora_r: 8\n")
+    _, args = parse([str(path)])
+    config = args.to_lorafa_config()
+    assert config.target_modules == ["q_proj", "v_proj"] and config.r == 8

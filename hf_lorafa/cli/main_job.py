@@ -8,6 +8,7 @@ and after, the memory table, and where the adapter and its card went.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
 
 from ..data.offline import BUILTIN_HUB_IDS, resolve_model
@@ -109,9 +111,24 @@ def parse(argv: list[str] | None) -> tuple[ScriptArguments, LoRAFATrainingArgume
     parser = group_flags(HfArgumentParser((ScriptArguments, LoRAFATrainingArguments)))
     parser.set_defaults(**JOB_DEFAULTS)
     if argv and len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        return loader(argv[0])
+        return parser.parse_dict(read_args_file(argv[0]))
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def read_args_file(path: str) -> dict:
+    """The `flag: value` mapping of an ARGS.yaml / ARGS.json file, or one error saying what the file holds instead."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
+        raise ValueError(f"arguments file {path!r} could not be read: {err}") from None
+    if not isinstance(values, dict) or not values:
+        held = "nothing" if values is None or values == {} else f"a {type(values).__name__}"
+        raise ValueError(
+            f"arguments file {path!r} holds {held}; it must be a mapping of flag to value, one per line "
+            "(e.g. `lora_r: 8`), as `hf-lorafa train --help` lists them."
+        )
+    return values
 
 
 def answer(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
