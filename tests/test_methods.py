@@ -112,6 +112,11 @@ def test_a_saved_adapter_reloads_with_every_option_it_was_trained_with(method, t
         ({"lamda_rank_budget": 100.5}, TypeError, "`lamda_rank_budget` must be an int or None; got 100.5."),
         ({"log_memory": "False"}, TypeError, "`log_memory` must be true or false"),
         ({"lora_dropout": 1.0}, ValueError, "`lora_dropout` must be in [0, 1); got 1.0."),
+        ({"activation_savers": "none"}, TypeError, "`activation_savers` must be true or false"),
+        ({"load_in_4bit": "false"}, TypeError, "`load_in_4bit` must be true or false"),
+        ({"lorafa_lr_ratio": float("nan")}, ValueError, "`lorafa_lr_ratio` must be a finite number; got nan."),
+        ({"lamda_s_lr_ratio": float("inf")}, ValueError, "`lamda_s_lr_ratio` must be a finite number; got inf."),
+        ({"lora_target_modules": []}, TypeError, "`lora_target_modules` must be a string or a non-empty list"),
     ],
 )
 def test_every_option_is_checked_once_for_type_and_range_under_the_name_the_user_gave(value, error, needle):
@@ -126,5 +131,8 @@ def test_every_option_is_checked_once_for_type_and_range_under_the_name_the_user
 
 def test_lists_of_module_names_are_taken_from_python_yaml_and_the_command_line():
     for value in (["q_proj", "v_proj"], ("q_proj", "v_proj"), "q_proj,v_proj"):
-        args = LoRAFATrainingArguments(output_dir="unused", use_cpu=True, lora_target_modules=value)
-        assert args.to_lorafa_config().target_modules == ["q_proj", "v_proj"]
+        args = LoRAFATrainingArguments(
+            output_dir="unused", use_cpu=True, lora_target_modules=value, lora_modules_to_save=value
+        )
+        config = args.to_lorafa_config()
+        assert config.target_modules == config.modules_to_save == ["q_proj", "v_proj"]
