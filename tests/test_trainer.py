@@ -71,6 +71,26 @@ def test_lorafa_b_gets_its_learning_rate_multiplier(tmp_path):
     assert type(optimizer).__name__ == "AdamW"
 
 
+@pytest.mark.parametrize(
+    "options, scaled",
+    [
+        (dict(adapter_method="lorafa", lorafa_lr_ratio=4.0), {"lora_B": 4.0}),
+        (dict(adapter_method="lamda", lamda_lr_ratio=2.0, lamda_s_lr_ratio=3.0), {"lora_S": 6.0, "lora_B": 2.0}),
+    ],
+    ids=["lorafa", "lamda"],
+)
+def test_logged_learning_rate_is_the_one_set_and_scaled_tensors_log_their_own(options, scaled, tmp_path):
+    args = make_args(tmp_path, lr_scheduler_type="constant", max_steps=2, **options)
+    trainer = LoRAFATrainer(model=tiny_llama(), args=args, train_dataset=token_dataset())
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "learning_rate" in h]
+    assert len(logged) == 2
+    for entry in logged:
+        assert entry["learning_rate"] == pytest.approx(1e-2)
+        for tensor, ratio in scaled.items():
+            assert entry[f"learning_rate_{tensor}"] == pytest.approx(1e-2 * ratio)
+
+
 def test_ordinary_script_with_two_names_changed_trains_and_saves(tmp_path):
     script = tmp_path / "user_script.py"
     script.write_text(f"""

@@ -167,6 +167,13 @@ class LoRAFATrainerMixin:
         return self.optimizer
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """`Trainer.log` plus memory figures; `learning_rate` is the base rate (`Trainer` reports its first param
+        group's, which may be LoRA-FA's B at `lorafa_lr_ratio` × it), each scaled tensor's as `learning_rate_<t>`."""
+        groups = self.optimizer.param_groups if self.optimizer is not None else []
+        if "learning_rate" in logs and any("lr_ratio" in group for group in groups):
+            base = logs["learning_rate"] / groups[0].get("lr_ratio", 1.0)
+            logs["learning_rate"] = base
+            logs.update({f"learning_rate_{t}": base * ratio for t, ratio in lr_ratios(self.lorafa_config).items()})
         if self.memory is not None and not any(k.startswith(("eval_", "test_")) for k in logs):
             logs.update(self.memory.metrics(self.state.global_step, count_parameters(self.model)[0]))
         super().log(logs, start_time)
