@@ -27,7 +27,7 @@ from ..tuners.config import is_adapter_tensor
 from ..tuners.injection import adapter_layers, count_parameters
 from .arguments import LoRAFAArguments, LoRAFATrainingArguments
 from .callbacks import LaMDAScheduleCallback, MemoryCallback
-from .checkpoints import TRAINING_STATE_FILE, complete_checkpoints, resolve_resume
+from .checkpoints import TRAINING_STATE_FILE, check_same_adapter, check_writable, complete_checkpoints, resolve_resume
 from .chunked_loss import loss_only
 from .memory_logging import MemoryTracker
 from .model_setup import prepare_model
@@ -77,6 +77,8 @@ class LoRAFATrainerMixin:
                 f"`args` is a {type(args).__name__}; {type(self).__name__} needs {wanted}. Replace "
                 f"`{type(args).__name__}(...)` by `{wanted}(...)` (same fields, plus the adapter ones)."
             )
+        if args.should_save:  # here, not at the first checkpoint after the steps
+            check_writable(args.output_dir)
         model = prepare_model(model, args, chunked_loss=self.lorafa_chunked_loss, trainer=type(self).__name__)
         if args.gradient_checkpointing and not args.gradient_checkpointing_kwargs:
             args.gradient_checkpointing_kwargs = {"use_reentrant": False}
@@ -97,9 +99,12 @@ class LoRAFATrainerMixin:
         return self.accelerator.unwrap_model(self.model).hf_lorafa_config
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """`Trainer.train`, resuming only from checkpoints whose save completed and whose files read cleanly (a kill
-        mid-save leaves a partial `checkpoint-N` behind; `True`/`"last"` picks the newest complete one)."""
+        """`Trainer.train`, resuming only from checkpoints whose save completed, whose files read cleanly (a kill
+        mid-save leaves a partial `checkpoint-N` behind; `True`/`"last"` picks the newest complete one) and whose
+        adapter options are this run's."""
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if resume_from_checkpoint is not None:
+            check_same_adapter(Path(resume_from_checkpoint), self.lorafa_config)
         from transformers.training_args import ParallelMode
 
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
