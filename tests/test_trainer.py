@@ -91,6 +91,34 @@ def test_logged_learning_rate_is_the_one_set_and_scaled_tensors_log_their_own(op
             assert entry[f"learning_rate_{tensor}"] == pytest.approx(1e-2 * ratio)
 
 
+@pytest.mark.parametrize(
+    "warmup, scheduler, warns",
+    [
+        (10, "linear", True),
+        (4, "cosine", True),
+        (0.999, "linear", True),
+        (2, "linear", False),
+        (10, "constant", False),
+    ],
+    ids=["longer", "as-long", "fraction-as-long", "shorter", "no-warmup-schedule"],
+)
+def test_a_warmup_as_long_as_the_run_warns_once_at_the_start(warmup, scheduler, warns, tmp_path, caplog):
+    args = make_args(tmp_path, warmup_steps=warmup, lr_scheduler_type=scheduler)  # 4 steps at 1e-2
+    trainer = LoRAFATrainer(model=tiny_llama(), args=args, train_dataset=token_dataset())
+    with caplog.at_level("WARNING", logger="hf_lorafa.training.callbacks"):
+        trainer.train()
+    warnings = [r.getMessage() for r in caplog.records if "warmup" in r.getMessage()]
+    assert len(warnings) == int(warns), warnings
+    rates = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert (max(rates) < 1e-2) == warns  # the warning says what happened: the rate set was never reached
+    if warns:
+        assert (
+            "never reaching `learning_rate`=0.01" in warnings[0]
+            and "not shorter than the run (4 steps)" in warnings[0]
+        )
+        assert f"peaks at {max(rates):.3g}" in warnings[0]
+
+
 def test_ordinary_script_with_two_names_changed_trains_and_saves(tmp_path):
     script = tmp_path / "user_script.py"
     script.write_text(f"""

@@ -2,10 +2,11 @@
 
 Overrides (each short): `__init__` (quantize if asked, continue a PeftModel's LoRA, inject, activation savers),
 `create_optimizer` (LoRA-FA's B learning-rate multiplier as a param group of whatever `args.optim` builds), `log`
-(memory figures, so every reporting integration sees them), `_save` (adapter only), `_load_from_checkpoint` /
-`_load_best_model` (adapter only), `create_model_card` and `push_to_hub` (our card, adapter upload). LaMDA's freezing
-schedule and the activation-byte sampling are callbacks on step boundaries. The mixin goes first among the bases
-(`class MyTrainer(LoRAFATrainerMixin, SFTTrainer)`), so its overrides wrap the other trainer's.
+(memory figures and the base learning rate, so every reporting integration sees them), `_save` (adapter only),
+`_load_from_checkpoint` / `_load_best_model` (adapter only), `create_model_card` and `push_to_hub` (our card, adapter
+upload). LaMDA's freezing schedule, the activation-byte sampling and the warmup-length check are callbacks on step
+boundaries. The mixin goes first among the bases (`class MyTrainer(LoRAFATrainerMixin, SFTTrainer)`), so its
+overrides wrap the other trainer's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..tuners.calibration import init_frozen_a_from_data
 from ..tuners.config import is_adapter_tensor
 from ..tuners.injection import adapter_layers, count_parameters
 from .arguments import LoRAFAArguments, LoRAFATrainingArguments
-from .callbacks import LaMDAScheduleCallback, MemoryCallback
+from .callbacks import LaMDAScheduleCallback, MemoryCallback, WarmupCheckCallback
 from .checkpoints import TRAINING_STATE_FILE, check_same_adapter, check_writable, complete_checkpoints, resolve_resume
 from .chunked_loss import loss_only
 from .memory_logging import MemoryTracker
@@ -90,6 +91,7 @@ class LoRAFATrainerMixin:
         if self.memory is not None:
             self.add_callback(MemoryCallback(self.memory))
         self.add_callback(LaMDAScheduleCallback())
+        self.add_callback(WarmupCheckCallback())
         savers = getattr(model, "hf_lorafa_savers", None)
         if savers:
             logger.info("hf-lorafa activation savers active: %s", ", ".join(savers))
