@@ -406,3 +406,34 @@ def test_classification_head_includes_an_untrained_pooler(tmp_path):
     save_adapter(model, tmp_path / "adapter")
     torch.testing.assert_close(load_adapter(copy.deepcopy(base), tmp_path / "adapter").eval()(ids).logits, expected)
     torch.testing.assert_close(PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(ids).logits, expected)
+
+
+def test_a_head_tied_to_the_embeddings_trains_saves_and_loads_as_peft_does(tmp_path):
+    """`lora_modules_to_save=lm_head` on a model with `tie_word_embeddings=True`: like PEFT's ModulesToSaveWrapper,
+    the head trains as its own copy, the input embeddings stay the base's, and the saved adapter gives the trained
+    model's logits through PEFT and through `load_adapter`."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    def tied_llama():
+        config = copy.deepcopy(tiny_llama().config)
+        config.tie_word_embeddings = True
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).eval()
+
+    model = tied_llama()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    args = make_args(tmp_path, max_steps=2, lora_modules_to_save="lm_head")
+    trainer = LoRAFATrainer(model=model, args=args, train_dataset=token_dataset())
+    trainer.train()
+    trainer.save_model()
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)
+    assert not torch.equal(model.lm_head.weight, embeddings)
+    ids = torch.tensor(token_dataset(2)["input_ids"])
+    with torch.no_grad():
+        trained = model.eval()(input_ids=ids).logits
+        through_peft = PeftModel.from_pretrained(tied_llama(), args.output_dir).eval()(input_ids=ids).logits
+        through_ours = load_adapter(tied_llama(), args.output_dir).eval()(input_ids=ids).logits
+    torch.testing.assert_close(through_peft, trained)
+    torch.testing.assert_close(through_ours, trained)
