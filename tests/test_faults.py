@@ -415,3 +415,45 @@ def test_hub_500_during_checkpoint_pushes_warns_training_goes_on_and_the_final_p
         ):
             trainer.push_to_hub()
         assert all("SECRET" not in w for w in warnings)
+
+
+@pytest.mark.parametrize(
+    "changed, named",
+    [
+        (dict(lora_r=8), ["`lora_r` 4 in the checkpoint, 8 in this run"]),
+        (dict(adapter_method="lora"), ["`adapter_method` 'lorafa' in the checkpoint, 'lora' in this run"]),
+        (dict(lorafa_lr_ratio=2.0), ["`lorafa_lr_ratio` 4.0 in the checkpoint, 2.0 in this run"]),
+        (dict(adapter_method="lamda", lora_r=2), ["`adapter_method` 'lorafa'", "`lora_r` 4 in the checkpoint, 2"]),
+    ],
+    ids=["rank", "method", "param-groups", "two-options"],
+)
+def test_resuming_with_other_adapter_options_names_each_one_before_loading(changed, named, finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    before = snapshot(out / "checkpoint-4")
+    trainer = tiny_trainer(out, max_steps=6, **changed)
+    with pytest.raises(ValueError) as info:
+        trainer.train(resume_from_checkpoint=True)
+    message = str(info.value)
+    assert message.startswith(f"`resume_from_checkpoint`='{out / 'checkpoint-4'}' holds an adapter trained with")
+    assert all(needle in message for needle in named), message
+    assert message.count(" in the checkpoint, ") == len(changed), message  # the options that differ, no others
+    assert "start a new run (another `output_dir`, or no `resume_from_checkpoint`)" in message
+    assert trainer.state.global_step == 0 and snapshot(out / "checkpoint-4") == before
+
+
+@pytest.mark.parametrize("where", ["a file in its place", "a file in its parent's place", "a sysfs folder"])
+def test_an_output_dir_that_cannot_be_written_fails_before_the_first_step(where, tmp_path):
+    """Places even root cannot write (tests run as root, whom a chmod does not stop): a file where the folder or a
+    folder above it should be, and an existing folder of sysfs, which refuses new files (as a read-only one would:
+    today's Trainer creates nothing there until the first checkpoint, after the steps)."""
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a folder")
+    out = {"a file in its place": blocker, "a file in its parent's place": blocker / "run"}.get(where, Path("/sys"))
+    if where == "a sysfs folder" and not (out.is_dir() and sys.platform == "linux"):
+        pytest.skip("sysfs is Linux's")
+    with pytest.raises(ValueError) as info:
+        tiny_trainer(out)
+    assert str(info.value).startswith(f"`output_dir`={str(out)!r} cannot be written ("), info.value
+    assert "Choose a writable folder or fix its permissions" in str(info.value)
+    assert blocker.read_text() == "a file, not a folder"

@@ -71,6 +71,54 @@ def test_lorafa_b_gets_its_learning_rate_multiplier(tmp_path):
     assert type(optimizer).__name__ == "AdamW"
 
 
+@pytest.mark.parametrize(
+    "options, scaled",
+    [
+        (dict(adapter_method="lorafa", lorafa_lr_ratio=4.0), {"lora_B": 4.0}),
+        (dict(adapter_method="lamda", lamda_lr_ratio=2.0, lamda_s_lr_ratio=3.0), {"lora_S": 6.0, "lora_B": 2.0}),
+    ],
+    ids=["lorafa", "lamda"],
+)
+def test_logged_learning_rate_is_the_one_set_and_scaled_tensors_log_their_own(options, scaled, tmp_path):
+    args = make_args(tmp_path, lr_scheduler_type="constant", max_steps=2, **options)
+    trainer = LoRAFATrainer(model=tiny_llama(), args=args, train_dataset=token_dataset())
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "learning_rate" in h]
+    assert len(logged) == 2
+    for entry in logged:
+        assert entry["learning_rate"] == pytest.approx(1e-2)
+        for tensor, ratio in scaled.items():
+            assert entry[f"learning_rate_{tensor}"] == pytest.approx(1e-2 * ratio)
+
+
+@pytest.mark.parametrize(
+    "warmup, scheduler, warns",
+    [
+        (10, "linear", True),
+        (4, "cosine", True),
+        (0.999, "linear", True),
+        (2, "linear", False),
+        (10, "constant", False),
+    ],
+    ids=["longer", "as-long", "fraction-as-long", "shorter", "no-warmup-schedule"],
+)
+def test_a_warmup_as_long_as_the_run_warns_once_at_the_start(warmup, scheduler, warns, tmp_path, caplog):
+    args = make_args(tmp_path, warmup_steps=warmup, lr_scheduler_type=scheduler)  # 4 steps at 1e-2
+    trainer = LoRAFATrainer(model=tiny_llama(), args=args, train_dataset=token_dataset())
+    with caplog.at_level("WARNING", logger="hf_lorafa.training.callbacks"):
+        trainer.train()
+    warnings = [r.getMessage() for r in caplog.records if "warmup" in r.getMessage()]
+    assert len(warnings) == int(warns), warnings
+    rates = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert (max(rates) < 1e-2) == warns  # the warning says what happened: the rate set was never reached
+    if warns:
+        assert (
+            "never reaching `learning_rate`=0.01" in warnings[0]
+            and "not shorter than the run (4 steps)" in warnings[0]
+        )
+        assert f"peaks at {max(rates):.3g}" in warnings[0]
+
+
 def test_ordinary_script_with_two_names_changed_trains_and_saves(tmp_path):
     script = tmp_path / "user_script.py"
     script.write_text(f"""
@@ -358,3 +406,34 @@ def test_classification_head_includes_an_untrained_pooler(tmp_path):
     save_adapter(model, tmp_path / "adapter")
     torch.testing.assert_close(load_adapter(copy.deepcopy(base), tmp_path / "adapter").eval()(ids).logits, expected)
     torch.testing.assert_close(PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(ids).logits, expected)
+
+
+def test_a_head_tied_to_the_embeddings_trains_saves_and_loads_as_peft_does(tmp_path):
+    """`lora_modules_to_save=lm_head` on a model with `tie_word_embeddings=True`: like PEFT's ModulesToSaveWrapper,
+    the head trains as its own copy, the input embeddings stay the base's, and the saved adapter gives the trained
+    model's logits through PEFT and through `load_adapter`."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    def tied_llama():
+        config = copy.deepcopy(tiny_llama().config)
+        config.tie_word_embeddings = True
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).eval()
+
+    model = tied_llama()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    args = make_args(tmp_path, max_steps=2, lora_modules_to_save="lm_head")
+    trainer = LoRAFATrainer(model=model, args=args, train_dataset=token_dataset())
+    trainer.train()
+    trainer.save_model()
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)
+    assert not torch.equal(model.lm_head.weight, embeddings)
+    ids = torch.tensor(token_dataset(2)["input_ids"])
+    with torch.no_grad():
+        trained = model.eval()(input_ids=ids).logits
+        through_peft = PeftModel.from_pretrained(tied_llama(), args.output_dir).eval()(input_ids=ids).logits
+        through_ours = load_adapter(tied_llama(), args.output_dir).eval()(input_ids=ids).logits
+    torch.testing.assert_close(through_peft, trained)
+    torch.testing.assert_close(through_ours, trained)

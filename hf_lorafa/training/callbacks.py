@@ -1,11 +1,17 @@
-"""Trainer callbacks on step boundaries: LaMDA's schedule and memory sampling."""
+"""Trainer callbacks on step boundaries: LaMDA's schedule, memory sampling, and a check of the warmup's length."""
 
 from __future__ import annotations
+
+import logging
 
 from transformers import TrainerCallback
 
 from ..tuners.lamda import LaMDALayer, lamda_schedule_step
 from .memory_logging import MemoryTracker
+
+logger = logging.getLogger(__name__)
+# Schedules that ignore `warmup_steps`.
+NO_WARMUP = ("constant", "reduce_lr_on_plateau")
 
 
 class LaMDAScheduleCallback(TrainerCallback):
@@ -37,3 +43,26 @@ class MemoryCallback(TrainerCallback):
             self.tracker.write(args.output_dir)
         if state.is_world_process_zero:
             print(self.tracker.table())
+
+
+class WarmupCheckCallback(TrainerCallback):
+    """Warns once at the start when the warmup lasts the whole run: the rate never reaches `learning_rate`."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        warmup = args.get_warmup_steps(state.max_steps)
+        if str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)) in NO_WARMUP:
+            return
+        if state.is_world_process_zero and 0 < state.max_steps <= warmup:
+            # Every warmup schedule of transformers rises linearly: step i trains at lr × i / warmup.
+            peak = args.learning_rate * (state.max_steps - 1) / warmup
+            logger.warning(
+                "hf-lorafa: the warmup (%d steps, from `warmup_steps`=%s) is not shorter than the run (%d steps): "
+                "the learning rate rises for the whole run and peaks at %.3g, never reaching `learning_rate`=%g. "
+                "Set `warmup_steps` below %d (or a fraction such as 0.1), or train for more steps.",
+                warmup,
+                args.warmup_steps,
+                state.max_steps,
+                peak,
+                args.learning_rate,
+                state.max_steps,
+            )

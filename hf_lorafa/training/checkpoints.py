@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
+
+from ..adapter_io.peft_format import read_adapter_facts
+from ..tuners.config import INIT_ONLY, OPTIONS, LoRAFAConfig, argument_name
 
 # `--resume_from_checkpoint` arrives as text from the command line; these mean "the newest complete checkpoint".
 NEWEST = ("true", "last")
@@ -72,6 +76,41 @@ def check_checkpoint(folder: Path) -> None:
     raise ValueError(
         f"`resume_from_checkpoint`: {str(folder / problem[0])!r} is truncated or corrupt ({problem[1]}); {instead}."
     )
+
+
+def check_same_adapter(folder: Path, config: LoRAFAConfig) -> None:
+    """Raise one `ValueError` naming every adapter option of this run that differs from checkpoint `folder`'s.
+
+    Another rank, method, target set or learning-rate multiple changes the adapter's tensors or the optimizer's
+    parameter groups, which `Trainer` would otherwise meet as torch's size-mismatch dump or "a different number of
+    parameter groups". Options that only set initial values (and LaMDA++'s ranks, which follow from the others) are
+    not compared: resuming loads the saved tensors.
+    """
+    saved = read_adapter_facts(folder).get("config") or {}
+    ours = config.to_dict()
+    compared = [name for name in OPTIONS if name not in (*INIT_ONLY, "rank_pattern") and name in saved]
+    differ = [f"`{argument_name(n)}` {saved[n]!r} in the checkpoint, {ours[n]!r} in this run" for n in compared
+              if saved[n] != ours[n]]  # fmt: skip
+    if differ:
+        raise ValueError(
+            f"`resume_from_checkpoint`={str(folder)!r} holds an adapter trained with other options: "
+            f"{'; '.join(differ)}. Resume with the checkpoint's options, or start a new run (another `output_dir`, "
+            "or no `resume_from_checkpoint`)."
+        )
+
+
+def check_writable(output_dir: str | os.PathLike) -> None:
+    """Raise one `ValueError` unless `output_dir` can be created and written (checked before any training step)."""
+    folder = Path(output_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".hf-lorafa-write-check-"):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"`output_dir`={str(folder)!r} cannot be written ({type(err).__name__}: {err.strerror or err}); "
+            "checkpoints and the adapter are saved there. Choose a writable folder or fix its permissions."
+        ) from None
 
 
 def _step(folder: Path) -> int:

@@ -21,7 +21,8 @@ def lorafa_param_groups(
     ratios: dict[str, float],
 ) -> list[dict]:
     """Trainable parameters grouped by (decayed or not) × their learning rate: `ratios[t]` × lr for the parameters
-    of adapter tensor `t` (`lora_B`, `lora_S`), lr for the rest.
+    of adapter tensor `t` (`lora_B`, `lora_S`), lr for the rest. A scaled group records its multiple as `lr_ratio`
+    (the trainer's logs report the base rate from it).
 
     Example:
 
@@ -40,6 +41,6 @@ def lorafa_param_groups(
             groups.setdefault((ratio_of(name), name in decay), []).append(param)
     return [
         {"params": params, "weight_decay": weight_decay if decayed else 0.0}
-        | ({"lr": learning_rate * ratio} if ratio != 1.0 else {})
+        | ({"lr": learning_rate * ratio, "lr_ratio": ratio} if ratio != 1.0 else {})
         for (ratio, decayed), params in groups.items()
     ]

@@ -2,10 +2,11 @@
 
 Overrides (each short): `__init__` (quantize if asked, continue a PeftModel's LoRA, inject, activation savers),
 `create_optimizer` (LoRA-FA's B learning-rate multiplier as a param group of whatever `args.optim` builds), `log`
-(memory figures, so every reporting integration sees them), `_save` (adapter only), `_load_from_checkpoint` /
-`_load_best_model` (adapter only), `create_model_card` and `push_to_hub` (our card, adapter upload). LaMDA's freezing
-schedule and the activation-byte sampling are callbacks on step boundaries. The mixin goes first among the bases
-(`class MyTrainer(LoRAFATrainerMixin, SFTTrainer)`), so its overrides wrap the other trainer's.
+(memory figures and the base learning rate, so every reporting integration sees them), `_save` (adapter only),
+`_load_from_checkpoint` / `_load_best_model` (adapter only), `create_model_card` and `push_to_hub` (our card, adapter
+upload). LaMDA's freezing schedule, the activation-byte sampling and the warmup-length check are callbacks on step
+boundaries. The mixin goes first among the bases (`class MyTrainer(LoRAFATrainerMixin, SFTTrainer)`), so its
+overrides wrap the other trainer's.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from ..tuners.calibration import init_frozen_a_from_data
 from ..tuners.config import is_adapter_tensor
 from ..tuners.injection import adapter_layers, count_parameters
 from .arguments import LoRAFAArguments, LoRAFATrainingArguments
-from .callbacks import LaMDAScheduleCallback, MemoryCallback
-from .checkpoints import TRAINING_STATE_FILE, complete_checkpoints, resolve_resume
+from .callbacks import LaMDAScheduleCallback, MemoryCallback, WarmupCheckCallback
+from .checkpoints import TRAINING_STATE_FILE, check_same_adapter, check_writable, complete_checkpoints, resolve_resume
 from .chunked_loss import loss_only
 from .memory_logging import MemoryTracker
 from .model_setup import prepare_model
@@ -77,6 +78,8 @@ class LoRAFATrainerMixin:
                 f"`args` is a {type(args).__name__}; {type(self).__name__} needs {wanted}. Replace "
                 f"`{type(args).__name__}(...)` by `{wanted}(...)` (same fields, plus the adapter ones)."
             )
+        if args.should_save:  # here, not at the first checkpoint after the steps
+            check_writable(args.output_dir)
         model = prepare_model(model, args, chunked_loss=self.lorafa_chunked_loss, trainer=type(self).__name__)
         if args.gradient_checkpointing and not args.gradient_checkpointing_kwargs:
             args.gradient_checkpointing_kwargs = {"use_reentrant": False}
@@ -88,6 +91,7 @@ class LoRAFATrainerMixin:
         if self.memory is not None:
             self.add_callback(MemoryCallback(self.memory))
         self.add_callback(LaMDAScheduleCallback())
+        self.add_callback(WarmupCheckCallback())
         savers = getattr(model, "hf_lorafa_savers", None)
         if savers:
             logger.info("hf-lorafa activation savers active: %s", ", ".join(savers))
@@ -97,9 +101,12 @@ class LoRAFATrainerMixin:
         return self.accelerator.unwrap_model(self.model).hf_lorafa_config
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """`Trainer.train`, resuming only from checkpoints whose save completed and whose files read cleanly (a kill
-        mid-save leaves a partial `checkpoint-N` behind; `True`/`"last"` picks the newest complete one)."""
+        """`Trainer.train`, resuming only from checkpoints whose save completed, whose files read cleanly (a kill
+        mid-save leaves a partial `checkpoint-N` behind; `True`/`"last"` picks the newest complete one) and whose
+        adapter options are this run's."""
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if resume_from_checkpoint is not None:
+            check_same_adapter(Path(resume_from_checkpoint), self.lorafa_config)
         from transformers.training_args import ParallelMode
 
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
@@ -167,6 +174,13 @@ class LoRAFATrainerMixin:
         return self.optimizer
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """`Trainer.log` plus memory figures; `learning_rate` is the base rate (`Trainer` reports its first param
+        group's, which may be LoRA-FA's B at `lorafa_lr_ratio` × it), each scaled tensor's as `learning_rate_<t>`."""
+        groups = self.optimizer.param_groups if self.optimizer is not None else []
+        if "learning_rate" in logs and any("lr_ratio" in group for group in groups):
+            base = logs["learning_rate"] / groups[0].get("lr_ratio", 1.0)
+            logs["learning_rate"] = base
+            logs.update({f"learning_rate_{t}": base * ratio for t, ratio in lr_ratios(self.lorafa_config).items()})
         if self.memory is not None and not any(k.startswith(("eval_", "test_")) for k in logs):
             logs.update(self.memory.metrics(self.state.global_step, count_parameters(self.model)[0]))
         super().log(logs, start_time)

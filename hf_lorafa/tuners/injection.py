@@ -130,9 +130,11 @@ def inject_adapters(model: nn.Module, config: LoRAFAConfig, *, init_weights: boo
             layer.init_lora(config.init_seed * 100_003 + index)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-    for name, module in model.named_modules():
-        if config.modules_to_save and matches_targets(name, config.modules_to_save):
-            module.requires_grad_(True)
+    wanted = config.modules_to_save
+    to_save = [name for name, _ in model.named_modules() if name and wanted and matches_targets(name, wanted)]
+    untie(model, to_save)
+    for name in to_save:
+        model.get_submodule(name).requires_grad_(True)
     model.hf_lorafa_config = config
     # A from the data is set once, by the trainer's first train() (calibration.py); a loaded adapter keeps its own.
     model.hf_lorafa_a_pending = init_weights and config.frozen_a_init != "random"
@@ -147,6 +149,31 @@ def inject_adapters(model: nn.Module, config: LoRAFAConfig, *, init_weights: boo
         100 * trainable / max(total, 1),
     )
     return model
+
+
+def untie(model: nn.Module, names: list[str]) -> None:
+    """Give modules `names` their own copy of any parameter they share with a module outside them (an LM head tied to
+    the input embeddings), as PEFT's `ModulesToSaveWrapper` does: the copy trains and is saved under the module's own
+    key, the other module keeps the base weight, frozen, and `peft.PeftModel.from_pretrained` gives the same logits.
+    The config then says the weights are untied, so a merged model saves and reloads its trained head."""
+
+    def kept(path: str) -> bool:
+        return any(path.startswith(f"{name}.") for name in names)
+
+    paths: dict[int, list[str]] = {}
+    for path, param in model.named_parameters(remove_duplicate=False):
+        paths.setdefault(id(param), []).append(path)
+    shared = [
+        (path, param)
+        for path, param in model.named_parameters(remove_duplicate=False)
+        if kept(path) and not all(map(kept, paths[id(param)]))
+    ]
+    for path, param in shared:
+        owner, _, key = path.rpartition(".")
+        copy = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+        setattr(model.get_submodule(owner), key, copy)
+    if shared and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
