@@ -113,6 +113,16 @@ def rows(tmp_path: Path, name: str, text: str) -> str:
     return str(tmp_path / name)
 
 
+def binary(tmp_path: Path, name: str, data: bytes) -> str:
+    (tmp_path / name).write_bytes(data)
+    return str(tmp_path / name)
+
+
+def folder(tmp_path: Path, name: str) -> Path:
+    (tmp_path / name).mkdir()
+    return tmp_path / name
+
+
 def splits(**columns) -> DatasetDict:
     return DatasetDict({"train": Dataset.from_dict(columns), "test": Dataset.from_dict(columns)})
 
@@ -271,9 +281,66 @@ CASES = [
     ),
     Case(
         "data-broken-json",
-        lambda t: load_raw_dataset(rows(t, "broken.jsonl", "{not json\n")),
+        lambda t: load_raw_dataset(rows(t, "broken.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": oops}\n')),
         ValueError,
-        ["`--dataset`", "could not be read as .jsonl", "check its format"],
+        ["`--dataset` file", "broken.jsonl' line 3, column 10: not valid JSON", "each line must be one JSON object"],
+    ),
+    Case(
+        "data-broken-json-document",
+        lambda t: load_raw_dataset(rows(t, "broken.json", '[\n  {"text": "a"},\n  {"text": b}\n]\n')),
+        ValueError,
+        ["broken.json' line 3, column 12: not valid JSON", "one JSON document"],
+    ),
+    Case(
+        "data-not-utf8-jsonl",
+        lambda t: load_raw_dataset(binary(t, "latin1.jsonl", b'{"text": "a"}\n{"text": "caf\xe9"}\n{"text": "c"}\n')),
+        ValueError,
+        ["latin1.jsonl' line 2, column 14: byte 0xe9 is not UTF-8", "Save the file as UTF-8"],
+    ),
+    Case(
+        "data-not-utf8-csv",
+        lambda t: load_raw_dataset(binary(t, "latin1.csv", b"text,label\na,0\nna\xc3\xafve \xff,1\n")),
+        ValueError,
+        ["latin1.csv' line 3, column 7: byte 0xff is not UTF-8"],
+    ),
+    Case(
+        "data-folder-named-like-a-file",
+        lambda t: load_raw_dataset(str(folder(t, "x.jsonl"))),
+        ValueError,
+        ["`--dataset`", "x.jsonl' is a folder, not a file"],
+    ),
+    Case(
+        "data-mixed-formats",
+        lambda t: tokenize_for_causal_lm(
+            splits(
+                messages=[[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], None, None],
+                question=[None, None, "why"],
+                answer=[None, None, "because"],
+            ),
+            build_tokenizer(),
+        ),
+        ValueError,
+        ["mixes messages rows (train row 0 is the first) with question/answer rows (train row 2", "one format"],
+    ),
+    Case(
+        "data-label-only-held-out",
+        lambda t: tokenize_for_classification(
+            DatasetDict(
+                {
+                    "train": Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]}),
+                    "test": Dataset.from_dict({"text": ["c", "d", "e"], "label": [1, 0, 2]}),
+                }
+            ),
+            build_tokenizer(),
+        ),
+        ValueError,
+        ["`--label_column` 'label' has the class 2 in test row 2, which no train row has", "train classes: 0, 1"],
+    ),
+    Case(
+        "data-one-class",
+        lambda t: tokenize_for_classification(splits(text=["a", "b"], label=[1, 1]), build_tokenizer()),
+        ValueError,
+        ["`--label_column` 'label' has one class in train (every usable row is 1)", "needs at least two"],
     ),
     Case(
         "data-header-only",
@@ -679,8 +746,8 @@ def test_rows_with_nothing_to_learn_are_skipped_and_counted(caplog):
     assert "skipped 1 of 2 rows (1 whose messages do not end on an assistant turn)" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
-        data = tokenize_for_classification(splits(text=["good day", None], label=[1, 0]), tokenizer)
-    assert data["train"]["labels"] == [1] and "1 with a null or blank 'text'" in caplog.text
+        data = tokenize_for_classification(splits(text=["good day", None, "bad day"], label=[1, 0, 0]), tokenizer)
+    assert data["train"]["labels"] == [1, 0] and "1 with a null or blank 'text'" in caplog.text
 
 
 PEFT_SCALINGS = {
