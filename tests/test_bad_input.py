@@ -962,3 +962,28 @@ def test_cli_bad_input_exits_non_zero_with_the_error_last(case, tmp_path):
     if case.name == "unknown-command":
         assert lines[0].startswith("usage: hf-lorafa")  # the usage first, the error last
     assert sorted(p.name for p in tmp_path.iterdir()) == ["body.jsonl", "long.jsonl"]  # no output, no partial folder
+
+
+ESTIMATE_REFUSALS = {
+    "batch-zero": (["--batch", "0"], "argument --batch: must be at least 1; got 0"),
+    "rank-zero": (["--r", "0"], "argument --r: must be at least 1; got 0"),
+    "seq-negative": (["--seq", "-5"], "argument --seq: must be at least 1; got -5"),
+    "seq-beyond-context": (["--seq", "4096"], "argument --seq: 4096 is beyond {model}'s context of 2048 tokens"),
+}
+
+
+@pytest.mark.parametrize("flags, needle", ESTIMATE_REFUSALS.values(), ids=ESTIMATE_REFUSALS)
+def test_estimate_refuses_sizes_that_mean_nothing(flags, needle, tmp_path, capsys):
+    """A zero batch or rank, a negative length (negative bytes) or a length past the model's context is argparse's
+    usage error, before any estimate is printed."""
+    from hf_lorafa import cli
+
+    config = tiny_llama().config
+    config.max_position_embeddings = 2048
+    config.save_pretrained(tmp_path / "model")
+    model = str(tmp_path / "model")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["estimate", "--model", model, *flags])
+    captured = capsys.readouterr()
+    assert info.value.code == 2 and captured.out == ""
+    assert captured.err.strip().splitlines()[-1] == f"hf-lorafa estimate: error: {needle.format(model=model)}"
