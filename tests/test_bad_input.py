@@ -987,3 +987,19 @@ def test_estimate_refuses_sizes_that_mean_nothing(flags, needle, tmp_path, capsy
     captured = capsys.readouterr()
     assert info.value.code == 2 and captured.out == ""
     assert captured.err.strip().splitlines()[-1] == f"hf-lorafa estimate: error: {needle.format(model=model)}"
+
+
+def test_adapter_for_fewer_layers_warns_what_matched(tmp_path, caplog):
+    """A 2-layer adapter in a 4-layer base of the same widths adapts half the model: one warning, as PEFT's
+    missing-keys warning, counts what matched and names layers left out; a matching base loads without it."""
+    folder = adapter_dir(tmp_path)
+    with caplog.at_level("WARNING", logger="hf_lorafa"):
+        load_adapter(tiny_llama(), folder)
+    assert "covers" not in caplog.text
+    with caplog.at_level("WARNING", logger="hf_lorafa"):
+        model = load_adapter(tiny_llama(layers=4), folder)
+    warnings = [r.getMessage() for r in caplog.records if "covers" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    assert "covers 14 of the 28 layers its target_modules select in this model; 14 have no weights" in warnings[0]
+    assert "model.layers.2.self_attn.q_proj" in warnings[0] and "Load the matching base model" in warnings[0]
+    assert not hasattr(model.model.layers[3].self_attn.q_proj, "lora_A")  # what the warning says is true
