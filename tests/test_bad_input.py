@@ -1003,3 +1003,27 @@ def test_adapter_for_fewer_layers_warns_what_matched(tmp_path, caplog):
     assert "covers 14 of the 28 layers its target_modules select in this model; 14 have no weights" in warnings[0]
     assert "model.layers.2.self_attn.q_proj" in warnings[0] and "Load the matching base model" in warnings[0]
     assert not hasattr(model.model.layers[3].self_attn.q_proj, "lora_A")  # what the warning says is true
+
+
+def test_merge_of_a_classification_adapter_keeps_its_head(tmp_path):
+    """`merge` loads the base with the adapter's task (SEQ_CLS: a sequence classifier with the adapter's number of
+    labels), not always a causal LM; the merged model gives the adapted model's logits."""
+    from fixtures.tiny_folder import build_tiny_llama_folder
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_lorafa import cli
+
+    base = build_tiny_llama_folder(tmp_path / "base")
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=3)
+    model = inject_adapters(model, LoRAFAConfig(r=4, modules_to_save=["score"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "score" in name:
+                param.normal_(0, 0.1)
+    save_adapter(model, tmp_path / "adapter")
+    assert cli.main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.tensor([[1, 5, 9, 3]])
+    assert merged.config.num_labels == 3
+    torch.testing.assert_close(merged(ids).logits, model.eval()(ids).logits)

@@ -230,6 +230,23 @@ def read_adapter_weights(directory: Path, allow_pickle: bool = False) -> dict[st
         ) from None
 
 
+def classifier_outputs(directory: Path, allow_pickle: bool = False) -> int:
+    """The number of labels a sequence-classification adapter was trained for: the rows of its classifier.
+
+    The base's own config does not say (a new head gets `num_labels` at load); the adapter's saved head does. Of the
+    2-D `modules_to_save` weights (`score`, or BERT's `classifier` beside its square `pooler.dense`), the
+    classifier's output layer is the narrowest.
+    """
+    weights = read_adapter_weights(directory, allow_pickle)
+    rows = [t.shape[0] for k, t in weights.items() if ".lora_" not in k and k.endswith(".weight") and t.dim() == 2]
+    if not rows:
+        raise ValueError(
+            f"`adapter` {str(directory)!r} is a SEQ_CLS adapter without its classifier head (no modules_to_save "
+            "weights); merge its base with the head it was trained with using PEFT, or save the adapter again."
+        )
+    return min(rows)
+
+
 def load_adapter(
     model: nn.Module,
     adapter: str | os.PathLike,
