@@ -1027,3 +1027,29 @@ def test_merge_of_a_classification_adapter_keeps_its_head(tmp_path):
     ids = torch.tensor([[1, 5, 9, 3]])
     assert merged.config.num_labels == 3
     torch.testing.assert_close(merged(ids).logits, model.eval()(ids).logits)
+
+
+def test_trl_conversations_without_a_chat_template_say_what_to_set(tmp_path):
+    """TRL's path on `messages` rows with a tokenizer that has no chat template: one error naming
+    `tokenizer.chat_template`, before TRL's tokenizing traceback; with the template set, the same rows build."""
+    pytest.importorskip("trl")
+    from hf_lorafa.trl import LoRAFASFTConfig, LoRAFASFTTrainer
+
+    tokenizer = build_tokenizer()
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    chats = Dataset.from_list(
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 4
+    )
+    config = LoRAFASFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", bf16=False)
+
+    def build():
+        model = tiny_llama(vocab=len(tokenizer))
+        return LoRAFASFTTrainer(model=model, args=config, train_dataset=chats, processing_class=tokenizer)
+
+    with pytest.raises(ValueError) as info:
+        build()
+    assert "`train_dataset` holds conversations (messages of" in str(info.value)
+    assert "Set `tokenizer.chat_template`" in str(info.value)
+    tokenizer.chat_template = template
+    assert len(build().train_dataset) == 4
+    assert_nothing_written(tmp_path / "out")
