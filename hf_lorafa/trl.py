@@ -63,4 +63,29 @@ class LoRAFASFTTrainer(LoRAFATrainerMixin, SFTTrainer):
                 "`peft_config` is not used by LoRAFASFTTrainer: the adapter comes from LoRAFASFTConfig's fields. "
                 "Drop `peft_config` and set `adapter_method`, `lora_r`, `lora_alpha` and `lora_target_modules`."
             )
+        given = {**dict(zip(("data_collator", "train_dataset", "eval_dataset", "processing_class"), a)), **kw}
+        _check_chat_template(
+            given.get("processing_class"), args, given.get("train_dataset"), given.get("eval_dataset")
+        )
         super().__init__(model, args, *a, **kw)
+
+
+def _check_chat_template(processing_class, args: LoRAFASFTConfig | None, *datasets) -> None:
+    """Conversational rows need a chat template: say what to set, before TRL's tokenizing traceback."""
+    from trl.data_utils import is_conversational
+
+    if processing_class is None or getattr(args, "chat_template_path", None):
+        return  # TRL loads the model's own tokenizer, or applies the template file it was given
+    if getattr(processing_class, "chat_template", None) or getattr(
+        getattr(processing_class, "tokenizer", None), "chat_template", None
+    ):
+        return
+    for name, dataset in zip(("train_dataset", "eval_dataset"), datasets):
+        row = next(iter(dataset), None) if dataset is not None and not isinstance(dataset, dict) else None
+        if isinstance(row, dict) and is_conversational(row):
+            raise ValueError(
+                f"`{name}` holds conversations ({', '.join(row)} of {{'role', 'content'}} turns) but the tokenizer "
+                "has no chat template (`tokenizer.chat_template` is None). Set `tokenizer.chat_template` to a Jinja "
+                "template (e.g. the instruct model's), pass `chat_template_path` in LoRAFASFTConfig, or give "
+                "prompt/completion text rows instead."
+            )

@@ -113,6 +113,16 @@ def rows(tmp_path: Path, name: str, text: str) -> str:
     return str(tmp_path / name)
 
 
+def binary(tmp_path: Path, name: str, data: bytes) -> str:
+    (tmp_path / name).write_bytes(data)
+    return str(tmp_path / name)
+
+
+def folder(tmp_path: Path, name: str) -> Path:
+    (tmp_path / name).mkdir()
+    return tmp_path / name
+
+
 def splits(**columns) -> DatasetDict:
     return DatasetDict({"train": Dataset.from_dict(columns), "test": Dataset.from_dict(columns)})
 
@@ -271,9 +281,66 @@ CASES = [
     ),
     Case(
         "data-broken-json",
-        lambda t: load_raw_dataset(rows(t, "broken.jsonl", "{not json\n")),
+        lambda t: load_raw_dataset(rows(t, "broken.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": oops}\n')),
         ValueError,
-        ["`--dataset`", "could not be read as .jsonl", "check its format"],
+        ["`--dataset` file", "broken.jsonl' line 3, column 10: not valid JSON", "each line must be one JSON object"],
+    ),
+    Case(
+        "data-broken-json-document",
+        lambda t: load_raw_dataset(rows(t, "broken.json", '[\n  {"text": "a"},\n  {"text": b}\n]\n')),
+        ValueError,
+        ["broken.json' line 3, column 12: not valid JSON", "one JSON document"],
+    ),
+    Case(
+        "data-not-utf8-jsonl",
+        lambda t: load_raw_dataset(binary(t, "latin1.jsonl", b'{"text": "a"}\n{"text": "caf\xe9"}\n{"text": "c"}\n')),
+        ValueError,
+        ["latin1.jsonl' line 2, column 14: byte 0xe9 is not UTF-8", "Save the file as UTF-8"],
+    ),
+    Case(
+        "data-not-utf8-csv",
+        lambda t: load_raw_dataset(binary(t, "latin1.csv", b"text,label\na,0\nna\xc3\xafve \xff,1\n")),
+        ValueError,
+        ["latin1.csv' line 3, column 7: byte 0xff is not UTF-8"],
+    ),
+    Case(
+        "data-folder-named-like-a-file",
+        lambda t: load_raw_dataset(str(folder(t, "x.jsonl"))),
+        ValueError,
+        ["`--dataset`", "x.jsonl' is a folder, not a file"],
+    ),
+    Case(
+        "data-mixed-formats",
+        lambda t: tokenize_for_causal_lm(
+            splits(
+                messages=[[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], None, None],
+                question=[None, None, "why"],
+                answer=[None, None, "because"],
+            ),
+            build_tokenizer(),
+        ),
+        ValueError,
+        ["mixes messages rows (train row 0 is the first) with question/answer rows (train row 2", "one format"],
+    ),
+    Case(
+        "data-label-only-held-out",
+        lambda t: tokenize_for_classification(
+            DatasetDict(
+                {
+                    "train": Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]}),
+                    "test": Dataset.from_dict({"text": ["c", "d", "e"], "label": [1, 0, 2]}),
+                }
+            ),
+            build_tokenizer(),
+        ),
+        ValueError,
+        ["`--label_column` 'label' has the class 2 in test row 2, which no train row has", "train classes: 0, 1"],
+    ),
+    Case(
+        "data-one-class",
+        lambda t: tokenize_for_classification(splits(text=["a", "b"], label=[1, 1]), build_tokenizer()),
+        ValueError,
+        ["`--label_column` 'label' has one class in train (every usable row is 1)", "needs at least two"],
     ),
     Case(
         "data-header-only",
@@ -679,8 +746,8 @@ def test_rows_with_nothing_to_learn_are_skipped_and_counted(caplog):
     assert "skipped 1 of 2 rows (1 whose messages do not end on an assistant turn)" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
-        data = tokenize_for_classification(splits(text=["good day", None], label=[1, 0]), tokenizer)
-    assert data["train"]["labels"] == [1] and "1 with a null or blank 'text'" in caplog.text
+        data = tokenize_for_classification(splits(text=["good day", None, "bad day"], label=[1, 0, 0]), tokenizer)
+    assert data["train"]["labels"] == [1, 0] and "1 with a null or blank 'text'" in caplog.text
 
 
 PEFT_SCALINGS = {
@@ -895,3 +962,94 @@ def test_cli_bad_input_exits_non_zero_with_the_error_last(case, tmp_path):
     if case.name == "unknown-command":
         assert lines[0].startswith("usage: hf-lorafa")  # the usage first, the error last
     assert sorted(p.name for p in tmp_path.iterdir()) == ["body.jsonl", "long.jsonl"]  # no output, no partial folder
+
+
+ESTIMATE_REFUSALS = {
+    "batch-zero": (["--batch", "0"], "argument --batch: must be at least 1; got 0"),
+    "rank-zero": (["--r", "0"], "argument --r: must be at least 1; got 0"),
+    "seq-negative": (["--seq", "-5"], "argument --seq: must be at least 1; got -5"),
+    "seq-beyond-context": (["--seq", "4096"], "argument --seq: 4096 is beyond {model}'s context of 2048 tokens"),
+}
+
+
+@pytest.mark.parametrize("flags, needle", ESTIMATE_REFUSALS.values(), ids=ESTIMATE_REFUSALS)
+def test_estimate_refuses_sizes_that_mean_nothing(flags, needle, tmp_path, capsys):
+    """A zero batch or rank, a negative length (negative bytes) or a length past the model's context is argparse's
+    usage error, before any estimate is printed."""
+    from hf_lorafa import cli
+
+    config = tiny_llama().config
+    config.max_position_embeddings = 2048
+    config.save_pretrained(tmp_path / "model")
+    model = str(tmp_path / "model")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["estimate", "--model", model, *flags])
+    captured = capsys.readouterr()
+    assert info.value.code == 2 and captured.out == ""
+    assert captured.err.strip().splitlines()[-1] == f"hf-lorafa estimate: error: {needle.format(model=model)}"
+
+
+def test_adapter_for_fewer_layers_warns_what_matched(tmp_path, caplog):
+    """A 2-layer adapter in a 4-layer base of the same widths adapts half the model: one warning, as PEFT's
+    missing-keys warning, counts what matched and names layers left out; a matching base loads without it."""
+    folder = adapter_dir(tmp_path)
+    with caplog.at_level("WARNING", logger="hf_lorafa"):
+        load_adapter(tiny_llama(), folder)
+    assert "covers" not in caplog.text
+    with caplog.at_level("WARNING", logger="hf_lorafa"):
+        model = load_adapter(tiny_llama(layers=4), folder)
+    warnings = [r.getMessage() for r in caplog.records if "covers" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    assert "covers 14 of the 28 layers its target_modules select in this model; 14 have no weights" in warnings[0]
+    assert "model.layers.2.self_attn.q_proj" in warnings[0] and "Load the matching base model" in warnings[0]
+    assert not hasattr(model.model.layers[3].self_attn.q_proj, "lora_A")  # what the warning says is true
+
+
+def test_merge_of_a_classification_adapter_keeps_its_head(tmp_path):
+    """`merge` loads the base with the adapter's task (SEQ_CLS: a sequence classifier with the adapter's number of
+    labels), not always a causal LM; the merged model gives the adapted model's logits."""
+    from fixtures.tiny_folder import build_tiny_llama_folder
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_lorafa import cli
+
+    base = build_tiny_llama_folder(tmp_path / "base")
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=3)
+    model = inject_adapters(model, LoRAFAConfig(r=4, modules_to_save=["score"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "score" in name:
+                param.normal_(0, 0.1)
+    save_adapter(model, tmp_path / "adapter")
+    assert cli.main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.tensor([[1, 5, 9, 3]])
+    assert merged.config.num_labels == 3
+    torch.testing.assert_close(merged(ids).logits, model.eval()(ids).logits)
+
+
+def test_trl_conversations_without_a_chat_template_say_what_to_set(tmp_path):
+    """TRL's path on `messages` rows with a tokenizer that has no chat template: one error naming
+    `tokenizer.chat_template`, before TRL's tokenizing traceback; with the template set, the same rows build."""
+    pytest.importorskip("trl")
+    from hf_lorafa.trl import LoRAFASFTConfig, LoRAFASFTTrainer
+
+    tokenizer = build_tokenizer()
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    chats = Dataset.from_list(
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 4
+    )
+    config = LoRAFASFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", bf16=False)
+
+    def build():
+        model = tiny_llama(vocab=len(tokenizer))
+        return LoRAFASFTTrainer(model=model, args=config, train_dataset=chats, processing_class=tokenizer)
+
+    with pytest.raises(ValueError) as info:
+        build()
+    assert "`train_dataset` holds conversations (messages of" in str(info.value)
+    assert "Set `tokenizer.chat_template`" in str(info.value)
+    tokenizer.chat_template = template
+    assert len(build().train_dataset) == 4
+    assert_nothing_written(tmp_path / "out")

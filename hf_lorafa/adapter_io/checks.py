@@ -184,6 +184,23 @@ def split_adapter_tensors(
     return pairs, extra
 
 
+def uncovered_targets(model: nn.Module, config, pairs: dict[str, Any]) -> list[str]:
+    """Linear layers of `model` that the adapter's `target_modules` select but its file has no weights for.
+
+    A 2-layer adapter in a 4-layer base of the same widths loads without a shape error and adapts half the model;
+    PEFT warns about such missing keys, and so does `load_adapter` with this list.
+    """
+    targets = config.target_modules
+    if not targets or targets == "all-linear" or config.layers_to_transform or config.exclude_modules:
+        return []  # PEFT's own selection rules: not ours to second-guess
+    targets = targets if isinstance(targets, str) else sorted(targets)
+    return [
+        name
+        for name, module in model.named_modules()
+        if name and name not in pairs and is_linear(module) and matches_targets(name, targets)
+    ]
+
+
 def _saved_module(name: str, modules: dict[str, nn.Module], to_save: list[str]) -> bool:
     """Whether model key `name` is a parameter or buffer of a module declared in `modules_to_save`."""
     path, _, local = name.rpartition(".")

@@ -8,6 +8,7 @@ loads our adapters and we load plain PEFT LoRA adapters. Weights are read and wr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -26,7 +27,10 @@ from .checks import (
     read_json_object,
     read_lora_config,
     split_adapter_tensors,
+    uncovered_targets,
 )
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -226,6 +230,23 @@ def read_adapter_weights(directory: Path, allow_pickle: bool = False) -> dict[st
         ) from None
 
 
+def classifier_outputs(directory: Path, allow_pickle: bool = False) -> int:
+    """The number of labels a sequence-classification adapter was trained for: the rows of its classifier.
+
+    The base's own config does not say (a new head gets `num_labels` at load); the adapter's saved head does. Of the
+    2-D `modules_to_save` weights (`score`, or BERT's `classifier` beside its square `pooler.dense`), the
+    classifier's output layer is the narrowest.
+    """
+    weights = read_adapter_weights(directory, allow_pickle)
+    rows = [t.shape[0] for k, t in weights.items() if ".lora_" not in k and k.endswith(".weight") and t.dim() == 2]
+    if not rows:
+        raise ValueError(
+            f"`adapter` {str(directory)!r} is a SEQ_CLS adapter without its classifier head (no modules_to_save "
+            "weights); merge its base with the head it was trained with using PEFT, or save the adapter again."
+        )
+    return min(rows)
+
+
 def load_adapter(
     model: nn.Module,
     adapter: str | os.PathLike,
@@ -263,6 +284,15 @@ def load_adapter(
     weights = read_adapter_weights(directory, allow_pickle)
     file = directory / (ADAPTER_WEIGHTS if (directory / ADAPTER_WEIGHTS).exists() else "adapter_model.bin")
     pairs, extra = split_adapter_tensors(weights, model, peft_config, file)
+    uncovered = uncovered_targets(model, peft_config, pairs)
+    if uncovered:
+        logger.warning(
+            "`adapter` %s covers %d of the %d layers its target_modules select in this model; %d have no weights "
+            "in it and stay unadapted (e.g. %s). Was it trained on a smaller base (%s)? Load the matching base "
+            "model, or ignore this if the adapter was meant to cover only those layers.",
+            str(adapter), len(pairs), len(pairs) + len(uncovered), len(uncovered), ", ".join(uncovered[:3]),
+            peft_config.base_model_name_or_path or "not named",
+        )  # fmt: skip
     own = model.state_dict()
     for key, tensor in extra.items():
         if tensor.shape != own[key].shape:

@@ -21,6 +21,9 @@ commands:
 """
 
 
+MERGE_TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification"}  # PEFT task_type -> load_base_model task
+
+
 def check_merge_target(target: Path, adapter_dir: Path, overwrite: bool) -> None:
     """Refuse an output folder whose replacement could destroy files the user did not ask to replace."""
     adapter = adapter_dir.resolve()
@@ -70,10 +73,17 @@ def merge_main(argv: list[str]) -> None:
         "--overwrite", action="store_true", help="replace the merged model's files in a non-empty OUT_DIR"
     )
     args = parser.parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ..adapter_io.checks import read_lora_config
-    from ..adapter_io.peft_format import ADAPTER_CONFIG, load_adapter, read_adapter_facts, resolve_adapter_dir
+    from ..adapter_io.peft_format import (
+        ADAPTER_CONFIG,
+        classifier_outputs,
+        load_adapter,
+        read_adapter_facts,
+        resolve_adapter_dir,
+    )
+    from ..data.base_model import load_base_model
     from ..data.offline import resolve_model
     from ..tuners.merge import merge_adapters
 
@@ -81,7 +91,8 @@ def merge_main(argv: list[str]) -> None:
     target = Path(args.output_dir).resolve()
     # Before the model loads: a wrong OUT_DIR fails in a second and never costs a user's files.
     check_merge_target(target, adapter_dir, args.overwrite)
-    base = args.base_model or read_lora_config(adapter_dir / ADAPTER_CONFIG).base_model_name_or_path
+    peft_config = read_lora_config(adapter_dir / ADAPTER_CONFIG)
+    base = args.base_model or peft_config.base_model_name_or_path
     if not base:
         raise ValueError("the adapter does not name its base model; pass `--base-model` with its id or folder.")
     path = resolve_model(base)
@@ -89,12 +100,17 @@ def merge_main(argv: list[str]) -> None:
     trained = (read_adapter_facts(adapter_dir).get("quantization") or {}) if not args.base_model else {}
     args.load_in_4bit = args.load_in_4bit or bool(trained.get("load_in_4bit"))
     args.load_in_8bit = args.load_in_8bit or bool(trained.get("load_in_8bit"))
-    if args.load_in_4bit or args.load_in_8bit:
-        from ..data.base_model import load_base_model
-
-        model = load_base_model(path, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+    # The base loads with the head the adapter was trained for (adapter_config.json's task_type): a classifier's
+    # adapter on a causal LM would fail on its `score` weights, or fold into the wrong model.
+    task_type = getattr(peft_config.task_type, "value", peft_config.task_type) or "CAUSAL_LM"
+    task = MERGE_TASKS.get(task_type)
+    if task is None:
+        raise ValueError(
+            f"the adapter's task_type is {peft_config.task_type!r}; merge loads CAUSAL_LM and SEQ_CLS adapters. "
+            "Merge it with PEFT: PeftModel.from_pretrained(base, dir).merge_and_unload()."
+        )
+    labels = {"num_labels": classifier_outputs(adapter_dir)} if task == "classification" else {}
+    model = load_base_model(path, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, task=task, **labels)
     merged = merge_adapters(load_adapter(model, adapter_dir))
     tokenizer = AutoTokenizer.from_pretrained(path)
     # Written beside the target, then moved in: a failure half-way never leaves a folder that looks like a model.

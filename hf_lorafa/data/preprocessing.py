@@ -12,12 +12,15 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset
 
+from .file_checks import check_data_file
 from .offline import BUILTIN_DATASETS, chatterbot_pairs, drugreview_split
 from .row_checks import (
     Skipped,
     cell_text,
     chat_columns,
+    check_label_sets,
     check_max_length,
+    check_one_format,
     check_row_limit,
     conversation,
     report_dropped,
@@ -34,10 +37,7 @@ def load_raw_dataset(name: str, eval_size: float | int = 0.1, seed: int = 42) ->
     elif name == "drugreview":
         return DatasetDict({s: Dataset.from_list(drugreview_split(s)) for s in ("train", "test")})
     elif Path(name).suffix.lower() in FILE_FORMATS:
-        if not Path(name).is_file():
-            raise ValueError(f"`--dataset` file {name!r} does not exist; check the path.")
-        if Path(name).stat().st_size == 0:
-            raise ValueError(f"`--dataset` file {name!r} is empty; give it some training examples.")
+        check_data_file(Path(name))
         try:
             data = load_dataset(FILE_FORMATS[Path(name).suffix.lower()], data_files=name)
         except Exception as err:  # datasets wraps parse errors in its own generic exception
@@ -125,6 +125,8 @@ def tokenize_for_causal_lm(
 
     splits = {}
     for name, split in data.items():
+        if chat and pair is not None and "messages" in columns:
+            check_one_format(split, name, pair)
         _, values = usable_rows(split, name, read)
         encoded = [encode(value) for value in values]
         encoded = [(ids, labels) for ids, labels in encoded if any(label != -100 for label in labels)]
@@ -172,9 +174,13 @@ def tokenize_for_classification(
         text = cell_text(row[text_column], f"{where}, column {text_column!r}")
         return Skipped(f"with a null or blank {text_column!r}") if text is None else (text, int(row[label_column]))
 
+    usable = {name: usable_rows(split, name, read) for name, split in data.items()}
+    check_label_sets(
+        {name: dict(zip(keep, (label for _, label in values))) for name, (keep, values) in usable.items()},
+        label_column,
+    )
     splits = {}
-    for name, split in data.items():
-        _, values = usable_rows(split, name, read)
+    for name, (_, values) in usable.items():
         encoded = tokenizer([text for text, _ in values], truncation=True, max_length=max_length)
         splits[name] = Dataset.from_dict({**encoded, "labels": [label for _, label in values]})
     return DatasetDict(splits)

@@ -83,6 +83,49 @@ def chat_columns(columns: list[str]) -> tuple[str, str] | None:
     return None
 
 
+def check_one_format(split: Any, name: str, pair: tuple[str, str]) -> None:
+    """Refuse a split that mixes `messages` rows with `pair` (question/answer) rows, naming the first of each.
+
+    One format per dataset, as TRL decides it from the first row: a mix is most often two files concatenated by
+    mistake, and a row holding both would be ambiguous. Reading only one kind would drop the others silently.
+    """
+    firsts: dict[str, int] = {}
+    for index, row in enumerate(split):
+        kind = "messages" if row["messages"] is not None else "/".join(pair) if row[pair[0]] is not None else None
+        firsts.setdefault(kind, index)
+        if len(firsts.keys() - {None}) == 2:
+            (a, i), (b, j) = sorted((k, v) for k, v in firsts.items() if k is not None)
+            raise ValueError(
+                f"`--dataset` mixes {a} rows ({name} row {i} is the first) with {b} rows ({name} row {j} is the "
+                "first); use one format per dataset: write each question/answer pair as messages [{'role': 'user', "
+                "'content': question}, {'role': 'assistant', 'content': answer}], or the other way round."
+            )
+
+
+def check_label_sets(labels: dict[str, dict[int, int]], label_column: str) -> None:
+    """Classification needs two classes or more in `train`, and no held-out label that `train` never shows.
+
+    `labels` maps each split to {row index: class id} of its usable rows.
+
+    One class would build a 1-label regressor (or a classifier that is always right); a label only in a held-out
+    split is past the head's last output, an IndexError at the first evaluate.
+    """
+    seen = set(labels["train"].values())
+    if len(seen) < 2:
+        raise ValueError(
+            f"`--label_column` {label_column!r} has one class in train (every usable row is {min(seen)}); "
+            "classification needs at least two. Add rows of the other classes."
+        )
+    for name, values in labels.items():
+        for index, label in values.items():
+            if label not in seen:
+                raise ValueError(
+                    f"`--label_column` {label_column!r} has the class {label} in {name} row {index}, which no train "
+                    f"row has (train classes: {', '.join(map(str, sorted(seen)))}); the model cannot learn it. "
+                    "Move some of its rows into train, or drop them."
+                )
+
+
 def usable_rows(split: Any, name: str, read: Callable[[dict[str, Any], str], Any]) -> tuple[list[int], list[Any]]:
     """Indices and parsed values of the rows of `split` that `read(row, where)` does not skip.
 

@@ -252,14 +252,25 @@ def estimate_memory(
     )
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a batch, a length, a rank of 0 or -5 means nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """`hf-lorafa estimate --model CONFIG_OR_ID --method … --batch … --seq … [--load-in-4bit]`."""
     parser = argparse.ArgumentParser(prog="hf-lorafa estimate", description="Predict training memory per method.")
     parser.add_argument("--model", required=True, help="Hub id, local folder, config.json folder or smollm2.")
     parser.add_argument("--method", default="lorafa", help=f"One of {', '.join(METHODS)}, or 'all'.")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--seq", type=positive_int, default=512)
+    parser.add_argument("--r", type=positive_int, default=16)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--load-in-4bit", action="store_true")
@@ -271,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in METHODS if not (m == "full" and args.load_in_4bit)] if args.method == "all" else None
     methods = methods or [args.method]
     config = _config(args.model)
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and args.seq > context:
+        parser.error(f"argument --seq: {args.seq} is beyond {args.model}'s context of {context} tokens")
     for method in methods:
         est = estimate_memory(
             config,
