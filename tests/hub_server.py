@@ -13,7 +13,8 @@ Routes (as the client builds them in hf_api.py, _commit_api.py, file_download.py
   GET  /api/models/{repo}/tree/{rev}                    [{"type": "file", "path", "size", "oid"}]
   HEAD/GET /{repo}/resolve/{rev}/{path}                 X-Repo-Commit, ETag, Content-Length (+ body on GET)
 Writes need `Authorization: Bearer hf_test…` (else 401); `fail = (status, substring)` makes matching requests fail;
-`hang_s` stalls every request (an endpoint that accepts connections but does not answer).
+`hang_s` stalls every request (an endpoint that accepts connections but does not answer); `stall` (a substring of
+"METHOD path") stalls the matching requests until the server closes, unanswered.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class HubState:
         self.repos: dict[str, dict] = {}
         self.fail: tuple[int, str] | None = None  # (status, substring of "METHOD path") to fail
         self.hang_s = 0.0  # seconds to stall every request before closing it unanswered
+        self.stall: str | None = None  # substring of "METHOD path" whose requests never get an answer
+        self.closed = threading.Event()  # releases stalled requests when the server closes
         self.requests: list[str] = []
 
     def commit(self, repo_id: str, parent: str | None, files: dict[str, bytes], message: str) -> str:
@@ -100,6 +103,9 @@ class Handler(BaseHTTPRequestHandler):
         state.requests.append(f"{self.command} {path}")
         if state.hang_s:  # a server that accepts the connection and never answers in time
             time.sleep(state.hang_s)
+            return
+        if state.stall and state.stall in f"{self.command} {path}":
+            state.closed.wait(30)
             return
         if state.fail and state.fail[1] in f"{self.command} {path}":
             return self._error(state.fail[0], f"Simulated failure {state.fail[0]}")
@@ -206,6 +212,7 @@ class HubServer(ThreadingHTTPServer):
         return self
 
     def __exit__(self, *exc) -> None:
+        self.state.closed.set()
         self.shutdown()
         self.server_close()
         self._thread.join(timeout=5)

@@ -457,3 +457,167 @@ def test_an_output_dir_that_cannot_be_written_fails_before_the_first_step(where,
     assert str(info.value).startswith(f"`output_dir`={str(out)!r} cannot be written ("), info.value
     assert "Choose a writable folder or fix its permissions" in str(info.value)
     assert blocker.read_text() == "a file, not a folder"
+
+
+# -- writing files loses nothing (issue 35, class 1) ---------------------------------------------------------------
+SAVE_R16_UNDER_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+sys.path.insert(0, {tests!r})
+from conftest import tiny_llama
+from hf_lorafa import LoRAFAConfig, inject_adapters, save_adapter
+# Ignored (Python's default), the write fails with EFBIG as on a full disk; default, the kernel kills the process.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN if {ignore!r} else signal.SIG_DFL)
+model = inject_adapters(tiny_llama(), LoRAFAConfig(r=16, target_modules=["q_proj", "v_proj"]))
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))  # the config fits, the weights do not
+try:
+    save_adapter(model, {folder!r})
+except OSError as err:
+    print(err, file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("case", ["write fails (disk full)", "killed mid-write"])
+def test_an_interrupted_save_leaves_the_earlier_adapter_whole(case, tmp_path):
+    from hf_lorafa import LoRAFAConfig, inject_adapters, load_adapter, save_adapter
+
+    folder = tmp_path / "adapter"
+    save_adapter(inject_adapters(tiny_llama(), LoRAFAConfig(r=8, target_modules=["q_proj", "v_proj"])), folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    script = SAVE_R16_UNDER_A_FILE_SIZE_LIMIT.format(
+        tests=str(REPO / "tests"), ignore=case.startswith("write"), folder=str(folder)
+    )
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    if case.startswith("write"):
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert f"Saving to {str(folder)!r} failed" in result.stderr and "nothing in it was replaced" in result.stderr
+    else:
+        assert result.returncode == -signal.SIGXFSZ, result.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".")} == before
+    model = load_adapter(tiny_llama(), folder)  # still loads, as the r=8 adapter it was
+    assert model.hf_lorafa_config.r == 8
+
+
+@pytest.mark.parametrize("name", ["hf_lorafa.json", "adapter_config.json", "memory.json"])
+def test_saving_replaces_a_link_and_never_writes_through_it(name, tmp_path):
+    from hf_lorafa import LoRAFAConfig, inject_adapters, save_adapter
+    from hf_lorafa.training.memory_logging import MemoryTracker
+
+    outside = tmp_path / "someone-elses.json"
+    outside.write_text('{"mine": true}')
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / name).symlink_to(outside)
+    model = inject_adapters(tiny_llama(), LoRAFAConfig(r=4, target_modules=["q_proj"]))
+    save_adapter(model, folder)
+    MemoryTracker(model).write(folder)
+    assert outside.read_text() == '{"mine": true}'
+    assert not (folder / name).is_symlink() and json.loads((folder / name).read_text())
+
+
+def test_a_readme_that_is_not_our_card_is_kept(tmp_path, caplog):
+    from hf_lorafa import LoRAFAConfig, inject_adapters, save_adapter
+    from hf_lorafa.hub.card import write_model_card
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "README.md").write_text("# My project\n\nHand-written.\n")
+    save_adapter(inject_adapters(tiny_llama(), LoRAFAConfig(r=4, target_modules=["q_proj"])), folder)
+    assert write_model_card(folder) is None and write_model_card(folder) is None
+    assert (folder / "README.md").read_text() == "# My project\n\nHand-written.\n"
+    assert caplog.text.count("is not a card hf-lorafa wrote") == 1  # said once
+    ours = tmp_path / "adapter"
+    save_adapter(inject_adapters(tiny_llama(), LoRAFAConfig(r=4, target_modules=["q_proj"])), ours)
+    first = write_model_card(ours).read_text()
+    assert write_model_card(ours, extra={"repo_id": "me/x"}).read_text() != first  # our own card is refreshed
+
+
+def base_model_folder(path: Path) -> dict[str, bytes]:
+    tiny_llama().save_pretrained(path)
+    return {p.name: p.read_bytes() for p in path.iterdir()}
+
+
+def test_an_adapter_is_never_written_into_a_base_model_folder(tmp_path):
+    from hf_lorafa import LoRAFAConfig, inject_adapters, save_adapter
+
+    base = tmp_path / "base"
+    before = base_model_folder(base)
+    with pytest.raises(ValueError, match="holds a model"):
+        save_adapter(inject_adapters(tiny_llama(), LoRAFAConfig(r=4, target_modules=["q_proj"])), base)
+    ids = torch.randint(0, 256, (8, 12), generator=torch.Generator().manual_seed(0)).tolist()
+    args = LoRAFATrainingArguments(
+        output_dir=str(base), max_steps=1, per_device_train_batch_size=8, report_to="none", use_cpu=True, lora_r=4
+    )
+    trainer = LoRAFATrainer(model=tiny_llama(), args=args, train_dataset=Dataset.from_dict({"input_ids": ids}))
+    with pytest.raises(ValueError, match="`output_dir`.*holds a model"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+
+
+def test_merge_never_replaces_the_base_models_own_folder(tmp_path, capsys):
+    from hf_lorafa import LoRAFAConfig, inject_adapters, save_adapter
+    from hf_lorafa.cli import main
+
+    base = tmp_path / "base"
+    before = base_model_folder(base)
+    adapter = tmp_path / "adapter"
+    save_adapter(inject_adapters(tiny_llama(), LoRAFAConfig(r=4, target_modules=["q_proj"])), adapter)
+    for extra in ([], ["--overwrite"]):
+        assert main(["merge", str(adapter), str(base), "--base-model", str(base), *extra]) == 1
+        assert "base model's own folder" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+
+
+HOLD_OUTPUT_DIR = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from conftest import tiny_llama
+from hf_lorafa import LoRAFATrainer, LoRAFATrainingArguments
+
+class Hold(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        Path({ready!r}).write_text("training")
+        time.sleep(120)
+
+ids = torch.randint(0, 256, (8, 12)).tolist()
+args = LoRAFATrainingArguments(output_dir={out!r}, max_steps=1, per_device_train_batch_size=8, report_to="none",
+                               use_cpu=True, lora_r=4, save_strategy="no", log_memory=False)
+LoRAFATrainer(model=tiny_llama(), args=args, train_dataset=Dataset.from_dict({{"input_ids": ids, "labels": ids}}),
+              callbacks=[Hold()]).train()
+"""
+
+
+def test_a_second_live_run_on_one_output_dir_is_refused(tmp_path):
+    import time
+
+    out, ready = tmp_path / "out", tmp_path / "ready"
+    script = HOLD_OUTPUT_DIR.format(tests=str(REPO / "tests"), ready=str(ready), out=str(out))
+    first = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ready.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ready.exists(), first.stderr.read()[-2000:] if first.poll() is not None else "first run never started"
+        ids = torch.randint(0, 256, (8, 12)).tolist()
+        args = LoRAFATrainingArguments(
+            output_dir=str(out), max_steps=1, per_device_train_batch_size=8, report_to="none", use_cpu=True, lora_r=4
+        )
+        second = LoRAFATrainer(
+            model=tiny_llama(), args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids})
+        )
+        with pytest.raises(
+            RuntimeError, match=f"{re.escape(repr(str(out)))} is in use by another training run \\(pid {first.pid}\\)"
+        ):
+            second.train()
+        assert second.state.global_step == 0
+    finally:
+        first.kill()
+        first.wait()
+    second.train()  # the holder is gone (killed, its lock file left behind): the lock is free again
+    assert second.state.global_step == 1

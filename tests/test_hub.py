@@ -313,3 +313,62 @@ def test_trainer_card_names_the_hub_base_repo_and_dataset(tmp_path):
     assert 'load_adapter(model, "me/tiny-lorafa")' in text and 'from_pretrained("HuggingFaceTB/SmolLM2-135M")' in text
     assert "| `max_steps` | 4 |" in text and "num_train_epochs" not in text
     assert f"| `optim` | {args.optim.value} |" in text and "OptimizerNames" not in text
+
+
+def test_a_hub_that_never_answers_the_commit_ends_in_one_bounded_error(hub, tmp_path, monkeypatch):
+    folder = tmp_path / "adapter"
+    adapter_folder(folder, "lorafa")
+    monkeypatch.setattr(hf_lorafa.hub.push, "REQUEST_TIMEOUT_S", 1.0, raising=False)
+    monkeypatch.setattr(hf_lorafa.hub.push, "BACKOFF_S", 0.1, raising=False)
+    hub.state.stall = "/commit/"  # the token check and repo creation answer; the commit is accepted, never answered
+    start = time.monotonic()
+    with pytest.raises(HubUploadError) as info:
+        push_adapter(folder, "user/stalled", endpoint=hub.url)
+    assert time.monotonic() - start < 15
+    assert "uploading the files" in str(info.value) and "did not answer in time" in str(info.value)
+    assert sum("/commit/" in r for r in hub.state.requests) == 3  # retried (ATTEMPTS), then gave up
+
+
+SECRET_ID = "hf_" + "Ab3" * 12  # token-shaped: hf_ and 36 letters/digits
+
+
+@pytest.mark.parametrize("repo_id", [SECRET_ID, f"user/{SECRET_ID}", f"{SECRET_ID}/adapter", f"user/x-{SECRET_ID}"])
+def test_token_shaped_repo_id_is_refused_before_any_request_without_echo(repo_id, hub, tmp_path, capsys):
+    from hf_lorafa.cli import main
+
+    folder = tmp_path / "adapter"
+    adapter_folder(folder, "lorafa")
+    with pytest.raises(ValueError, match="contains a Hub token") as info:
+        push_adapter(folder, repo_id, endpoint=hub.url)
+    assert SECRET_ID not in str(info.value)
+    assert main(["push", str(folder), repo_id]) == 1
+    captured = capsys.readouterr()
+    assert "contains a Hub token" in captured.err and SECRET_ID not in captured.err + captured.out
+    assert hub.state.requests == [] and hub.state.repos == {}
+
+
+def test_push_uploads_the_card_that_is_there_and_never_rewrites_it(hub, tmp_path):
+    folder = tmp_path / "adapter"
+    adapter_folder(folder, "lorafa")
+    url = push_adapter(folder, "user/first", endpoint=hub.url)  # no card yet: one is generated
+    generated = (folder / "README.md").read_text()
+    assert hub.state.repos["user/first"]["commits"][url.rsplit("/", 1)[1]]["README.md"].decode() == generated
+    edited = generated.replace("# ", "# My edited title — ", 1)
+    (folder / "README.md").write_text(edited)
+    url = push_adapter(folder, "user/second", endpoint=hub.url)
+    assert (folder / "README.md").read_text() == edited
+    assert hub.state.repos["user/second"]["commits"][url.rsplit("/", 1)[1]]["README.md"].decode() == edited
+
+
+@pytest.mark.parametrize("name", ["README.md", "memory.json", "hf_lorafa.json"])
+def test_push_refuses_a_link_to_a_file_outside_the_folder(name, hub, tmp_path):
+    folder = tmp_path / "adapter"
+    adapter_folder(folder, "lorafa")
+    outside = tmp_path / "private-notes.txt"
+    outside.write_text("PRIVATE NOTES")
+    (folder / name).unlink(missing_ok=True)
+    (folder / name).symlink_to(outside)
+    with pytest.raises(ValueError, match="link to a file outside") as info:
+        push_adapter(folder, "user/linked", endpoint=hub.url)
+    assert name in str(info.value)
+    assert hub.state.requests == [] and outside.read_text() == "PRIVATE NOTES"

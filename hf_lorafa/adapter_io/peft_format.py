@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from ..tuners.config import INIT_ONLY, LoRAFAConfig, is_adapter_tensor
@@ -29,6 +28,7 @@ from .checks import (
     split_adapter_tensors,
     uncovered_targets,
 )
+from .output_folder import staged_files
 
 logger = logging.getLogger(__name__)
 
@@ -51,18 +51,6 @@ def _peft_target_modules(model: nn.Module, names: list[str]) -> list[str]:
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     selected = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in leaves and n}
     return leaves if selected == set(names) else sorted(names)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash never leaves a half file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _full_tensors(model: nn.Module, state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -111,7 +99,9 @@ def save_adapter(
 
     Args:
         model (`nn.Module`): a model with adapters from [`inject_adapters`] or [`load_adapter`].
-        save_directory (`str` or `os.PathLike`): folder to write (created if needed; files replaced atomically).
+        save_directory (`str` or `os.PathLike`): folder to write (created if needed). All files are written first
+            and then renamed in together, so a kill or a full disk leaves the earlier adapter whole; a folder that
+            holds a model (config.json + weights) is refused.
         extra (`dict`, *optional*): more fields for `hf_lorafa.json` (the trainer adds memory figures).
         state_dict (`dict`, *optional*): the model's full state dict when its parameters are sharded (FSDP2
             DTensors, ZeRO-3): gathered on every rank (`accelerator.get_state_dict(model)`), saved by the main one.
@@ -128,8 +118,6 @@ def save_adapter(
         raise ValueError("`model` has no hf-lorafa adapters to save; call inject_adapters(model, config) first.")
     config: LoRAFAConfig = model.hf_lorafa_config
     state = adapter_state_dict(model, state_dict)  # before any file is written: a sharded model fails here
-    directory = Path(save_directory)
-    directory.mkdir(parents=True, exist_ok=True)
     layers = adapter_layers(model)
     rank_pattern = {name: layer.r for name, layer in layers.items() if layer.r != config.r}
     name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
@@ -144,20 +132,15 @@ def save_adapter(
         task_type=_task_type(model),
         bias="none",
     )
-    staging = Path(tempfile.mkdtemp(dir=directory, prefix=".adapter-config-"))
-    try:
-        peft_config.save_pretrained(staging)
-        os.replace(staging / ADAPTER_CONFIG, directory / ADAPTER_CONFIG)
-    finally:
-        for leftover in staging.iterdir():
-            leftover.unlink()
-        staging.rmdir()
-    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     # A reloaded adapter keeps its saved tensors: the options that only set initial values describe how it started.
     fields = {"method": config.method, "config": config.to_dict(), "init_only_options": list(INIT_ONLY)}
     fields.update(extra or {})
-    atomic_write(directory / HF_LORAFA_FILE, lambda tmp: Path(tmp).write_text(json.dumps(fields, indent=2)))
-    return directory
+    with staged_files(save_directory) as staging:
+        peft_config.save_pretrained(staging)
+        # Serialized here and written by Python, so a full disk is an OSError like every other file's.
+        (staging / ADAPTER_WEIGHTS).write_bytes(save(state, metadata={"format": "pt"}))
+        (staging / HF_LORAFA_FILE).write_text(json.dumps(fields, indent=2))
+    return Path(save_directory)
 
 
 def resolve_adapter_dir(adapter: str | os.PathLike, revision: str | None = None, token: str | None = None) -> Path:

@@ -24,8 +24,17 @@ commands:
 MERGE_TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification"}  # PEFT task_type -> load_base_model task
 
 
-def check_merge_target(target: Path, adapter_dir: Path, overwrite: bool) -> None:
-    """Refuse an output folder whose replacement could destroy files the user did not ask to replace."""
+def check_merge_target(target: Path, adapter_dir: Path, overwrite: bool, base: str) -> None:
+    """Refuse an output folder whose replacement could destroy files the user did not ask to replace.
+
+    The base model's own folder is refused even with `--overwrite`: its weights are what the merge reads, and the
+    adapter would no longer apply to the folder its config names.
+    """
+    if Path(base).is_dir() and Path(base).resolve() == target:
+        raise ValueError(
+            f"`OUT_DIR` {str(target)!r} is the base model's own folder; the merge would replace the weights it was "
+            f"made from (--overwrite does not cover that). Pass a new folder, e.g. {str(target) + '-merged'!r}."
+        )
     adapter = adapter_dir.resolve()
     if target == adapter or target in adapter.parents:
         raise ValueError(
@@ -89,13 +98,13 @@ def merge_main(argv: list[str]) -> None:
 
     adapter_dir = resolve_adapter_dir(args.adapter, args.revision)
     target = Path(args.output_dir).resolve()
-    # Before the model loads: a wrong OUT_DIR fails in a second and never costs a user's files.
-    check_merge_target(target, adapter_dir, args.overwrite)
     peft_config = read_lora_config(adapter_dir / ADAPTER_CONFIG)
     base = args.base_model or peft_config.base_model_name_or_path
     if not base:
         raise ValueError("the adapter does not name its base model; pass `--base-model` with its id or folder.")
     path = resolve_model(base)
+    # Before the model loads: a wrong OUT_DIR fails in a second and never costs a user's files.
+    check_merge_target(target, adapter_dir, args.overwrite, path)
     # Merge into the weights the adapter was trained on: a 4-bit-trained adapter folds into the dequantized base.
     trained = (read_adapter_facts(adapter_dir).get("quantization") or {}) if not args.base_model else {}
     args.load_in_4bit = args.load_in_4bit or bool(trained.get("load_in_4bit"))

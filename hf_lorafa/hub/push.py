@@ -1,8 +1,10 @@
 """Publish an adapter folder to the Hugging Face Hub with its generated model card.
 
-`push_adapter` refreshes the card, then uses `huggingface_hub.HfApi` (create repo, one commit of the adapter files).
-A failure is ONE `HubUploadError` that says which step failed and why (no token, unreachable endpoint, token
-rejected, HTTP status), raised within seconds, with the token masked; the local folder is left as it was.
+`push_adapter` writes the card if the folder has none, then uses `huggingface_hub.HfApi` (create repo, one commit of
+the adapter files). Every request has a timeout and each step is retried with backoff on a timeout, a dropped
+connection, 429 or 5xx. A failure is ONE `HubUploadError` that says which step failed and why (no token, unreachable
+endpoint, token rejected, HTTP status), raised within a bounded time, with the token masked; the local folder is left
+as it was. A repo id that contains a token is refused before any request, without repeating it.
 Loading from the Hub is `load_adapter(model, "user/repo", revision=...)` (`saving.resolve_adapter_dir`).
 """
 
@@ -10,11 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ..adapter_io.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, HUB_FILES
-from ..redact import scrub_secrets
+from ..redact import TOKEN_PATTERN, scrub_secrets
 from .card import write_model_card
 
 logger = logging.getLogger(__name__)
@@ -22,6 +27,11 @@ logger = logging.getLogger(__name__)
 # A dead or black-holed endpoint must fail in seconds, not hang: huggingface_hub's shared HTTP client has no
 # timeout, so the first request (a token check) gets one; once it answered, the endpoint is known to be alive.
 PROBE_TIMEOUT_S = 8.0
+# Every later request (create repo, commit, uploads): huggingface_hub's own knob for its request timeouts, with a
+# longer default than its 10 s since a commit of large files may take a while to be answered.
+REQUEST_TIMEOUT_S = float(os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT") or 60)
+ATTEMPTS = 3  # per step, on a timeout, a dropped connection, 429 or 5xx
+BACKOFF_S = 0.5  # before the 2nd attempt; doubled before each next one
 LOGIN_HINT = (
     "log in with `hf auth login` (`huggingface-cli login` on huggingface_hub < 1.0), set the HF_TOKEN environment "
     "variable, or pass `token=` (`--hub_token` / `--token` on the command line)"
@@ -33,10 +43,22 @@ class HubUploadError(RuntimeError):
 
 
 def _upload_files(folder: Path) -> list[Path]:
-    """The files a Hub repo of this adapter holds (what `load_adapter` downloads); never checkpoints."""
+    """The files a Hub repo of this adapter holds (what `load_adapter` downloads); never checkpoints.
+
+    A link whose target lies outside the folder is refused, not skipped: uploading it would publish whatever file it
+    points at (a user's notes, a key), and leaving it out silently would publish a repo without a file the user sees.
+    """
     from fnmatch import fnmatch
 
-    return sorted(p for p in folder.iterdir() if p.is_file() and any(fnmatch(p.name, pat) for pat in HUB_FILES))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and any(fnmatch(p.name, pat) for pat in HUB_FILES))
+    inside = folder.resolve()
+    for path in files:
+        if inside not in path.resolve().parents:
+            raise ValueError(
+                f"{str(path)!r} is a link to a file outside the adapter folder; hf-lorafa does not upload what such a "
+                "link points at. Replace the link by a copy of the file you mean to publish, or remove it."
+            )
+    return files
 
 
 def _reason(err: Exception, endpoint: str, repo_id: str) -> str:
@@ -70,6 +92,83 @@ def _reason(err: Exception, endpoint: str, repo_id: str) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+def _transient(err: Exception) -> bool:
+    """Whether trying the same request again may work (huggingface_hub's own backoff retries the same)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if {cls.__name__ for cls in type(err).__mro__} & {
+        "TimeoutException",
+        "Timeout",
+        "TransportError",
+        "ConnectionError",
+    }:
+        return True
+    status = getattr(getattr(err, "response", None), "status_code", None) if isinstance(err, HfHubHTTPError) else None
+    return status is not None and (status == 429 or status >= 500)
+
+
+def _retrying(call: Callable[[], Any]) -> Any:
+    for attempt in range(ATTEMPTS):
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001 - only transient failures are retried, the rest raise at once
+            if attempt == ATTEMPTS - 1 or not _transient(err):
+                raise
+            logger.info("Hub request failed (%s); retrying in %.1f s", type(err).__name__, BACKOFF_S * 2**attempt)
+            time.sleep(BACKOFF_S * 2**attempt)
+
+
+@contextmanager
+def bounded_requests() -> Iterator[None]:
+    """Give huggingface_hub's shared HTTP client a timeout for the length of a push, then put the caller's back.
+
+    Its client is built with `timeout=None` (1.x/2.x: httpx; < 1.0: requests without one), so a Hub that accepts the
+    connection and never answers would hang the commit forever. The factory in use is read from the private global
+    that `set_client_factory` / `configure_http_backend` set (huggingface_hub 0.34-2.4), so a user's own client
+    factory (proxy, certificates) is kept, only bounded.
+    """
+    from huggingface_hub.utils import _http
+
+    timeout = REQUEST_TIMEOUT_S
+    if hasattr(_http, "set_client_factory"):  # huggingface_hub >= 1.0
+        previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+
+        def factory():
+            client = previous()
+            client.timeout = timeout
+            return client
+
+        install, restore = (lambda: _http.set_client_factory(factory)), (lambda: _http.set_client_factory(previous))
+    else:  # requests: a default timeout for every call that does not set its own
+        previous = _http._GLOBAL_BACKEND_FACTORY
+
+        def factory():
+            session = previous()
+            request = session.request
+            session.request = lambda *a, **kw: request(*a, **{"timeout": timeout, **kw})
+            return session
+
+        install = lambda: _http.configure_http_backend(factory)  # noqa: E731
+        restore = lambda: _http.configure_http_backend(previous)  # noqa: E731
+    install()
+    try:
+        yield
+    finally:
+        restore()
+
+
+def check_repo_id(repo_id: Any) -> None:
+    """Refuse a repo id that is not `user/name`, or that holds a token (it would name a public repo after it)."""
+    if isinstance(repo_id, str) and TOKEN_PATTERN.search(repo_id):
+        raise ValueError(
+            "`repo_id` contains a Hub token (a string starting with 'hf_' followed by its secret), not a repo name; "
+            "pass 'user/my-adapter' and the token as `token=` (`--token`). The id is not repeated here; if it was "
+            "typed in a shell, revoke the token at https://huggingface.co/settings/tokens."
+        )
+    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
+        raise ValueError(f"`repo_id` must look like 'user/my-adapter'; got {repo_id!r}.")
+
+
 def push_adapter(
     folder: str | os.PathLike,
     repo_id: str,
@@ -83,7 +182,8 @@ def push_adapter(
 ) -> str:
     """Upload an adapter folder (adapter, card, `hf_lorafa.json`, memory figures) to a Hub model repo.
 
-    The card (`README.md`) is refreshed first; the other local files are only read.
+    The card (`README.md`) is generated only when the folder has none (an existing one, edited or not, is uploaded
+    as it is); the other local files are only read. A file that is a link to outside the folder is refused.
 
     Args:
         folder (`str` or `os.PathLike`): the adapter folder ([`save_adapter`] / `trainer.save_model()`).
@@ -118,33 +218,35 @@ def push_adapter(
             f"`folder`={str(directory)!r} is not an adapter folder ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} needed); "
             "save the adapter first with save_adapter(model, folder) or trainer.save_model()."
         )
-    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
-        raise ValueError(f"`repo_id` must look like 'user/my-adapter'; got {repo_id!r}.")
+    check_repo_id(repo_id)
     # Checked before any network call: without a token every step would fail with a less helpful 401.
     token = token or get_token()
     if not token:
         raise HubUploadError(f"Cannot push {str(directory)!r} to {repo_id!r}: no Hub token found; {LOGIN_HINT}.")
-    write_model_card(directory, extra={**(card_extra or {}), "repo_id": repo_id})
+    if not (directory / "README.md").exists():
+        write_model_card(directory, extra={**(card_extra or {}), "repo_id": repo_id})
+    files = _upload_files(directory)  # before any request: a link out of the folder is refused here
     api = HfApi(endpoint=endpoint, token=token)
     step = "checking the token"
     try:
-        _check_token(api, token)
-        step = f"creating the repo {repo_id!r}"
-        api.create_repo(repo_id, exist_ok=True, private=private)
-        if revision not in (None, "main"):
-            step = f"creating the branch {revision!r}"
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        step = "uploading the files"
-        # One explicit commit of exactly the adapter's files, not `upload_folder`: with hf_xet installed that runs
-        # a pipeline retrying a failed commit with backoff (~23 s on a 5xx); `create_commit` fails at once.
-        info = api.create_commit(
-            repo_id,
-            operations=[
-                CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in _upload_files(directory)
-            ],
-            commit_message=commit_message or "Upload adapter with hf-lorafa",
-            revision=revision,
-        )
+        with bounded_requests():
+            _retrying(lambda: _check_token(api, token))
+            step = f"creating the repo {repo_id!r}"
+            _retrying(lambda: api.create_repo(repo_id, exist_ok=True, private=private))
+            if revision not in (None, "main"):
+                step = f"creating the branch {revision!r}"
+                _retrying(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True))
+            step = "uploading the files"
+            # One explicit commit of exactly the adapter's files, not `upload_folder`: with hf_xet installed that
+            # runs a pipeline retrying a failed commit for ~23 s on a 5xx; here the retries are ours and bounded.
+            info = _retrying(
+                lambda: api.create_commit(
+                    repo_id,
+                    operations=[CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files],
+                    commit_message=commit_message or "Upload adapter with hf-lorafa",
+                    revision=revision,
+                )
+            )
     except Exception as err:  # noqa: BLE001 - every failure becomes the one documented error
         message = (
             f"Pushing {str(directory)!r} to {repo_id!r} at {api.endpoint} failed while {step}: "
@@ -187,15 +289,17 @@ def create_hub_repo(repo_id: str, *, token: str | None = None, private: bool = F
     """
     from huggingface_hub import HfApi, get_token
 
+    check_repo_id(repo_id)
     token = token or get_token()
     if not token:
         raise HubUploadError(f"`push_to_hub` is set but no Hub token was found to create {repo_id!r}; {LOGIN_HINT}.")
     api = HfApi(token=token)
     step = "checking the token"
     try:
-        _check_token(api, token)
-        step = f"creating the repo {repo_id!r}"
-        return api.create_repo(repo_id, exist_ok=True, private=private).repo_id
+        with bounded_requests():
+            _retrying(lambda: _check_token(api, token))
+            step = f"creating the repo {repo_id!r}"
+            return _retrying(lambda: api.create_repo(repo_id, exist_ok=True, private=private)).repo_id
     except Exception as err:  # noqa: BLE001 - every failure becomes the one documented error
         message = (
             f"`push_to_hub` is set but {step} at {api.endpoint} failed: {_reason(err, api.endpoint, repo_id)}. "

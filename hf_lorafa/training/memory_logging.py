@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapter_io.output_folder import atomic_write
 from ..memory.measure import SavedTensorCounter, format_bytes, process_peak_since_reset, reset_process_peak
 
 
@@ -114,7 +115,7 @@ class MemoryTracker:
         directory = Path(output_dir)
         directory.mkdir(parents=True, exist_ok=True)
         summary = self.summary()
-        (directory / "memory.json").write_text(json.dumps(summary, indent=2))
+        atomic_write(directory / "memory.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
         if self.history:
             import matplotlib
 
@@ -132,7 +133,7 @@ class MemoryTracker:
             ax.set_title("hf-lorafa training memory")
             ax.legend()
             fig.tight_layout()
-            fig.savefig(directory / "memory.png", dpi=100)
+            atomic_write(directory / "memory.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
             plt.close(fig)
         return summary
 

@@ -11,6 +11,7 @@ overrides wrap the other trainer's.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
@@ -18,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from transformers import Trainer
 
-from ..adapter_io.peft_format import atomic_write, save_adapter
+from ..adapter_io.output_folder import exclusive_folder, refuse_model_folder, staged_files
+from ..adapter_io.peft_format import save_adapter
 from ..compat import forget_accelerate_prepared
 from ..tuners.calibration import init_frozen_a_from_data
 from ..tuners.config import is_adapter_tensor
@@ -112,10 +114,13 @@ class LoRAFATrainerMixin:
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         if self.args.parallel_mode == ParallelMode.DISTRIBUTED and self.model_wrapped is self.model and not sharded:
             forget_accelerate_prepared(self.model)  # evaluate() before train() marked it prepared, unwrapped
-        if resume_from_checkpoint is None:
-            self.init_frozen_a()
-        with preemptible(self):  # SIGTERM: save a checkpoint at the step's end, then exit 143 (see preemption.py)
-            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        # Before any step: the base model's own folder is no place for an adapter, and one run writes a folder.
+        refuse_model_folder(self.args.output_dir, "output_dir")
+        with exclusive_folder(self.args.output_dir) if self.is_world_process_zero() else contextlib.nullcontext():
+            if resume_from_checkpoint is None:
+                self.init_frozen_a()
+            with preemptible(self):  # SIGTERM: save a checkpoint at the step's end, then exit 143 (preemption.py)
+                return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def init_frozen_a(self) -> None:
         """`frozen_a_init="gradient"` or `"activations"`: set each frozen A from the first `FROZEN_A_BATCHES` training
@@ -197,7 +202,6 @@ class LoRAFATrainerMixin:
         model = self.accelerator.unwrap_model(self.model)
         # Under FSDP/ZeRO-3 `save_model` passes the full state dict it gathered on every rank; otherwise None.
         full = state_dict or None
-        save_adapter(model, output_dir, extra=self.adapter_facts(), state_dict=full)
         # Unfolded adapter tensors (LaMDA's B and S separately): what resuming needs to continue exactly. LaMDA's
         # frozen columns follow from the global step, restored by the schedule callback at train begin.
         trainable = {
@@ -205,10 +209,12 @@ class LoRAFATrainerMixin:
             for n, p in model.named_parameters()
             if is_adapter_tensor(n) or p.requires_grad
         }
-        atomic_write(Path(output_dir) / TRAINING_STATE_FILE, lambda tmp: save_file(trainable, tmp))
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
+        with staged_files(output_dir) as staging:  # every file written, then all renamed in (see output_folder.py)
+            save_adapter(model, staging, extra=self.adapter_facts(), state_dict=full)
+            (staging / TRAINING_STATE_FILE).write_bytes(save(trainable))
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(staging)
+            (staging / "training_args.json").write_text(self.args.to_json_string())
         self.create_model_card(output_dir=output_dir)
 
     def _load_adapter_state(self, checkpoint: str) -> None:
