@@ -619,5 +619,7 @@ def test_a_second_live_run_on_one_output_dir_is_refused(tmp_path):
     finally:
         first.kill()
         first.wait()
-    second.train()  # the holder is gone (killed, its lock file left behind): the lock is free again
+    assert (out / ".hf-lorafa.lock").exists()  # killed: its lock file stays behind, but no process holds it
+    second.train()  # so the lock is free again
     assert second.state.global_step == 1
+    assert not (out / ".hf-lorafa.lock").exists()  # a run that ends removes its lock: the folder holds what it saved

@@ -86,25 +86,35 @@ def staged_files(directory: str | os.PathLike) -> Iterator[Path]:
 def exclusive_folder(directory: str | os.PathLike) -> Iterator[None]:
     """Hold `directory` for one writer; a second live one gets an error naming the folder and the holder's pid.
 
-    The kernel drops a `flock` when its holder exits, even killed, so a lock file left by a dead run never blocks.
+    The kernel drops a `flock` when its holder exits, even killed, so a lock file left by a dead run never blocks; a
+    run that ends normally removes it, so the folder holds only what the run saved.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    path = directory / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RuntimeError(
+                f"`output_dir` {str(directory)!r} is in use by another training run (pid {holder}); both would write "
+                "the same files. Wait for it to finish, stop it, or pass another output_dir."
+            ) from None
+        # The holder we waited on may have removed the file as it finished: a lock on that unlinked file holds nothing.
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        raise RuntimeError(
-            f"`output_dir` {str(directory)!r} is in use by another training run (pid {holder}); both would write the "
-            "same files. Wait for it to finish, stop it, or pass another output_dir."
-        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     try:
         yield
     finally:
-        os.ftruncate(fd, 0)
+        path.unlink(missing_ok=True)  # while still held: no other run can hold this file in between
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
