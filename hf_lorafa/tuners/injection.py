@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import re
 
+import torch
 from torch import nn
 
 from .config import LoRAFAConfig
@@ -68,11 +69,27 @@ def find_target_modules(model: nn.Module, config: LoRAFAConfig) -> dict[str, nn.
             )
     if not targets:
         short = sorted({n.rsplit(".", 1)[-1] for n in linear if n not in excluded})
+        if short:
+            raise ValueError(
+                f"`target_modules`={config.target_modules!r} matched nothing; linear layers in this model: "
+                f"{', '.join(short)}. Pass some of these names, or 'all-linear'."
+            )
         raise ValueError(
-            f"`target_modules`={config.target_modules!r} matched nothing; linear layers in this model: "
-            f"{', '.join(short)}. Pass some of these names, or 'all-linear'."
+            f"`target_modules`={config.target_modules!r} matched nothing: this model has no nn.Linear layer to adapt. "
+            f"Its layers with weight matrices: {weight_layers(model)}; hf-lorafa adapts nn.Linear and bitsandbytes "
+            "Linear4bit / Linear8bitLt layers."
         )
     return targets
+
+
+def weight_layers(model: nn.Module) -> str:
+    """Each kind of module holding a 2-D weight (embeddings aside) with an example name, for error messages."""
+    kinds: dict[str, str] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if name and isinstance(weight, torch.Tensor) and weight.dim() == 2 and not isinstance(module, nn.Embedding):
+            kinds.setdefault(type(module).__name__, name)
+    return ", ".join(f"{kind} (e.g. {name})" for kind, name in sorted(kinds.items())) or "none"
 
 
 def build_layer(config: LoRAFAConfig, base: nn.Module, r: int) -> AdapterLayer:

@@ -162,6 +162,16 @@ class AdapterLayer(nn.Module):
         self.lora_A = nn.Linear(self.in_features, r, **kwargs)
         self.lora_B = nn.Linear(r, self.out_features, **kwargs)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's weight, for model code that reads it (T5 checks `wo.weight.dtype`), as PEFT's layers."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The wrapped layer's bias (None when it has none)."""
+        return getattr(self.base_layer, "bias", None)
+
     def init_lora(self, seed: int) -> None:
         """A with orthonormal rows of PEFT's scale (`A Aᵀ = I/3`), B = 0: the output starts unchanged."""
         generator = torch.Generator().manual_seed(seed)
