@@ -11,14 +11,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from transformers import TrainingArguments
 
-from ..tuners.config import OPTIONS, LoRAFAConfig, argument_name, choices, validate_options
+from ..tuners.config import OPTIONS, TYPES, LoRAFAConfig, argument_name, as_names, choices, validate_options
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ def _has_accelerator() -> bool:
 def _adapter_field(name: str) -> tuple[str, Any, Any]:
     """The training-argument field of adapter option `name`: its flag name, a type argparse parses, its default."""
     option = OPTIONS[name]
-    kind = typing.get_type_hints(LoRAFAConfig)[name]
+    kind = TYPES[name]
     help_text = option.metadata["help"].replace("%", "%%")
     if name in LIST_OPTIONS:  # a list from Python, YAML or JSON; comma-separated names from the command line
         kind = str | None if option.default is None else str
@@ -119,7 +118,7 @@ class LoRAFAArguments(_AdapterArguments):
                 # "q_proj,v_proj" and "q_proj" are names; any other string is a regular expression.
                 if "," in value or value.replace("_", "").isalnum():
                     value = [part.strip() for part in value.split(",") if part.strip()]
-            values[name] = list(value) if isinstance(value, tuple) else value
+            values[name] = as_names(value)
         return values
 
     def to_lorafa_config(self) -> LoRAFAConfig:

@@ -160,7 +160,7 @@ class LoRAFAConfig:
     )
 
     def __post_init__(self) -> None:
-        self.target_modules, self.modules_to_save = _as_names(self.target_modules), _as_names(self.modules_to_save)
+        self.target_modules, self.modules_to_save = as_names(self.target_modules), as_names(self.modules_to_save)
         validate_options(vars(self))
 
     @property
@@ -197,7 +197,7 @@ def choices(name: str) -> tuple[Any, ...] | None:
     return typing.get_args(kind) if typing.get_origin(kind) is Literal else None
 
 
-def _as_names(value: Any) -> Any:
+def as_names(value: Any) -> Any:
     """A tuple of module names is a list (YAML and JSON give lists, Python users may pass tuples)."""
     return list(value) if isinstance(value, tuple) else value
 
@@ -272,7 +272,7 @@ def _docstring() -> str:
     for name, f in OPTIONS.items():
         if name == "rank_pattern":
             continue
-        kind = typing.get_type_hints(LoRAFAConfig)[name]
+        kind = TYPES[name]
         shown = "str" if choices(name) else getattr(kind, "__name__", str(kind).replace("typing.", ""))
         default = f"defaults to `{f.default!r}`" if f.default is not None else ""
         lines.append(f"    {name} (`{shown}`, *optional*{', ' + default if default else ''}):")
