@@ -14,8 +14,13 @@ from transformers import GemmaConfig, GemmaForCausalLM, GPT2Config, GPT2LMHeadMo
 from hf_lorafa import LoRAFAConfig, inject_adapters, saved_tensor_bytes
 from hf_lorafa.training.activation_savers import apply_activation_savers
 
-SAVERS = {"chunked_loss": {"recompute": False}, "recompute": {"chunked_loss": False}, "both": {}}
-ALL = ["chunked_loss", "swiglu_recompute", "rmsnorm_recompute"]
+SAVERS = {
+    "chunked_loss": {"recompute": False, "block_recompute": False},
+    "recompute": {"chunked_loss": False, "block_recompute": False},
+    "block_recompute": {"chunked_loss": False, "recompute": False},
+    "all": {},
+}
+ALL = ["chunked_loss", "swiglu_recompute", "rmsnorm_recompute", "block_recompute"]
 
 
 def adapted(base, method: str = "lorafa", dropout: float = 0.05):
@@ -62,7 +67,7 @@ def assert_same_training(stock, saved, ids, labels, **kwargs):
 def test_loss_and_adapter_gradients_exact(method, savers):
     stock = copy.deepcopy(float64_adapted(method))
     saved = apply_activation_savers(copy.deepcopy(stock), loss_chunk_tokens=5, **SAVERS[savers])
-    expected = {"chunked_loss": ALL[:1], "recompute": ALL[1:], "both": ALL}[savers]
+    expected = {"chunked_loss": ALL[:1], "recompute": ALL[1:3], "block_recompute": ALL[3:], "all": ALL}[savers]
     assert saved.hf_lorafa_savers == expected
     ids, labels = batch()
     out, _ = loss_and_grads(saved, ids, labels)
@@ -122,6 +127,7 @@ def test_unsupported_architecture_left_unchanged_with_notice(caplog):
         apply_activation_savers(model)
     assert model.hf_lorafa_savers == [] and model.forward == forward
     assert "chunked loss not applied" in caplog.text and "no SwiGLU MLP or RMSNorm" in caplog.text
+    assert "no attention or MLP block" in caplog.text
 
 
 def floor_model(base):
@@ -174,3 +180,31 @@ def test_exact_over_a_4bit_base(tmp_path):
     assert saved.hf_lorafa_savers == ALL
     assert type(saved.model.layers[0].mlp.gate_proj.base_layer).__name__ == "Linear4bit"
     assert_same_training(stock, saved, *batch())
+
+
+def test_block_recompute_keeps_only_the_blocks_inputs():
+    """bf16, no chunked loss: each block keeps its input and r values per adapter, not q/k/v or gate/up."""
+    base = tiny_llama(hidden=64, layers=2, vocab=256, dtype=torch.bfloat16)
+    ids, _ = batch(seq=64)
+    floor = retained(floor_model(base), ids)
+    savers = {"chunked_loss": False}
+    without = retained(apply_activation_savers(adapted(base), block_recompute=False, **savers), ids)
+    with_blocks = retained(apply_activation_savers(adapted(base), **savers), ids)
+    print(f"bf16: savers / floor = {without / floor:.3f}, with block recompute {with_blocks / floor:.3f}")
+    assert with_blocks < 0.5 * floor and with_blocks < 0.6 * without
+
+
+def test_savers_survive_transformers_kernelization(tmp_path):
+    """from_pretrained turns on transformers' hub kernels, which would put the stock forwards back at train()."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path)
+    stock = adapted(AutoModelForCausalLM.from_pretrained(tmp_path))
+    saved = apply_activation_savers(adapted(AutoModelForCausalLM.from_pretrained(tmp_path)), loss_chunk_tokens=5)
+    ids, labels = batch()
+    before = retained(saved, ids)
+    saved.eval()
+    saved.train()
+    assert saved.hf_lorafa_savers == ALL and retained(saved, ids) == before
+    assert "forward" in saved.model.layers[0].input_layernorm.__dict__
+    assert_same_training(stock, saved, ids, labels)

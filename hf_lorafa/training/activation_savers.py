@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..compat import replace_forward
+from .block_recompute import apply_block_recompute
 from .chunked_loss import install_chunked_loss, same_randomness
 
 logger = logging.getLogger(__name__)
@@ -132,12 +133,16 @@ def _patch_recompute(model: nn.Module, dtype: torch.dtype) -> set[str]:
 
 
 def apply_activation_savers(
-    model: nn.Module, chunked_loss: bool = True, recompute: bool = True, loss_chunk_tokens: int | None = None
+    model: nn.Module,
+    chunked_loss: bool = True,
+    recompute: bool = True,
+    loss_chunk_tokens: int | None = None,
+    block_recompute: bool = True,
 ) -> nn.Module:
     """Install the exact activation savers a Llama-family model supports; others are left alone with a notice.
 
     Sets `model.hf_lorafa_savers` to the active savers' names (a subset of `"chunked_loss"`, `"swiglu_recompute"`,
-    `"rmsnorm_recompute"`). Call it after adapters are injected; calling it again adds nothing.
+    `"rmsnorm_recompute"`, `"block_recompute"`). Call it after adapters are injected; calling it again adds nothing.
 
     Args:
         model (`nn.Module`):
@@ -150,6 +155,9 @@ def apply_activation_savers(
             Recompute SwiGLU's activation and RMSNorm's normalisation in backward.
         loss_chunk_tokens (`int`, *optional*):
             Tokens per loss chunk; defaults to about 8M logits (`LOSS_CHUNK_ELEMENTS // vocab_size`).
+        block_recompute (`bool`, *optional*, defaults to `True`):
+            Each attention and MLP block keeps only its input; backward replays it up to its output projection
+            (module `block_recompute`). Leave it off under gradient checkpointing, which replays whole layers.
 
     Example:
 
@@ -161,6 +169,10 @@ def apply_activation_savers(
     ```
     """
     active = list(getattr(model, "hf_lorafa_savers", []))
+    if getattr(model, "use_kernels", False):
+        # transformers kernelizes hub-kernel layers (RMSNorm, ...) again at every train()/eval() switch, which puts
+        # their class forward back over a saver's; the savers replace those forwards, so kernelization goes.
+        model.reset_kernels()
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(embeddings, "weight", None)
     if weight is None or weight.device.type == "meta":
@@ -180,6 +192,14 @@ def apply_activation_savers(
         if not found:
             logger.warning(
                 "Activation savers: no SwiGLU MLP or RMSNorm matched in %s; no recomputation.", type(model).__name__
+            )
+    if block_recompute and "block_recompute" not in active:
+        if apply_block_recompute(model):
+            active.append("block_recompute")
+        else:
+            logger.warning(
+                "Activation savers: no attention or MLP block of %s could be recomputed exactly; none is.",
+                type(model).__name__,
             )
     model.hf_lorafa_savers = active
     return model

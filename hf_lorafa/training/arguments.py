@@ -73,6 +73,13 @@ class LoRAFAArguments(_AdapterArguments):
         default=True,
         metadata={"help": "Chunked LM-head loss and cheap recomputation in the frozen path (Llama-family models)."},
     )
+    block_recompute: bool = field(
+        default=True,
+        metadata={
+            "help": "With activation_savers: each attention and MLP block keeps only its input and backward replays "
+            "it up to its output projection (exact; less memory, slower steps). Off when gradient_checkpointing is on."
+        },
+    )
 
     # Hub
     hub_base_model_id: str | None = field(
@@ -86,7 +93,7 @@ class LoRAFAArguments(_AdapterArguments):
     def __post_init__(self) -> None:
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("`load_in_4bit` and `load_in_8bit` are both set; choose one of the two.")
-        for flag in ("load_in_4bit", "load_in_8bit", "log_memory", "activation_savers"):
+        for flag in ("load_in_4bit", "load_in_8bit", "log_memory", "activation_savers", "block_recompute"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"`{flag}` must be true or false (a bool); got {getattr(self, flag)!r}.")
         if self.fp16 and (self.use_cpu or not _has_accelerator()):

@@ -118,5 +118,7 @@ def prepare_model(model: nn.Module | str | None, args, *, chunked_loss: bool = T
     if args.activation_savers:
         from .activation_savers import apply_activation_savers
 
-        apply_activation_savers(model, chunked_loss=chunked_loss)
+        apply_activation_savers(
+            model, chunked_loss=chunked_loss, block_recompute=args.block_recompute and not args.gradient_checkpointing
+        )
     return model

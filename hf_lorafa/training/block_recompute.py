@@ -1,0 +1,169 @@
+"""Block recompute: each attention and MLP block keeps only its input; backward replays it up to its output projection.
+
+With LoRA-FA an output projection (`o_proj`, `down_proj`) keeps r values per token for its adapter and nothing for
+its frozen weight (Zhang et al., 2023, arXiv:2308.03303, §3), so everything a block computes before that projection
+(q, k, v and the attention output; SwiGLU's gate and up) is needed only by the block's own backward. This saver
+checkpoints the span from the block's norm to just before its output projection: the block keeps its input (one
+hidden-size tensor), and backward replays the norm, the input projections and attention or the activation, but not
+the output projection. Gradient checkpointing replays the whole layer, output projections included, because LoRA's
+trainable A needs their inputs.
+
+The span is found by running the model once: a block is a module with an output projection whose input is exactly a
+norm's output (the decoder layer's `input_layernorm` → `self_attn`, `post_attention_layernorm` → `mlp`). The norm then
+returns its input untouched and the block applies it inside the checkpoint. The whole model is then checked against
+its own stock forward and backward on a probe input (outputs and every gradient equal); a model that differs in any
+way is left as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..compat import replace_forward
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_PROJECTIONS = ("o_proj", "down_proj")
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    value = args[0] if args else kwargs.get("hidden_states")
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def find_blocks(model: nn.Module, probe: Callable[[], object]) -> list[tuple[nn.Module, nn.Module, str, nn.Module]]:
+    """`(norm, block, projection name, parent layer)` for every block whose input is exactly a norm's output."""
+    projection = {}
+    for module in model.modules():
+        for name in OUTPUT_PROJECTIONS:
+            if isinstance(getattr(module, name, None), nn.Module) and "hf_lorafa_norm" not in module.__dict__:
+                projection[module] = name
+    parents = {child: parent for parent in model.modules() for child in parent.children()}
+    outputs: dict[int, nn.Module] = {}
+    found: dict[nn.Module, nn.Module] = {}
+
+    def after(module, args, output):
+        if isinstance(output, torch.Tensor):
+            outputs[id(output)] = module
+
+    def before(module, args, kwargs):
+        norm = outputs.get(id(_first_tensor(args, kwargs)))
+        if norm is not None and parents.get(norm) is parents.get(module) and not list(norm.children()):
+            found.setdefault(module, norm)
+
+    handles = [m.register_forward_hook(after) for m in model.modules() if m not in projection]
+    handles += [m.register_forward_pre_hook(before, with_kwargs=True) for m in projection]
+    try:
+        with torch.no_grad():
+            probe()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(norm, block, projection[block], parents[block]) for block, norm in found.items()]
+
+
+def _core(block: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
+    """The norm, then the block's own forward with its output projection standing aside (the identity)."""
+    projection = block._modules[block.hf_lorafa_projection]
+    block._modules[block.hf_lorafa_projection] = nn.Identity()
+    try:
+        return block.hf_lorafa_block_forward(
+            block.hf_lorafa_norm.hf_lorafa_block_forward(hidden_states), *args, **kwargs
+        )
+    finally:
+        block._modules[block.hf_lorafa_projection] = projection
+
+
+def _block_forward(self, *args, **kwargs):
+    """The block's forward: norm + block up to its output projection under a checkpoint, then the projection."""
+    if args:
+        hidden_states, args = args[0], args[1:]
+    else:
+        hidden_states = kwargs.pop("hidden_states")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if (
+        not torch.is_grad_enabled()
+        or getattr(self.hf_lorafa_layer, "gradient_checkpointing", False)  # transformers replays the whole layer
+        or (cache is not None and cache.get_seq_length() > 0)  # a replay would append to the cache again
+    ):
+        out = _core(self, hidden_states, *args, **kwargs)
+    else:
+        for key in ("cache", "past_key_values"):
+            if key in kwargs:
+                kwargs[key] = None  # an empty cache gives the same keys and values, and training reads none back
+        out = checkpoint(_core, self, hidden_states, *args, use_reentrant=False, **kwargs)
+    projected = getattr(self, self.hf_lorafa_projection)(out[0] if isinstance(out, tuple) else out)
+    return (projected, *out[1:]) if isinstance(out, tuple) else projected
+
+
+def _identity(self, hidden_states):
+    return hidden_states
+
+
+def _install(norm: nn.Module, block: nn.Module, projection: str, layer: nn.Module) -> None:
+    # Kept in the instances' __dict__ (not as submodules): state dicts are unchanged and deepcopy follows them.
+    norm.__dict__["hf_lorafa_block_forward"] = norm.forward
+    block.__dict__.update(
+        hf_lorafa_block_forward=block.forward, hf_lorafa_norm=norm, hf_lorafa_layer=layer,
+        hf_lorafa_projection=projection,
+    )  # fmt: skip
+    replace_forward(block, _block_forward)
+    replace_forward(norm, _identity)
+
+
+def _uninstall(norm: nn.Module, block: nn.Module) -> None:
+    for module in (norm, block):
+        forward = module.__dict__.pop("hf_lorafa_block_forward")
+        if forward.__func__ is getattr(type(module), "forward", None):
+            del module.forward  # the class's own
+        else:
+            module.forward = forward  # an earlier saver's
+    for key in ("hf_lorafa_norm", "hf_lorafa_layer", "hf_lorafa_projection"):
+        del block.__dict__[key]
+
+
+def _probe(model: nn.Module) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """Forward and backward of a short random input: the output, the input's gradient and every trained gradient."""
+    embeddings = model.get_input_embeddings()
+    weight = embeddings.weight
+    ids = torch.randint(0, weight.shape[0], (2, 8), generator=torch.Generator().manual_seed(0)).to(weight.device)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    devices = [weight.device.index or 0] if weight.device.type == "cuda" else []
+
+    def run():
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            torch.manual_seed(0)
+            inputs = embeddings(ids).detach().requires_grad_(True)
+            output = model(inputs_embeds=inputs, use_cache=False)[0]
+            grads = torch.autograd.grad(output.float().square().mean(), [inputs, *trained], allow_unused=True)
+        return (output.detach(), *(g for g in grads if g is not None))
+
+    return run
+
+
+def apply_block_recompute(model: nn.Module) -> bool:
+    """Install block recompute where it reproduces the model exactly; returns whether it was installed.
+
+    Call it after adapters are injected (the probe compares the adapters' gradients too).
+    """
+    probe = _probe(model)
+    blocks = find_blocks(model, probe)
+    if not blocks:
+        return False
+    expected = probe()
+    for norm, block, projection, layer in blocks:
+        _install(norm, block, projection, layer)
+    got = probe()
+    same = len(got) == len(expected) and all(
+        a.shape == b.shape and torch.equal(a, b) for a, b in zip(got, expected, strict=True)
+    )
+    if not same:
+        for norm, block, _, _ in blocks:
+            _uninstall(norm, block)
+        logger.debug("Block recompute: %s differs from its stock forward; not applied.", type(model).__name__)
+    return same
