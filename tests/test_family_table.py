@@ -3,67 +3,24 @@
 Each family is a tiny random config of transformers' own classes (hidden 32, one layer, vocab 64); each case injects,
 trains one step (A frozen where the method freezes it, the base unchanged), checks the activation savers are exact
 where they apply, and round-trips the adapter through PEFT (`PeftModel.from_pretrained`) and through our
-`load_adapter` + `merge_adapters` with the same logits. Adding a family is one line in `FAMILIES`.
+`load_adapter` + `merge_adapters` with the same logits. Adding a family is one line in `fixtures/families.py`.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
+import json
 
 import pytest
 import torch
 from conftest import METHODS, assert_only_adapter_trained, perturb_adapters
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from fixtures.families import FAMILIES, VOCAB, tiny_model
 
 from hf_lorafa import LoRAFAConfig, inject_adapters, load_adapter, merge_adapters, save_adapter
 from hf_lorafa.training.activation_savers import apply_activation_savers
 
-VOCAB = 64
-SIZES = dict(
-    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
-    eos_token_id=2,
-)  # fmt: skip
-# model_type -> what its config needs beyond SIZES to be tiny (its own names for head and MLP sizes).
-FAMILIES: dict[str, dict] = {
-    "llama": {},
-    "qwen2": {},
-    "qwen3": {"head_dim": 8},
-    "mistral": {},
-    "phi3": {},
-    "gemma": {"head_dim": 8},
-    "gemma2": {"head_dim": 8},
-    "gemma3_text": {"head_dim": 8},
-    "olmo2": {},
-    "granite": {},
-    "starcoder2": {},
-    "gpt_neox": {},
-    "opt": {"ffn_dim": 64},
-    "falcon": {},
-    "bloom": {},
-    "gpt_bigcode": {},
-    "t5": {"d_kv": 8, "d_ff": 64, "num_decoder_layers": 1, "decoder_start_token_id": 0},
-    "bart": {"encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "decoder_layers": 1, "decoder_attention_heads": 4},
-}
-# (family, method) -> why it does not hold yet; each is an open item of the issue that filed the table.
-KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
-
-@functools.cache
-def _base(family: str) -> torch.nn.Module:
-    config = AutoConfig.for_model(family, **SIZES, **FAMILIES[family])
-    torch.manual_seed(0)
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    return auto.from_config(config).eval()
-
-
-def tiny_model(family: str) -> torch.nn.Module:
-    """A fresh copy of the family's tiny random model (built once per family)."""
-    return copy.deepcopy(_base(family))
-
-
-def batch(model) -> dict[str, torch.Tensor]:
+def batch() -> dict[str, torch.Tensor]:
     ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[0, :3] = -100  # a masked prompt, as the collators produce
@@ -85,21 +42,13 @@ def loss_and_grads(model, inputs):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-CASES = [
-    pytest.param(family, method, marks=[pytest.mark.xfail(reason=KNOWN_FAILURES[family, method], strict=True)])
-    if (family, method) in KNOWN_FAILURES
-    else pytest.param(family, method)
-    for family in FAMILIES
-    for method in METHODS
-]
-
-
-@pytest.mark.parametrize(("family", "method"), CASES)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_family_holds_the_adapter_contract(family, method, tmp_path):
     from peft import PeftModel
 
     model = inject_adapters(tiny_model(family), LoRAFAConfig(method=method, r=4, alpha=8))
-    inputs = batch(model)
+    inputs = batch()
 
     # One training step: B (and S) move, A only where it trains, the base not at all.
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -124,6 +73,8 @@ def test_family_holds_the_adapter_contract(family, method, tmp_path):
     perturb_adapters(model)
     expected = logits(model, inputs)
     save_adapter(model, tmp_path)
+    task_type = json.loads((tmp_path / "adapter_config.json").read_text())["task_type"]
+    assert task_type == ("SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM")
     peft_model = PeftModel.from_pretrained(tiny_model(family), str(tmp_path))
     torch.testing.assert_close(logits(peft_model, inputs), expected, rtol=1e-5, atol=1e-5)
     merged = merge_adapters(load_adapter(tiny_model(family), tmp_path))
