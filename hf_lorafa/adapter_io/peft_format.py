@@ -39,7 +39,11 @@ HUB_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, HF_LORAFA_FILE, "README.md", "memo
 
 
 def _task_type(model: nn.Module) -> str | None:
+    """PEFT's task type for `model`'s head, so `PeftModel.from_pretrained` and `merge` pick the right auto class."""
     name = type(model).__name__
+    # "ForConditionalGeneration" also names decoder-only vision-language models; only encoder-decoders are seq2seq.
+    if name.endswith("ForConditionalGeneration") and getattr(model.config, "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"
     for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS")):
         if name.endswith(suffix):
             return task
