@@ -29,6 +29,7 @@ from .checks import (
     uncovered_targets,
 )
 from .output_folder import staged_files
+from .zero3 import is_zero3_partitioned
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +65,13 @@ def _full_tensors(model: nn.Module, state_dict: dict[str, torch.Tensor] | None) 
     full = {name: (state_dict or {}).get(name, tensor) for name, tensor in own.items()}
     # FSDP2 shards are DTensors; a ZeRO-3 partitioned parameter carries `ds_numel` (its full size) and holds none.
     sharded = [
-        n for n, t in full.items() if is_adapter_tensor(n) and (hasattr(t, "full_tensor") or hasattr(t, "ds_numel"))
+        n for n, t in full.items() if is_adapter_tensor(n) and (hasattr(t, "full_tensor") or is_zero3_partitioned(t))
     ]
     if sharded:
         raise ValueError(
             f"`state_dict` is needed to save a sharded adapter ({sharded[0]!r} is only this rank's shard): pass the "
-            "full state dict, e.g. `accelerator.get_state_dict(model)` (what Trainer.save_model does under FSDP)."
+            "full state dict, e.g. `accelerator.get_state_dict(model)` (what Trainer.save_model does under FSDP), or "
+            "under ZeRO-3 `gather_adapter_tensors(model)` from hf_lorafa.adapter_io.zero3, called on every rank."
         )
     return full
 
