@@ -29,6 +29,7 @@ from .checks import (
     uncovered_targets,
 )
 from .output_folder import staged_files
+from .zero3 import is_zero3_partitioned
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,11 @@ HUB_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, HF_LORAFA_FILE, "README.md", "memo
 
 
 def _task_type(model: nn.Module) -> str | None:
+    """PEFT's task type for `model`'s head, so `PeftModel.from_pretrained` and `merge` pick the right auto class."""
     name = type(model).__name__
+    # "ForConditionalGeneration" also names decoder-only vision-language models; only encoder-decoders are seq2seq.
+    if name.endswith("ForConditionalGeneration") and getattr(model.config, "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"
     for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS")):
         if name.endswith(suffix):
             return task
@@ -60,12 +65,13 @@ def _full_tensors(model: nn.Module, state_dict: dict[str, torch.Tensor] | None) 
     full = {name: (state_dict or {}).get(name, tensor) for name, tensor in own.items()}
     # FSDP2 shards are DTensors; a ZeRO-3 partitioned parameter carries `ds_numel` (its full size) and holds none.
     sharded = [
-        n for n, t in full.items() if is_adapter_tensor(n) and (hasattr(t, "full_tensor") or hasattr(t, "ds_numel"))
+        n for n, t in full.items() if is_adapter_tensor(n) and (hasattr(t, "full_tensor") or is_zero3_partitioned(t))
     ]
     if sharded:
         raise ValueError(
             f"`state_dict` is needed to save a sharded adapter ({sharded[0]!r} is only this rank's shard): pass the "
-            "full state dict, e.g. `accelerator.get_state_dict(model)` (what Trainer.save_model does under FSDP)."
+            "full state dict, e.g. `accelerator.get_state_dict(model)` (what Trainer.save_model does under FSDP), or "
+            "under ZeRO-3 `gather_adapter_tensors(model)` from hf_lorafa.adapter_io.zero3, called on every rank."
         )
     return full
 

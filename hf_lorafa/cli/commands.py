@@ -21,7 +21,8 @@ commands:
 """
 
 
-MERGE_TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification"}  # PEFT task_type -> load_base_model task
+# PEFT task_type -> load_base_model task
+MERGE_TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_2_SEQ_LM": "seq2seq-lm", "SEQ_CLS": "classification"}
 
 
 def check_merge_target(target: Path, adapter_dir: Path, overwrite: bool, base: str) -> None:
@@ -115,7 +116,7 @@ def merge_main(argv: list[str]) -> None:
     task = MERGE_TASKS.get(task_type)
     if task is None:
         raise ValueError(
-            f"the adapter's task_type is {peft_config.task_type!r}; merge loads CAUSAL_LM and SEQ_CLS adapters. "
+            f"the adapter's task_type is {peft_config.task_type!r}; merge loads {', '.join(MERGE_TASKS)} adapters. "
             "Merge it with PEFT: PeftModel.from_pretrained(base, dir).merge_and_unload()."
         )
     labels = {"num_labels": classifier_outputs(adapter_dir)} if task == "classification" else {}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
+from transformers import AutoConfig, AutoTokenizer, DataCollatorForSeq2Seq, HfArgumentParser
 
 from ..data.offline import BUILTIN_HUB_IDS, resolve_model
 from ..data.preprocessing import (
@@ -27,6 +27,7 @@ from ..data.preprocessing import (
     take_rows,
     tokenize_for_causal_lm,
     tokenize_for_classification,
+    tokenize_for_seq2seq,
 )
 from ..data.row_checks import check_max_length, check_row_limit
 from ..training.arguments import LoRAFAArguments, LoRAFATrainingArguments
@@ -50,6 +51,9 @@ JOB_DEFAULTS = {
 }
 
 
+TASKS = ("auto", "causal-lm", "seq2seq-lm", "classification")
+
+
 @dataclass
 class ScriptArguments:
     """What to train on; the how is in `LoRAFATrainingArguments`."""
@@ -66,7 +70,12 @@ class ScriptArguments:
     )
     label_column: str = field(default="label", metadata={"help": "Label column for --task classification."})
     task: str = field(
-        default="causal-lm", metadata={"help": "causal-lm or classification.", "metavar": "{causal-lm,classification}"}
+        default="auto",
+        metadata={
+            "help": "causal-lm, seq2seq-lm (encoder-decoder: T5, BART) or classification; auto: seq2seq-lm for an "
+            "encoder-decoder model, causal-lm otherwise.",
+            "metavar": "{auto,causal-lm,seq2seq-lm,classification}",
+        },
     )
     max_length: int = field(default=256, metadata={"help": "Truncate examples to this many tokens."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
@@ -75,8 +84,8 @@ class ScriptArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the Hub (off)."})
 
     def __post_init__(self) -> None:
-        if self.task not in ("causal-lm", "classification"):
-            raise ValueError(f"`--task` must be 'causal-lm' or 'classification'; got {self.task!r}.")
+        if self.task not in TASKS:
+            raise ValueError(f"`--task` must be one of {', '.join(TASKS)}; got {self.task!r}.")
         # Checked here, before any data or model loads: `--max_train_samples 0` must never mean "every row".
         check_max_length(self.max_length)
         check_row_limit(self.max_train_samples, "--max_train_samples")
@@ -132,13 +141,15 @@ def read_args_file(path: str) -> dict:
 
 
 def answer(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
+    # An encoder-decoder reads the bare prompt, as trained (tokenize_for_seq2seq), and generates only the answer.
+    seq2seq = model.config.is_encoder_decoder
     messages = [{"role": "user", "content": prompt}]
     text = (
         tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if tokenizer.chat_template
+        if tokenizer.chat_template and not seq2seq
         else prompt
     )
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=seq2seq).to(model.device)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -149,7 +160,8 @@ def answer(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
         )
     model.train(was_training)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    start = 0 if seq2seq else inputs["input_ids"].shape[1]
+    return tokenizer.decode(out[0, start:], skip_special_tokens=True).strip()
 
 
 def load_tokenizer(script: ScriptArguments):
@@ -161,30 +173,30 @@ def load_tokenizer(script: ScriptArguments):
     return tokenizer
 
 
-def load_model(script: ScriptArguments, args: LoRAFATrainingArguments, tokenizer, num_labels: int = 2):
-    """The base model for the task; a classification head is trained and saved with the adapter."""
-    path = resolve_model(script.model_name_or_path)
-    if args.load_in_4bit or args.load_in_8bit:
-        from ..data.base_model import load_base_model
+def resolve_task(script: ScriptArguments) -> str:
+    """`--task auto`: seq2seq-lm for an encoder-decoder model (T5, BART), causal-lm otherwise."""
+    if script.task != "auto":
+        return script.task
+    config = AutoConfig.from_pretrained(
+        resolve_model(script.model_name_or_path), trust_remote_code=script.trust_remote_code
+    )
+    return "seq2seq-lm" if getattr(config, "is_encoder_decoder", False) else "causal-lm"
 
-        extra = {"num_labels": num_labels} if script.task == "classification" else {}
-        model = load_base_model(
-            path,
-            load_in_4bit=args.load_in_4bit,
-            load_in_8bit=args.load_in_8bit,
-            bnb_4bit_quant_type=args.bnb_4bit_quant_type,
-            task="classification" if script.task == "classification" else "causal-lm",
-            trust_remote_code=script.trust_remote_code,
-            **extra,
-        )
-    elif script.task == "classification":
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, use_safetensors=True, trust_remote_code=script.trust_remote_code
-        )
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, use_safetensors=True, trust_remote_code=script.trust_remote_code
-        )
+
+def load_model(script: ScriptArguments, args: LoRAFATrainingArguments, tokenizer, num_labels: int = 2):
+    """The base model for the task (`script.task` resolved); a classification head is trained and saved with the
+    adapter."""
+    from ..data.base_model import load_base_model
+
+    model = load_base_model(
+        resolve_model(script.model_name_or_path),
+        load_in_4bit=args.load_in_4bit,
+        load_in_8bit=args.load_in_8bit,
+        bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+        task=script.task,
+        trust_remote_code=script.trust_remote_code,
+        **({"num_labels": num_labels} if script.task == "classification" else {}),
+    )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     # A built-in offline copy names its Hub original, so adapter configs and cards point at a real base model.
@@ -217,16 +229,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Data first: a wrong path or column fails in a second, before the model loads.
     raw = load_raw_dataset(script.dataset, seed=args.seed)
     tokenizer = load_tokenizer(script)
+    script.task = resolve_task(script)
     if script.task == "classification":
         data = tokenize_for_classification(
             raw, tokenizer, script.text_column or "text", script.label_column, script.max_length
         )
         collator = None
+    elif script.task == "seq2seq-lm":
+        data = tokenize_for_seq2seq(raw, tokenizer, script.max_length)
     else:
         data = tokenize_for_causal_lm(raw, tokenizer, script.text_column, script.max_length)
         collator = pad_collator(tokenizer)
     num_labels = max(data["train"]["labels"]) + 1 if script.task == "classification" else 2
     model = load_model(script, args, tokenizer, num_labels)
+    if script.task == "seq2seq-lm":  # pads labels with -100 and builds decoder_input_ids with the model's own shift
+        collator = DataCollatorForSeq2Seq(tokenizer, model=model)
     train = take_rows(data["train"], script.max_train_samples, "--max_train_samples")
     held_out = take_rows(data["test"], script.max_eval_samples, "--max_eval_samples")
     trainer = LoRAFATrainer(
@@ -240,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     trainer.run_info["dataset"] = script.dataset
     before = trainer.evaluate()["eval_loss"]
-    sample_before = answer(model, tokenizer, script.sample_prompt) if script.task == "causal-lm" else None
+    sample_before = answer(model, tokenizer, script.sample_prompt) if script.task != "classification" else None
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     final = trainer.evaluate()
     after = final["eval_loss"]

@@ -81,7 +81,7 @@ def load_base_model(
     bnb_4bit_use_double_quant: bool = False,
     dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
-    task: Literal["causal-lm", "classification"] = "causal-lm",
+    task: Literal["causal-lm", "seq2seq-lm", "classification"] = "causal-lm",
     model_class: type | None = None,
     **kwargs: Any,
 ) -> nn.Module:
@@ -106,8 +106,9 @@ def load_base_model(
         trust_remote_code (`bool`, *optional*, defaults to `False`):
             Allow the checkpoint's own modelling code; off unless you trust the repository.
         task (`str`, *optional*, defaults to `"causal-lm"`):
-            `"causal-lm"` (`AutoModelForCausalLM`) or `"classification"` (`AutoModelForSequenceClassification`;
-            pass `num_labels`). Its head is left unquantized either way.
+            `"causal-lm"` (`AutoModelForCausalLM`), `"seq2seq-lm"` (`AutoModelForSeq2SeqLM`: T5, BART) or
+            `"classification"` (`AutoModelForSequenceClassification`; pass `num_labels`). Its head is left
+            unquantized either way.
         model_class (`type`, *optional*):
             Any transformers class to load with instead (overrides `task`).
         kwargs:
@@ -120,10 +121,14 @@ def load_base_model(
     >>> model = load_base_model("HuggingFaceTB/SmolLM2-135M-Instruct", load_in_4bit=True)  # doctest: +SKIP
     ```
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     if model_class is None:
-        classes = {"causal-lm": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification}
+        classes = {
+            "causal-lm": AutoModelForCausalLM,
+            "seq2seq-lm": AutoModelForSeq2SeqLM,
+            "classification": AutoModelForSequenceClassification,
+        }
         if task not in classes:
             raise ValueError(f"`task` must be one of {sorted(classes)}; got {task!r}. Or pass `model_class`.")
         model_class = classes[task]

@@ -2,11 +2,13 @@
 
 Question/answer rows (`question`/`answer`, `prompt`/`completion` or `messages`) use the tokenizer's chat template
 and train on the answer only (prompt tokens get label -100, as TRL's completion-only loss); a `text_column` trains
-on the whole text; classification rows are `text` + integer `label`.
+on the whole text; an encoder-decoder reads the prompt and learns the answer; classification rows are `text` +
+integer `label`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,16 +77,9 @@ def load_raw_dataset(name: str, eval_size: float | int = 0.1, seed: int = 42) ->
     return data
 
 
-def tokenize_for_causal_lm(
-    data: DatasetDict, tokenizer, text_column: str | None = None, max_length: int = 256
-) -> DatasetDict:
-    """`input_ids`, `attention_mask` and `labels` (prompt masked for chat rows) for every split.
-
-    Rows with nothing to learn from (null or blank cells, a conversation that ends on a user turn, a prompt that
-    fills `max_length`) are skipped with a count; cells of the wrong kind are one error naming the row and column.
-    """
-    check_max_length(max_length)
-    columns = data["train"].column_names
+def row_reader(columns: list[str], text_column: str | None) -> tuple[bool, Callable[[dict[str, Any], str], Any]]:
+    """(chat, read): whether rows are prompt/answer pairs, and `read(row, where)` giving each row's text or
+    (prompt turns, answer turn), or `Skipped` for a row with nothing to learn from."""
     pair = chat_columns(columns)
     chat = text_column is None and ("messages" in columns or pair is not None)
     if not chat:
@@ -108,6 +103,29 @@ def tokenize_for_causal_lm(
             return texts[0]
         return [{"role": "user", "content": texts[0]}], [{"role": "assistant", "content": texts[1]}]
 
+    return chat, read
+
+
+def read_split(split: Dataset, name: str, read: Callable[[dict[str, Any], str], Any], chat: bool) -> list[Any]:
+    """The parsed usable rows of one split; chat rows mixing `messages` with question/answer rows are refused."""
+    columns = split.column_names
+    pair = chat_columns(columns)
+    if chat and pair is not None and "messages" in columns:
+        check_one_format(split, name, pair)
+    return usable_rows(split, name, read)[1]
+
+
+def tokenize_for_causal_lm(
+    data: DatasetDict, tokenizer, text_column: str | None = None, max_length: int = 256
+) -> DatasetDict:
+    """`input_ids`, `attention_mask` and `labels` (prompt masked for chat rows) for every split.
+
+    Rows with nothing to learn from (null or blank cells, a conversation that ends on a user turn, a prompt that
+    fills `max_length`) are skipped with a count; cells of the wrong kind are one error naming the row and column.
+    """
+    check_max_length(max_length)
+    chat, read = row_reader(data["train"].column_names, text_column)
+
     def encode(value: Any) -> tuple[list[int], list[int]]:
         if not chat:
             ids = tokenizer(value, truncation=True, max_length=max_length)["input_ids"]
@@ -125,9 +143,7 @@ def tokenize_for_causal_lm(
 
     splits = {}
     for name, split in data.items():
-        if chat and pair is not None and "messages" in columns:
-            check_one_format(split, name, pair)
-        _, values = usable_rows(split, name, read)
+        values = read_split(split, name, read, chat)
         encoded = [encode(value) for value in values]
         encoded = [(ids, labels) for ids, labels in encoded if any(label != -100 for label in labels)]
         report_dropped(name, len(values), len(encoded), max_length)
@@ -138,6 +154,30 @@ def tokenize_for_causal_lm(
                 "labels": [labels for _, labels in encoded],
             }
         )
+    return DatasetDict(splits)
+
+
+def tokenize_for_seq2seq(data: DatasetDict, tokenizer, max_length: int = 256) -> DatasetDict:
+    """`input_ids`/`attention_mask` of each prompt and `labels` of its answer, for encoder-decoder models (T5, BART).
+
+    The encoder reads the prompt (a conversation's earlier turns, one per line) and the decoder learns the answer,
+    as `DataCollatorForSeq2Seq` and transformers' summarization/translation examples expect.
+    """
+    check_max_length(max_length)
+    columns = data["train"].column_names
+    if "messages" not in columns and chat_columns(columns) is None:
+        raise ValueError(
+            f"`--task seq2seq` needs prompt/answer rows: question/answer, prompt/completion or messages columns "
+            f"(the dataset has {', '.join(columns)}); the encoder reads the prompt and the decoder learns the answer."
+        )
+    _, read = row_reader(columns, None)
+    splits = {}
+    for name, split in data.items():
+        values = read_split(split, name, read, chat=True)
+        prompts = ["\n".join(turn["content"] for turn in prompt) for prompt, _ in values]
+        answers = [answer[-1]["content"] for _, answer in values]
+        encoded = tokenizer(prompts, text_target=answers, truncation=True, max_length=max_length)
+        splits[name] = Dataset.from_dict(dict(encoded))
     return DatasetDict(splits)
 
 

@@ -36,6 +36,7 @@ TEMPLATE_NAME = "adapter_card.md"
 
 TASKS = {  # PEFT task type → (pipeline_tag, transformers auto class)
     "CAUSAL_LM": ("text-generation", "AutoModelForCausalLM"),
+    "SEQ_2_SEQ_LM": ("text2text-generation", "AutoModelForSeq2SeqLM"),
     "SEQ_CLS": ("text-classification", "AutoModelForSequenceClassification"),
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

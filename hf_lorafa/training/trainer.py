@@ -24,6 +24,7 @@ from transformers import Trainer
 
 from ..adapter_io.output_folder import exclusive_folder, refuse_model_folder, staged_files
 from ..adapter_io.peft_format import save_adapter
+from ..adapter_io.zero3 import gather_adapter_tensors
 from ..compat import forget_accelerate_prepared
 from ..tuners.calibration import init_frozen_a_from_data
 from ..tuners.config import is_adapter_tensor
@@ -197,11 +198,14 @@ class LoRAFATrainerMixin:
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the adapter (PEFT format + `hf_lorafa.json`), its exact training state, tokenizer and card."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        # ZeRO-3: every rank gathers the adapter (a collective) before only the main one writes it; the state dict
+        # `save_model` consolidated may lack it (frozen A excluded, or the 16-bit gather switched off).
+        gathered = gather_adapter_tensors(model)
         if not self.args.should_save:
             return
-        model = self.accelerator.unwrap_model(self.model)
         # Under FSDP/ZeRO-3 `save_model` passes the full state dict it gathered on every rank; otherwise None.
-        full = state_dict or None
+        full = {**(state_dict or {}), **gathered} or None
         # Unfolded adapter tensors (LaMDA's B and S separately): what resuming needs to continue exactly. LaMDA's
         # frozen columns follow from the global step, restored by the schedule callback at train begin.
         trainable = {
