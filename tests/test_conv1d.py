@@ -33,8 +33,9 @@ VOCAB = 64
 
 def tiny_gpt2(layers: int = 2, seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(n_embd=32, n_layer=layers, n_head=4, vocab_size=VOCAB, n_positions=32)
-    config.bos_token_id = config.eos_token_id = 0
+    config = GPT2Config(
+        n_embd=32, n_layer=layers, n_head=4, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
     return GPT2LMHeadModel(config).eval()
 
 
@@ -172,3 +173,19 @@ def test_trainer_trains_gpt2(method, tmp_path):
     assert_only_adapter_trained(model, before, a_trains=method == "lora")
     trainer.save_model(str(tmp_path / "adapter"))
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+
+
+def test_a_peft_gpt2_adapter_loads_with_its_logits(ids, tmp_path):
+    """PEFT's own GPT-2 adapter (it writes `fan_in_fan_out: true`) continues here as LoRA-FA with PEFT's outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_gpt2()
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["c_attn", "c_proj"]))
+    perturb_adapters(peft_model)
+    expected = peft_model.eval()(ids).logits.detach()
+    peft_model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    model = load_adapter(copy.deepcopy(base), tmp_path).eval()
+    assert len(adapter_layers(model)) == 6  # c_attn, and c_proj in both attention and MLP, of two blocks
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
+    torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
