@@ -156,17 +156,8 @@ def _shape(config, linears: list[tuple[int, int]] | None = None) -> dict[str, in
 
 def _linears(s: dict[str, int]) -> list[tuple[int, int]]:
     """(d_in, d_out) of every linear layer of a Llama config's blocks, in q, k, v, o, gate, up, down order."""
-    q, kv = s["nh"] * s["hd"], s["nkv"] * s["hd"]
-    block = [
-        (s["H"], q),
-        (s["H"], kv),
-        (s["H"], kv),
-        (q, s["H"]),
-        (s["H"], s["I"]),
-        (s["H"], s["I"]),
-        (s["I"], s["H"]),
-    ]
-    return block * s["L"]
+    H, I, q, kv = s["H"], s["I"], s["nh"] * s["hd"], s["nkv"] * s["hd"]  # noqa: E741
+    return [(H, q), (H, kv), (H, kv), (q, H), (H, I), (H, I), (I, H)] * s["L"]
 
 
 def estimate_memory(
