@@ -1,12 +1,14 @@
 """Model families beyond the Llama-shaped ones: adapters behave as the layer they wrap for model code that reads it
-(T5 reads `wo.weight.dtype`), and a model with nothing to adapt is told what it has instead."""
+(T5 reads `wo.weight.dtype`), GPT-2's Conv1D layers are adapted (tests/test_conv1d.py holds their contract), and a
+model with nothing to adapt is told what it has instead."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import METHODS
-from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+from torch import nn
+from transformers import T5Config, T5ForConditionalGeneration
 
 from hf_lorafa import LoRAFAConfig, adapter_layers, inject_adapters
 
@@ -49,11 +51,22 @@ def test_t5_trains_its_adapters_and_leaves_the_base_unchanged(method):
     assert frozen_adapter_tensors == (set() if method == "lora" else {"lora_A"})
 
 
+class Projection(nn.Module):
+    """A weight matrix hf-lorafa does not know how to wrap: another library's layer kind."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
+
+
 def test_a_model_without_linear_layers_is_told_what_it_has():
-    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64))
+    model = nn.Sequential(nn.Embedding(64, 32), Projection(32), nn.LayerNorm(32))
     with pytest.raises(ValueError) as raised:
         inject_adapters(model, LoRAFAConfig(r=4))
     message = str(raised.value)
-    assert "has no nn.Linear layer to adapt" in message
-    assert "Conv1D (e.g. transformer.h.0.attn.c_attn)" in message
+    assert "has no nn.Linear or Conv1D layer to adapt" in message
+    assert "Projection (e.g. 1)" in message
     assert "linear layers in this model: ." not in message

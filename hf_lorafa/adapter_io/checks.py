@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..tuners.injection import is_linear, matches_targets
+from ..tuners.layers import layer_features
 
 PEFT_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
@@ -26,12 +27,12 @@ PEFT_FIX = (
     "Merge it with PEFT instead (`PeftModel.from_pretrained(base, dir).merge_and_unload()`) or train a plain LoRA "
     "adapter."
 )
-# PEFT LoRA options whose outputs hf-lorafa's layers do not reproduce: (is it in use?, what it is).
+# PEFT LoRA options whose outputs hf-lorafa's layers do not reproduce: (is it in use?, what it is). `fan_in_fan_out`
+# is not one: PEFT overrides it with each layer's kind (True on Conv1D, False on nn.Linear), and so do we.
 UNSUPPORTED = {
     "use_dora": (lambda v: bool(v), "DoRA (weight-decomposed LoRA)"),
     "lora_bias": (lambda v: bool(v), "a trained bias on lora_B"),
     "bias": (lambda v: v not in (None, "none"), "trained base-layer biases"),
-    "fan_in_fan_out": (lambda v: bool(v), "transposed (Conv1D) weights"),
     "layer_replication": (lambda v: bool(v), "layer replication"),
     "trainable_token_indices": (lambda v: bool(v), "trainable token embeddings"),
     "target_parameters": (lambda v: bool(v), "LoRA on raw parameters"),
@@ -227,10 +228,11 @@ def _check_pair(name: str, pair: dict[str, torch.Tensor], module: nn.Module, con
             f"`adapter` layer {name!r} {where} has lora_A of shape {tuple(a.shape)} and lora_B of shape "
             f"{tuple(b.shape)}; both must be matrices (r × in, out × r)."
         )
-    if (a.shape[1], b.shape[0]) != (module.in_features, module.out_features):
+    d_in, d_out = layer_features(module)
+    if (a.shape[1], b.shape[0]) != (d_in, d_out):
         raise ValueError(
-            f"`adapter` was trained for another base: layer {name!r} is {module.in_features}→"
-            f"{module.out_features} here but {a.shape[1]}→{b.shape[0]} in the adapter. Load the matching base model."
+            f"`adapter` was trained for another base: layer {name!r} is {d_in}→{d_out} here but "
+            f"{a.shape[1]}→{b.shape[0]} in the adapter. Load the matching base model."
         )
     if a.shape[0] != b.shape[1]:
         raise ValueError(

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..tuners.config import INIT_ONLY, LoRAFAConfig, is_adapter_tensor
 from ..tuners.injection import adapter_layers, has_adapters, inject_adapters, matches_targets
+from ..tuners.layers import is_fan_in_fan_out
 from .checks import (
     PEFT_PREFIX,
     peft_rank_and_scaling,
@@ -134,6 +135,8 @@ def save_adapter(
         target_modules=_peft_target_modules(model, list(layers)),
         rank_pattern=rank_pattern,
         modules_to_save=config.modules_to_save,
+        # PEFT's flag for Conv1D bases (it reads their weight transposed when merging); the layer kind decides it.
+        fan_in_fan_out=any(is_fan_in_fan_out(layer.base_layer) for layer in layers.values()),
         base_model_name_or_path=name_or_path,
         task_type=_task_type(model),
         bias="none",

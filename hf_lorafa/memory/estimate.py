@@ -29,6 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..tuners.config import LoRAFAConfig
+from ..tuners.injection import adapter_layers, find_target_modules
+from ..tuners.layers import layer_features
 from ..tuners.methods import METHODS as ADAPTER_METHODS
 from .measure import current_rss_bytes, format_bytes
 
@@ -119,8 +122,18 @@ def _config(config_or_model: Any):
     return config_or_model
 
 
-def _shape(config) -> dict[str, int]:
-    needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+def _model_linears(config_or_model: Any) -> list[tuple[int, int]] | None:
+    """`(d_in, d_out)` of every layer a model adapts (or would: `all-linear`), read from its modules so that
+    transformers' Conv1D (GPT-2, weight stored `(in, out)`) counts the right way round; None for a config."""
+    if not isinstance(config_or_model, nn.Module):
+        return None
+    layers = adapter_layers(config_or_model) or find_target_modules(config_or_model, LoRAFAConfig())
+    return [layer_features(layer) for layer in layers.values()]
+
+
+def _shape(config, linears: list[tuple[int, int]] | None = None) -> dict[str, int]:
+    # A model's own layers give the MLP width (its widest layer input) where the config has no `intermediate_size`.
+    needed = ("hidden_size", "num_hidden_layers", "vocab_size") + (() if linears else ("intermediate_size",))
     missing = [k for k in needed if not hasattr(config, k)]
     if missing:
         raise ValueError(
@@ -131,7 +144,7 @@ def _shape(config) -> dict[str, int]:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return {
         "H": config.hidden_size,
-        "I": config.intermediate_size,
+        "I": getattr(config, "intermediate_size", None) or max(i for i, _ in linears),
         "L": config.num_hidden_layers,
         "V": config.vocab_size,
         "nh": heads,
@@ -142,9 +155,9 @@ def _shape(config) -> dict[str, int]:
 
 
 def _linears(s: dict[str, int]) -> list[tuple[int, int]]:
-    """(d_in, d_out) of every linear layer in one block, in q, k, v, o, gate, up, down order."""
-    q, kv = s["nh"] * s["hd"], s["nkv"] * s["hd"]
-    return [(s["H"], q), (s["H"], kv), (s["H"], kv), (q, s["H"]), (s["H"], s["I"]), (s["H"], s["I"]), (s["I"], s["H"])]
+    """(d_in, d_out) of every linear layer of a Llama config's blocks, in q, k, v, o, gate, up, down order."""
+    H, I, q, kv = s["H"], s["I"], s["nh"] * s["hd"], s["nkv"] * s["hd"]  # noqa: E741
+    return [(H, q), (H, kv), (H, kv), (q, H), (H, I), (H, I), (I, H)] * s["L"]
 
 
 def estimate_memory(
@@ -164,7 +177,9 @@ def estimate_memory(
 
     Args:
         config_or_model (`PretrainedConfig`, `nn.Module` or `str`):
-            The model's config, the model, or a Hub id / local folder / built-in name (`smollm2`).
+            The model's config, the model, or a Hub id / local folder / built-in name (`smollm2`). A model's adapted
+            (or, without adapters, `all-linear`) layers are read from it, so other families' layers (GPT-2's Conv1D)
+            count exactly; the activation floor stays the Llama block's.
         method (`str`):
             `"lora"`, `"lorafa"`, `"lamda"`, `"lamda++"`, `"full"` (full fine-tuning) or `"none"` (all frozen,
             gradient flowing to the inputs: the floor).
@@ -203,21 +218,22 @@ def estimate_memory(
         raise ValueError(f"`optimizer` must be one of {', '.join(OPTIMIZER_STATES)}; got {optimizer!r}.")
     if load_in_4bit and method == "full":
         raise ValueError("`method`='full' cannot train 4-bit weights; drop `load_in_4bit` or pick an adapter method.")
-    s = _shape(_config(config_or_model))
+    model_linears = _model_linears(config_or_model)
+    s = _shape(_config(config_or_model), model_linears)
     b = torch.finfo(dtype).bits // 8
     H, I, L, V, N = s["H"], s["I"], s["L"], s["V"], batch * seq  # noqa: E741  (the papers' names)
-    linears = _linears(s)
-    linear_numel = L * sum(i * o for i, o in linears)
+    linears = model_linears or _linears(s)
+    linear_numel = sum(i * o for i, o in linears)
     other_numel = V * H * (2 - s["tied"]) + (2 * L + 1) * H
     base_bytes = int(linear_numel * (_NF4_BYTES if load_in_4bit else b)) + other_numel * b
 
     # Adapter parameters (float32) and what is trained at the step's peak (LaMDA trains B early, then S only).
     adapter = ADAPTER_METHODS.get(method)
-    adapter_numel = L * sum(adapter.adapter_numel(i, o, r) for i, o in linears) if adapter else 0
+    adapter_numel = sum(adapter.adapter_numel(i, o, r) for i, o in linears) if adapter else 0
     if method == "full":
         trainable_bytes, trainable = (linear_numel + other_numel) * b, linear_numel + other_numel
     else:
-        trainable = L * sum(adapter.trainable_numel(i, o, r) for i, o in linears) if adapter else 0
+        trainable = sum(adapter.trainable_numel(i, o, r) for i, o in linears) if adapter else 0
         trainable_bytes = 4 * trainable
 
     # Activations: the frozen floor, then what each method adds (see the module docstring for the count).
@@ -229,14 +245,14 @@ def estimate_memory(
     elif adapter is not None and adapter.keeps_input:
         inputs = sum(i for i, _ in linears)
         if dropout > 0:
-            per_token += L * inputs * (4 + (4 if device == "cpu" else 1))
+            per_token += inputs * (4 + (4 if device == "cpu" else 1))
         elif b == 4:  # one float32 input per distinct tensor: q/k/v share one, gate/up another, o reuses SDPA's
             per_token += L * (2 * H + I) * 4
         else:  # each layer casts its input to the float32 adapter: a copy per layer
-            per_token += L * inputs * 4
-        per_token += L * len(linears) * r * 4
+            per_token += inputs * 4
+        per_token += len(linears) * r * 4
     elif method != "none":
-        per_token += L * len(linears) * r * 4
+        per_token += len(linears) * r * 4
     activations = N * per_token + per_sequence + 4
     transient = N * V * (b + 8)
     return MemoryEstimate(

@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import LoRAFAConfig
 from .lamda import lamda_plus_plus_ranks
-from .layers import AdapterLayer, base_weight
+from .layers import AdapterLayer, base_weight, is_fan_in_fan_out
 from .methods import METHODS
 from .quantization import check_base_layer, check_quantization
 
@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 
 
 def is_linear(module: nn.Module) -> bool:
-    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear, so one check covers every base kind.
-    return isinstance(module, nn.Linear) and not isinstance(module, AdapterLayer)
+    """Whether `module` can take an adapter: nn.Linear (bitsandbytes' Linear4bit / Linear8bitLt subclass it) or
+    transformers' Conv1D, a linear layer with its weight stored transposed (GPT-2's family), as PEFT's `all-linear`."""
+    return (isinstance(module, nn.Linear) or is_fan_in_fan_out(module)) and not isinstance(module, AdapterLayer)
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
@@ -44,7 +45,7 @@ def _inside(name: str, patterns: str | list[str]) -> bool:
     return any(matches_targets(".".join(parts[:i]), patterns) for i in range(1, len(parts) + 1))
 
 
-def find_target_modules(model: nn.Module, config: LoRAFAConfig) -> dict[str, nn.Linear]:
+def find_target_modules(model: nn.Module, config: LoRAFAConfig) -> dict[str, nn.Module]:
     """The linear layers `config.target_modules` selects, by full module name.
 
     `"all-linear"` is every linear layer but the output head and `modules_to_save`, as in PEFT.
@@ -75,9 +76,9 @@ def find_target_modules(model: nn.Module, config: LoRAFAConfig) -> dict[str, nn.
                 f"{', '.join(short)}. Pass some of these names, or 'all-linear'."
             )
         raise ValueError(
-            f"`target_modules`={config.target_modules!r} matched nothing: this model has no nn.Linear layer to adapt. "
-            f"Its layers with weight matrices: {weight_layers(model)}; hf-lorafa adapts nn.Linear and bitsandbytes "
-            "Linear4bit / Linear8bitLt layers."
+            f"`target_modules`={config.target_modules!r} matched nothing: this model has no nn.Linear or Conv1D layer "
+            f"to adapt. Its layers with weight matrices: {weight_layers(model)}; hf-lorafa adapts nn.Linear, "
+            "transformers' Conv1D and bitsandbytes Linear4bit / Linear8bitLt layers."
         )
     return targets
 

@@ -3,8 +3,8 @@
 LoRA-FA (Zhang et al., 2023, "LoRA-FA: Memory-efficient Low-rank Adaptation for Large Language Models
 Fine-tuning", arXiv:2308.03303, §3) freezes the projection-down A, so the gradient of B needs only `z = A·x`
 (Eq. 4) and the input gradient needs only the weights (Eq. 5): the full-rank input is never kept for backward.
-`FrozenAAdapterFunction` implements exactly that for any base kind (nn.Linear, bitsandbytes 4-bit and 8-bit) and
-is shared by LoRA-FA and LaMDA (which adds a trained r×r core S between A and B).
+`FrozenAAdapterFunction` implements exactly that for any base kind (nn.Linear, transformers' Conv1D, bitsandbytes
+4-bit and 8-bit) and is shared by LoRA-FA and LaMDA (which adds a trained r×r core S between A and B).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import math
 import numpy as np
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .config import ADAPTER_PREFIX
 from .quantization import dequantize_weight, is_bnb_layer
@@ -23,14 +24,29 @@ from .quantization import dequantize_weight, is_bnb_layer
 A_ROW_NORM = 1.0 / math.sqrt(3.0)
 
 
-def base_weight(base_layer: nn.Module) -> torch.Tensor:
-    """The base layer's weight as a dense `(out_features, in_features)` tensor; quantized kinds are dequantized.
+def is_fan_in_fan_out(base_layer: nn.Module) -> bool:
+    """Whether the base stores its weight transposed, `(in_features, out_features)`: transformers' `Conv1D` (GPT-2's
+    family), what PEFT calls `fan_in_fan_out`. Adapters are the same either way; only reading W differs."""
+    return isinstance(base_layer, Conv1D)
 
-    This is the only place the autograd function and merge read a base weight, so every base kind plugs in here.
+
+def layer_features(base_layer: nn.Module) -> tuple[int, int]:
+    """`(in_features, out_features)` of a base layer of any kind."""
+    if is_fan_in_fan_out(base_layer):
+        return base_layer.nx, base_layer.nf
+    return base_layer.in_features, base_layer.out_features
+
+
+def base_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The base layer's weight as a dense `(out_features, in_features)` tensor; quantized kinds are dequantized and
+    a Conv1D's weight is read transposed (a view).
+
+    This is the only place the autograd function, merge and LaMDA's spectrum read a base weight, so every base kind
+    plugs in here.
     """
     if is_bnb_layer(base_layer):
         return dequantize_weight(base_layer)
-    return base_layer.weight
+    return base_layer.weight.t() if is_fan_in_fan_out(base_layer) else base_layer.weight
 
 
 def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
@@ -150,7 +166,7 @@ class AdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = layer_features(base_layer)
         if not 0 < r <= min(self.in_features, self.out_features):
             raise ValueError(
                 f"`r`={r} does not fit a {self.in_features}→{self.out_features} layer; "

@@ -1,4 +1,4 @@
-"""Fold adapters into plain linear layers (`W ← W + s·B(S)A`); quantized bases are dequantized first."""
+"""Fold adapters into their plain base layers (`W ← W + s·B(S)A`); quantized bases are dequantized first."""
 
 from __future__ import annotations
 
@@ -6,23 +6,25 @@ import torch
 from torch import nn
 
 from .injection import adapter_layers
-from .layers import base_weight
+from .layers import base_weight, is_fan_in_fan_out
 from .quantization import dequantize_model
 
 
-def merged_linear(layer: nn.Module) -> nn.Linear:
-    """The adapter's base with the adapter folded in (`merge_adapters` dequantizes bnb bases first)."""
+def merged_linear(layer: nn.Module) -> nn.Module:
+    """The adapter's base with the adapter folded in (`merge_adapters` dequantizes bnb bases first); a Conv1D base
+    stays a Conv1D, its weight stored transposed as before."""
     base = layer.base_layer
     weight = base_weight(base).detach()
     delta = layer.delta_weight().detach().to(torch.float32 if weight.dtype != torch.float64 else weight.dtype)
     with torch.no_grad():
-        base.weight.data = (weight.to(delta.dtype) + delta).to(base.weight.dtype)
+        merged = (weight.to(delta.dtype) + delta).to(base.weight.dtype)
+        base.weight.data = merged.t().contiguous() if is_fan_in_fan_out(base) else merged
     base.weight.requires_grad_(False)
     return base
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
-    """Replace every adapter layer of `model` by a plain linear layer with the adapter folded in.
+    """Replace every adapter layer of `model` by its plain base layer (nn.Linear, Conv1D) with the adapter folded in.
 
     The result has no hf-lorafa modules and saves with `save_pretrained` like any transformers model.
 
