@@ -17,6 +17,7 @@ from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen
 
 from hf_lorafa import LoRAFAConfig, inject_adapters, load_adapter, merge_adapters, save_adapter
 from hf_lorafa.memory.estimate import estimate_memory
+from hf_lorafa.memory.measure import saved_tensor_bytes
 from hf_lorafa.tuners.injection import count_parameters
 
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -89,6 +90,21 @@ def test_estimator_counts_expert_adapters(family, method, targets):
     model = inject_adapters(tiny(family), LoRAFAConfig(method=method, r=2, target_parameters=targets))
     estimate = estimate_memory(model, method, batch=1, seq=8, r=2, target_parameters=targets)
     assert estimate.trainable_parameters == count_parameters(model)[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_estimator_counts_what_expert_adapters_keep(family, method):
+    """The bytes expert adapters add to what one forward saves for backward, measured with the hooks, as predicted."""
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(2))
+    added = []
+    for targets in (None, EXPERTS):
+        model = inject_adapters(tiny(family), LoRAFAConfig(method=method, r=2, target_parameters=targets)).train()
+        saved, _ = saved_tensor_bytes(model, lambda m=model: m(input_ids=ids, labels=ids).loss)
+        estimate = estimate_memory(model, method, 2, 16, r=2, dtype=torch.float32, target_parameters=targets)
+        added.append((saved, estimate.activations))
+    (saved, estimated), (saved_experts, estimated_experts) = added
+    assert saved_experts - saved == estimated_experts - estimated > 0
 
 
 def test_all_linear_says_once_what_it_left(caplog):
