@@ -117,9 +117,9 @@ def find_target_parameters(model: nn.Module, wanted: list[str] | None) -> dict[s
     return targets
 
 
-def _expert_parameters(model: nn.Module, skip: set[str] = frozenset()) -> list[str]:
-    """The model's 3-D parameters (stacked MoE experts) not in `skip`, each named once for all layers, with the
-    number of layers (`mlp.experts.gate_up_proj (×2)`)."""
+def _expert_parameters(model: nn.Module, skip: set[tuple[str, str]] = frozenset()) -> list[str]:
+    """The model's 3-D parameters (stacked MoE experts) but the (module, parameter) pairs in `skip`, each named once
+    for all layers, with the number of layers (`mlp.experts.gate_up_proj (×2)`)."""
     names = [n for n, p in model.named_parameters() if p.dim() == 3 and n.rpartition(".")[::2] not in skip]
     counts = Counter(re.sub(r"^(.*\.)?\d+\.", "", n) for n in names)
     return [f"{name} (×{n})" if n > 1 else name for name, n in counts.items()]
