@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..tuners.injection import is_linear, matches_targets
+from ..tuners.injection import find_target_parameters, is_linear, matches_targets
 from ..tuners.layers import layer_features
+from ..tuners.param_layers import ParamAdapter
 
 PEFT_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
@@ -35,7 +36,6 @@ UNSUPPORTED = {
     "bias": (lambda v: v not in (None, "none"), "trained base-layer biases"),
     "layer_replication": (lambda v: bool(v), "layer replication"),
     "trainable_token_indices": (lambda v: bool(v), "trainable token embeddings"),
-    "target_parameters": (lambda v: bool(v), "LoRA on raw parameters"),
     "alora_invocation_tokens": (lambda v: bool(v), "activated LoRA (aLoRA)"),
     "use_qalora": (lambda v: bool(v), "QA-LoRA input pooling"),
     "arrow_config": (lambda v: v is not None, "Arrow routing"),
@@ -137,6 +137,7 @@ def split_adapter_tensors(
     an incomplete pair, ranks that disagree with each other or with the config, and shapes of another base.
     """
     modules = dict(model.named_modules())
+    params = find_target_parameters(model, config.target_parameters)  # adapter name -> (module, parameter)
     to_save = config.modules_to_save or []
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
@@ -144,7 +145,9 @@ def split_adapter_tensors(
     for key, tensor in weights.items():
         name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else None
         match = LORA_KEY.match(name or "")
-        if name is not None and match and match["module"] in modules:
+        if name is not None and match and match["module"] in params:
+            pairs.setdefault(match["module"], {})[match["part"]] = tensor
+        elif name is not None and match and match["module"] in modules:
             module = modules[match["module"]]
             if not is_linear(module):
                 raise ValueError(
@@ -181,7 +184,11 @@ def split_adapter_tensors(
     if not pairs:
         raise ValueError(f"`adapter` file {str(file)!r} holds no lora_A/lora_B weights; is it a LoRA adapter?")
     for name, pair in pairs.items():
-        _check_pair(name, pair, modules[name], config, where)
+        if name in params:
+            module, key = params[name]
+            _check_pair(name, pair, ParamAdapter.dims(getattr(modules[module], key), modules[module]), config, where)
+        else:
+            _check_pair(name, pair, (*layer_features(modules[name]), 1), config, where)
     return pairs, extra
 
 
@@ -215,7 +222,9 @@ def _saved_module(name: str, modules: dict[str, nn.Module], to_save: list[str]) 
     return False
 
 
-def _check_pair(name: str, pair: dict[str, torch.Tensor], module: nn.Module, config, where: str) -> None:
+def _check_pair(name: str, pair: dict[str, torch.Tensor], dims: tuple[int, int, int], config, where: str) -> None:
+    """Check layer `name`'s A and B against its `(in, out, experts)`: A is (r·experts × in), B (out × r·experts)."""
+    in_features, out_features, experts = dims
     for part in ("lora_A", "lora_B"):
         if part not in pair:
             raise ValueError(
@@ -228,10 +237,9 @@ def _check_pair(name: str, pair: dict[str, torch.Tensor], module: nn.Module, con
             f"`adapter` layer {name!r} {where} has lora_A of shape {tuple(a.shape)} and lora_B of shape "
             f"{tuple(b.shape)}; both must be matrices (r × in, out × r)."
         )
-    d_in, d_out = layer_features(module)
-    if (a.shape[1], b.shape[0]) != (d_in, d_out):
+    if (a.shape[1], b.shape[0]) != (in_features, out_features):
         raise ValueError(
-            f"`adapter` was trained for another base: layer {name!r} is {d_in}→{d_out} here but "
+            f"`adapter` was trained for another base: layer {name!r} is {in_features}→{out_features} here but "
             f"{a.shape[1]}→{b.shape[0]} in the adapter. Load the matching base model."
         )
     if a.shape[0] != b.shape[1]:
@@ -240,8 +248,8 @@ def _check_pair(name: str, pair: dict[str, torch.Tensor], module: nn.Module, con
             "the two halves of a layer must have the same rank. The file is damaged: save it again."
         )
     rank, _ = peft_rank_and_scaling(config, name)
-    if a.shape[0] != rank:
+    if a.shape[0] != rank * experts:
         raise ValueError(
-            f"`adapter` layer {name!r} {where} has rank {a.shape[0]} tensors but adapter_config.json gives it "
-            f"r={rank} (`r` / `rank_pattern`); the config and the weights disagree. Save the adapter again."
+            f"`adapter` layer {name!r} {where} has rank {a.shape[0] // experts} tensors but adapter_config.json gives "
+            f"it r={rank} (`r` / `rank_pattern`); the config and the weights disagree. Save the adapter again."
         )

@@ -19,8 +19,15 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from ..tuners.config import INIT_ONLY, LoRAFAConfig, is_adapter_tensor
-from ..tuners.injection import adapter_layers, has_adapters, inject_adapters, matches_targets
+from ..tuners.injection import (
+    adapter_layers,
+    find_target_parameters,
+    has_adapters,
+    inject_adapters,
+    matches_targets,
+)
 from ..tuners.layers import is_fan_in_fan_out
+from ..tuners.param_layers import ParamAdapter
 from .checks import (
     PEFT_PREFIX,
     peft_rank_and_scaling,
@@ -132,7 +139,8 @@ def save_adapter(
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
-        target_modules=_peft_target_modules(model, list(layers)),
+        target_modules=_peft_target_modules(model, [n for n, m in layers.items() if not isinstance(m, ParamAdapter)]),
+        target_parameters=config.target_parameters,
         rank_pattern=rank_pattern,
         modules_to_save=config.modules_to_save,
         # PEFT's flag for Conv1D bases (it reads their weight transposed when merging); the layer kind decides it.
@@ -296,7 +304,9 @@ def load_adapter(
         saved = LoRAFAConfig.from_dict(ours.get("config", {})) if ours else None
     except (TypeError, ValueError) as err:
         raise ValueError(f"`adapter` file {str(directory / HF_LORAFA_FILE)!r} key 'config': {err}") from None
-    ranks = {name: pair["lora_A"].shape[0] for name, pair in pairs.items()}
+    # Adapters on parameters (MoE experts) take the config's rank and are selected by `target_parameters`.
+    params = find_target_parameters(model, peft_config.target_parameters)
+    ranks = {name: pair["lora_A"].shape[0] for name, pair in pairs.items() if name not in params}
     method = method or (saved.method if saved else "lorafa")
     # Every option the adapter was trained with (hf_lorafa.json), over what the PEFT files say of its shape.
     options = saved.to_dict() if saved else {}
@@ -305,7 +315,8 @@ def load_adapter(
         r=peft_config.r,
         alpha=peft_config.lora_alpha,
         dropout=peft_config.lora_dropout,
-        target_modules=sorted(pairs),
+        target_modules=sorted(ranks),
+        target_parameters=peft_config.target_parameters or None,
         modules_to_save=peft_config.modules_to_save,
         rank_pattern={n: r for n, r in ranks.items() if r != peft_config.r},
     )

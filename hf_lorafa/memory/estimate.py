@@ -9,6 +9,11 @@ attention), per token, with frozen linear layers keeping nothing (their backward
 * the SwiGLU MLP keeps `gate`, `silu(gate)` and `up`;
 * the loss keeps float32 log-probabilities over the vocabulary and the int64 labels.
 
+Mixture-of-Experts blocks (Qwen3-MoE, Mixtral) replace the MLP's linear layers by a router and stacked expert
+parameters: each token's k routed copies keep what the SwiGLU MLP keeps, plus its output and the float32 router
+logits. An adapter on an expert parameter (`target_parameters`, `tuners/param_layers.py`) keeps, for LoRA and LoRA-FA
+alike, the routed input of its product and the adapted weight `W + ΔW` itself (see that module's docstring).
+
 Adapters add, per adapted linear layer: LoRA keeps `A·dropout(x)` (r per token) plus its input for A's gradient
 — with dropout, its own `dropout(x)` and the mask (in the activation dtype on CPU, one byte on CUDA); LoRA-FA and
 LaMDA keep only `z = A·dropout(x)`, r float32 values per token (the mask is regenerated from a seed). Full
@@ -30,7 +35,7 @@ import torch
 from torch import nn
 
 from ..tuners.config import LoRAFAConfig
-from ..tuners.injection import adapter_layers, find_target_modules
+from ..tuners.injection import adapter_layers, find_target_modules, matches_targets
 from ..tuners.layers import layer_features
 from ..tuners.methods import METHODS as ADAPTER_METHODS
 from .measure import current_rss_bytes, format_bytes
@@ -122,13 +127,27 @@ def _config(config_or_model: Any):
     return config_or_model
 
 
+def _sparse_layers(config) -> int:
+    """How many blocks are MoE blocks (Qwen3-MoE may keep dense MLPs: `mlp_only_layers`, `decoder_sparse_step`)."""
+    if not _experts(config):
+        return 0
+    step, dense = getattr(config, "decoder_sparse_step", 1) or 1, set(getattr(config, "mlp_only_layers", []) or [])
+    return sum(i not in dense and (i + 1) % step == 0 for i in range(config.num_hidden_layers))
+
+
+def _experts(config) -> int:
+    return getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
+
+
 def _model_linears(config_or_model: Any) -> list[tuple[int, int]] | None:
     """`(d_in, d_out)` of every layer a model adapts (or would: `all-linear`), read from its modules so that
     transformers' Conv1D (GPT-2, weight stored `(in, out)`) counts the right way round; None for a config."""
     if not isinstance(config_or_model, nn.Module):
         return None
     layers = adapter_layers(config_or_model) or find_target_modules(config_or_model, LoRAFAConfig())
-    return [layer_features(layer) for layer in layers.values()]
+    return [
+        layer_features(layer) for layer in layers.values() if hasattr(layer, "in_features") or hasattr(layer, "nx")
+    ]
 
 
 def _shape(config, linears: list[tuple[int, int]] | None = None) -> dict[str, int]:
@@ -151,13 +170,25 @@ def _shape(config, linears: list[tuple[int, int]] | None = None) -> dict[str, in
         "nkv": getattr(config, "num_key_value_heads", None) or heads,
         "hd": head_dim,
         "tied": int(bool(getattr(config, "tie_word_embeddings", False))),
+        "E": _experts(config),
+        "k": getattr(config, "num_experts_per_tok", 0) or 0,
+        "Im": getattr(config, "moe_intermediate_size", None) or getattr(config, "intermediate_size", 0),
+        "Ls": _sparse_layers(config),
     }
 
 
-def _linears(s: dict[str, int]) -> list[tuple[int, int]]:
-    """(d_in, d_out) of every linear layer of a Llama config's blocks, in q, k, v, o, gate, up, down order."""
-    H, I, q, kv = s["H"], s["I"], s["nh"] * s["hd"], s["nkv"] * s["hd"]  # noqa: E741
-    return [(H, q), (H, kv), (H, kv), (q, H), (H, I), (H, I), (I, H)] * s["L"]
+def _linears(s: dict[str, int], sparse: bool = False) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every linear layer in one block, in q, k, v, o, gate, up, down order (no MLP in MoE blocks)."""
+    q, kv = s["nh"] * s["hd"], s["nkv"] * s["hd"]
+    attention = [(s["H"], q), (s["H"], kv), (s["H"], kv), (q, s["H"])]
+    return attention if sparse else attention + [(s["H"], s["I"]), (s["H"], s["I"]), (s["I"], s["H"])]
+
+
+def _expert_parameters(s: dict[str, int], target_parameters: list[str] | None) -> list[tuple[int, int]]:
+    """(d_in, d_out) per expert of each expert parameter of one MoE block that `target_parameters` selects."""
+    shapes = {"gate_up_proj": (s["H"], 2 * s["Im"]), "down_proj": (s["Im"], s["H"])}
+    wanted = target_parameters or []
+    return [dims for name, dims in shapes.items() if matches_targets(f"model.layers.0.mlp.experts.{name}", wanted)]
 
 
 def estimate_memory(
@@ -172,14 +203,15 @@ def estimate_memory(
     dropout: float = 0.0,
     device: str = "cpu",
     overhead: int = 0,
+    target_parameters: list[str] | None = None,
 ) -> MemoryEstimate:
-    """Predict one training step's memory for a Llama-family model with adapters on all linear layers.
+    """Predict one training step's memory for a Llama-family model (dense or MoE) with adapters on all linear layers.
 
     Args:
         config_or_model (`PretrainedConfig`, `nn.Module` or `str`):
-            The model's config, the model, or a Hub id / local folder / built-in name (`smollm2`). A model's adapted
-            (or, without adapters, `all-linear`) layers are read from it, so other families' layers (GPT-2's Conv1D)
-            count exactly; the activation floor stays the Llama block's.
+            The model's config, the model, or a Hub id / local folder / built-in name (`smollm2`). A dense model's
+            adapted (or, without adapters, `all-linear`) layers are read from it, so other families' layers (GPT-2's
+            Conv1D) count exactly; the activation floor stays the Llama block's.
         method (`str`):
             `"lora"`, `"lorafa"`, `"lamda"`, `"lamda++"`, `"full"` (full fine-tuning) or `"none"` (all frozen,
             gradient flowing to the inputs: the floor).
@@ -199,6 +231,8 @@ def estimate_memory(
             `"cpu"` or `"cuda"`: dropout masks are kept in the activation dtype on CPU, as bytes on CUDA.
         overhead (`int`, *optional*, defaults to `0`):
             The training process's memory before the model exists (measure it there; 0 for GPU memory).
+        target_parameters (`list[str]`, *optional*):
+            Expert parameters of MoE blocks adapted too (`["gate_up_proj", "down_proj"]`), as `LoRAFAConfig`'s.
 
     Example:
 
@@ -222,38 +256,51 @@ def estimate_memory(
     s = _shape(_config(config_or_model), model_linears)
     b = torch.finfo(dtype).bits // 8
     H, I, L, V, N = s["H"], s["I"], s["L"], s["V"], batch * seq  # noqa: E741  (the papers' names)
-    linears = model_linears or _linears(s)
-    linear_numel = sum(i * o for i, o in linears)
-    other_numel = V * H * (2 - s["tied"]) + (2 * L + 1) * H
+    Ls, E, k, Im = s["Ls"], s["E"], s["k"], s["Im"]
+    blocks = [(L - Ls, _linears(s)), (Ls, _linears(s, sparse=True))]  # (how many blocks, their linear layers)
+    if model_linears and not Ls:
+        blocks = [(1, model_linears)]  # a dense model's own layers, all of them at once
+    linear_numel = sum(n * sum(i * o for i, o in linears) for n, linears in blocks)
+    other_numel = V * H * (2 - s["tied"]) + (2 * L + 1) * H + Ls * E * (3 * H * Im + H)  # + experts and routers
     base_bytes = int(linear_numel * (_NF4_BYTES if load_in_4bit else b)) + other_numel * b
+    experts = _expert_parameters(s, target_parameters) if Ls else []
+
+    def per_layer_sum(count) -> int:
+        """`count(d_in, d_out, r)` summed over every adapted linear layer and (per expert) expert parameter."""
+        layers = sum(n * sum(count(i, o, r) for i, o in linears) for n, linears in blocks)
+        return layers + Ls * E * sum(count(i, o, r) for i, o in experts)
 
     # Adapter parameters (float32) and what is trained at the step's peak (LaMDA trains B early, then S only).
     adapter = ADAPTER_METHODS.get(method)
-    adapter_numel = sum(adapter.adapter_numel(i, o, r) for i, o in linears) if adapter else 0
+    adapter_numel = per_layer_sum(adapter.adapter_numel) if adapter else 0
     if method == "full":
         trainable_bytes, trainable = (linear_numel + other_numel) * b, linear_numel + other_numel
     else:
-        trainable = sum(adapter.trainable_numel(i, o, r) for i, o in linears) if adapter else 0
+        trainable = per_layer_sum(adapter.trainable_numel) if adapter else 0
         trainable_bytes = 4 * trainable
 
     # Activations: the frozen floor, then what each method adds (see the module docstring for the count).
-    floor_layer = 2 * (4 * H + 4) + (2 * s["nh"] * s["hd"] + 2 * s["nkv"] * s["hd"]) * b + 4 * s["nh"] + 3 * I * b
-    per_token = L * floor_layer + (4 * H + 4) + 4 * V + 8
-    per_sequence = 2 * seq * s["hd"] * b  # cos and sin, shared by every layer and sequence
+    floor_layer = 2 * (4 * H + 4) + (2 * s["nh"] * s["hd"] + 2 * s["nkv"] * s["hd"]) * b + 4 * s["nh"]
+    mlp = (L - Ls) * 3 * I * b + Ls * (k * (3 * Im + H) * b + 4 * E)
+    per_token = L * floor_layer + mlp + (4 * H + 4) + 4 * V + 8
+    per_step = 2 * seq * s["hd"] * b  # cos and sin, shared by every layer and sequence
+    adapted = sum(n * len(linears) for n, linears in blocks)
     if method == "full":
         per_token += L * (4 * H + I) * b + 2 * H * b + 8
     elif adapter is not None and adapter.keeps_input:
-        inputs = sum(i for i, _ in linears)
         if dropout > 0:
-            per_token += inputs * (4 + (4 if device == "cpu" else 1))
+            per_token += sum(n * sum(i for i, _ in ls) for n, ls in blocks) * (4 + (4 if device == "cpu" else 1))
         elif b == 4:  # one float32 input per distinct tensor: q/k/v share one, gate/up another, o reuses SDPA's
-            per_token += L * (2 * H + I) * 4
+            per_token += (L - Ls) * (2 * H + I) * 4 + Ls * H * 4
         else:  # each layer casts its input to the float32 adapter: a copy per layer
-            per_token += inputs * 4
-        per_token += len(linears) * r * 4
+            per_token += sum(n * sum(i for i, _ in ls) for n, ls in blocks) * 4
+        per_token += adapted * r * 4
     elif method != "none":
-        per_token += len(linears) * r * 4
-    activations = N * per_token + per_sequence + 4
+        per_token += adapted * r * 4
+    if adapter is not None and experts:  # each adapted expert product keeps its routed input and `W + ΔW`
+        per_token += Ls * k * sum(i for i, _ in experts) * b
+        per_step += Ls * E * sum(i * o for i, o in experts) * b
+    activations = N * per_token + per_step + 4
     transient = N * V * (b + 8)
     return MemoryEstimate(
         method=method,

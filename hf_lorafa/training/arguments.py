@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 # Set from the training arguments' own fields, not flags of their own: A's seed is the run's `seed`.
 NOT_ARGUMENTS = {"init_seed": "seed", "rank_pattern": None}
-LIST_OPTIONS = ("target_modules", "modules_to_save")  # comma-separated on the command line
+# Options that take a list of names: comma-separated on the command line.
+LIST_OPTIONS = tuple(n for n in OPTIONS if any(typing.get_origin(t) is list for t in typing.get_args(TYPES[n])))
 
 
 def _has_accelerator() -> bool:
@@ -122,8 +124,8 @@ class LoRAFAArguments(_AdapterArguments):
                 continue
             value = getattr(self, argument_name(name))
             if name in LIST_OPTIONS and isinstance(value, str) and value != "all-linear":
-                # "q_proj,v_proj" and "q_proj" are names; any other string is a regular expression.
-                if "," in value or value.replace("_", "").isalnum():
+                # "q_proj,v_proj" and "q_proj" are names; any other string is a regular expression where one may be.
+                if "," in value or value.replace("_", "").isalnum() or str not in typing.get_args(TYPES[name]):
                     value = [part.strip() for part in value.split(",") if part.strip()]
             values[name] = as_names(value)
         return values

@@ -95,6 +95,14 @@ class LoRAFAConfig:
         "Extra modules trained in full and saved with the adapter (e.g. a classification head), as in PEFT.",
         argument="lora_modules_to_save",
     )
+    target_parameters: list[str] | None = option(
+        None,
+        "Parameters to adapt that are not a linear layer's weight, as PEFT's `target_parameters`: the stacked expert "
+        "weights of Mixture-of-Experts models (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj` in Qwen3-MoE and "
+        "Mixtral), matched on the full parameter name or its last dotted parts. Methods `lora` and `lorafa`, without "
+        "dropout.",
+        argument="lora_target_parameters",
+    )
     lorafa_gradient_correction: bool = option(
         True,
         "LoRA-FA v2: precondition B's gradient by `(A Aᵀ)⁻¹ / s²` so that B's update is full fine-tuning's "
@@ -161,6 +169,7 @@ class LoRAFAConfig:
 
     def __post_init__(self) -> None:
         self.target_modules, self.modules_to_save = as_names(self.target_modules), as_names(self.modules_to_save)
+        self.target_parameters = as_names(self.target_parameters)
         validate_options(vars(self))
 
     @property
@@ -238,6 +247,8 @@ def validate_options(values: dict[str, Any], label: Callable[[str], str] = str) 
     """
     for name, f in OPTIONS.items():
         value = values[name]
+        if name == "target_modules" and value == [] and values["target_parameters"]:
+            continue  # parameters only, as PEFT's `target_modules=[]` beside `target_parameters`
         wanted = _type_error(name, value)
         if wanted is not None:
             error = ValueError if choices(name) or wanted == "a finite number" else TypeError
@@ -254,6 +265,8 @@ def validate_options(values: dict[str, Any], label: Callable[[str], str] = str) 
                 "pass a list of module names such as ['q_proj', 'v_proj'] instead."
             ) from None
     method, a_init, l_init = values["method"], values["frozen_a_init"], values["lamda_init"]
+    if values["target_parameters"]:
+        _check_target_parameters(values, label)
     if a_init != "random" and method == "lora":
         raise ValueError(
             f"`frozen_a_init={a_init!r}` sets the frozen A of method 'lorafa', 'lamda' or 'lamda++'; LoRA trains "
@@ -263,6 +276,26 @@ def validate_options(values: dict[str, Any], label: Callable[[str], str] = str) 
         raise ValueError(
             f"`lamda_init={l_init!r}` takes A from W's singular vectors, so `frozen_a_init={a_init!r}` cannot set "
             "it; use lamda_init='spectral', 'identity' or 'published' with it."
+        )
+
+
+def _check_target_parameters(values: dict[str, Any], label: Callable[[str], str]) -> None:
+    """What an adapter on a parameter (`tuners/param_layers.py`) cannot do, named with what works instead."""
+    name = label("target_parameters")
+    if values["method"] not in ("lora", "lorafa"):
+        raise ValueError(
+            f"`{name}` works with {label('method')}='lora' or 'lorafa'; LaMDA's SVD start and r×r core are built for "
+            f"linear layers. Train the expert parameters with 'lorafa', or drop `{name}` to use "
+            f"{values['method']!r} on the linear layers only."
+        )
+    if values["dropout"]:
+        raise ValueError(
+            f"`{name}` needs {label('dropout')}=0: an adapter on a parameter adds s·B·A to the weight itself, so "
+            "there is no input of its own to drop (PEFT refuses it too)."
+        )
+    if values["frozen_a_init"] != "random":
+        raise ValueError(
+            f"`{name}` needs frozen_a_init='random': the data-driven A is computed for linear layers only."
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections import Counter
 
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from .config import LoRAFAConfig
 from .lamda import lamda_plus_plus_ranks
 from .layers import AdapterLayer, base_weight, is_fan_in_fan_out
 from .methods import METHODS
+from .param_layers import ParamAdapter
 from .quantization import check_base_layer, check_quantization
 
 logger = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ def find_target_modules(model: nn.Module, config: LoRAFAConfig) -> dict[str, nn.
                 f"`target_modules` matched {others[0]!r}, a {type(model.get_submodule(others[0])).__name__}; "
                 "only linear layers can take adapters."
             )
-    if not targets:
+    if not targets and not config.target_parameters:
         short = sorted({n.rsplit(".", 1)[-1] for n in linear if n not in excluded})
         if short:
             raise ValueError(
@@ -81,6 +83,61 @@ def find_target_modules(model: nn.Module, config: LoRAFAConfig) -> dict[str, nn.
             "transformers' Conv1D and bitsandbytes Linear4bit / Linear8bitLt layers."
         )
     return targets
+
+
+def find_target_parameters(model: nn.Module, wanted: list[str] | None) -> dict[str, tuple[str, str]]:
+    """`{adapter name: (module name, parameter name)}` of the parameters `wanted` (`target_parameters`) selects.
+
+    Matched on the full parameter name or its last dotted parts, as PEFT does. A module's parameters are wrapped in
+    the order it registers them, the first innermost (PEFT's nesting), so the adapter of a module's first of two
+    parameters is named `<module>.base_layer` and that of the second `<module>`.
+    """
+    wanted = wanted or []
+    found = [
+        (name, key)
+        for name, module in model.named_modules()
+        for key, _ in module.named_parameters(recurse=False)
+        if name and not isinstance(module, AdapterLayer) and matches_targets(f"{name}.{key}", wanted)
+    ]
+    if wanted and not found:
+        raise ValueError(
+            f"`target_parameters`={wanted!r} matched no parameter; stacked expert parameters in this model: "
+            f"{', '.join(_expert_parameters(model)) or 'none'}."
+        )
+    linear = [name for name, _ in found if is_linear(model.get_submodule(name))]
+    if linear:
+        raise ValueError(
+            f"`target_parameters` selected a parameter of linear layer {linear[0]!r}; adapt linear layers with "
+            "`target_modules` instead."
+        )
+    count, seen = Counter(name for name, _ in found), Counter()
+    targets = {}
+    for name, key in found:
+        seen[name] += 1
+        targets[name + ".base_layer" * (count[name] - seen[name])] = (name, key)
+    return targets
+
+
+def _expert_parameters(model: nn.Module, skip: set[tuple[str, str]] = frozenset()) -> list[str]:
+    """The model's 3-D parameters (stacked MoE experts) but the (module, parameter) pairs in `skip`, each named once
+    for all layers, with the number of layers (`mlp.experts.gate_up_proj (×2)`)."""
+    names = [n for n, p in model.named_parameters() if p.dim() == 3 and n.rpartition(".")[::2] not in skip]
+    counts = Counter(re.sub(r"^(.*\.)?\d+\.", "", n) for n in names)
+    return [f"{name} (×{n})" if n > 1 else name for name, n in counts.items()]
+
+
+def _say_what_all_linear_left(model: nn.Module, linear: list[str], params: dict[str, tuple[str, str]]) -> None:
+    """`all-linear` takes linear layers only; on an MoE model most weights are experts' parameters: say so, once."""
+    left = _expert_parameters(model, set(params.values()))
+    if left:
+        plain = sorted({name.split(" ")[0] for name in left})
+        logger.warning(
+            "hf-lorafa: target_modules='all-linear' adapted %d linear layers (%s) and left the stacked expert "
+            "parameters %s: they are parameters, not linear layers. To adapt them too, pass target_parameters=%s "
+            "(--lora_target_parameters %s).",
+            len(linear), ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linear})) or "none", ", ".join(left),
+            plain, ",".join(plain),
+        )  # fmt: skip
 
 
 def weight_layers(model: nn.Module) -> str:
@@ -130,6 +187,9 @@ def inject_adapters(model: nn.Module, config: LoRAFAConfig, *, init_weights: boo
     config = dataclasses.replace(config, rank_pattern=dict(config.rank_pattern))
     check_quantization(model)  # GPTQ / AWQ / torch.ao layers are not nn.Linear: say so, not "matched nothing"
     targets = find_target_modules(model, config)
+    params = find_target_parameters(model, config.target_parameters)
+    if config.target_modules == "all-linear":
+        _say_what_all_linear_left(model, list(targets), params)
     for name, base in targets.items():
         check_base_layer(name, base)
     if METHODS[config.method].ranks_from_spectrum and init_weights and not config.rank_pattern:
@@ -148,6 +208,18 @@ def inject_adapters(model: nn.Module, config: LoRAFAConfig, *, init_weights: boo
             layer.init_lora(config.init_seed * 100_003 + index)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    for index, (name, key) in enumerate(params.values(), start=len(targets)):
+        # Wrapping whatever is at `name` now nests a module's second parameter's adapter around its first's.
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        spec = METHODS[config.method]
+        layer = ParamAdapter(
+            getattr(parent, child), key, config.r, config.alpha, train_a=spec.trains_a,
+            gradient_correction=config.lorafa_gradient_correction,
+        )  # fmt: skip
+        if init_weights:
+            layer.init_lora(config.init_seed * 100_003 + index)
+        setattr(parent, child, layer)
     wanted = config.modules_to_save
     to_save = [name for name, _ in model.named_modules() if name and wanted and matches_targets(name, wanted)]
     untie(model, to_save)
@@ -161,7 +233,7 @@ def inject_adapters(model: nn.Module, config: LoRAFAConfig, *, init_weights: boo
         "hf-lorafa: %s r=%d on %d layers; trainable params: %s of %s (%.4f%%)",
         config.method,
         config.r,
-        len(targets),
+        len(targets) + len(params),
         f"{trainable:,}",
         f"{total:,}",
         100 * trainable / max(total, 1),

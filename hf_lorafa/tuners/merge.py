@@ -7,6 +7,7 @@ from torch import nn
 
 from .injection import adapter_layers
 from .layers import base_weight, is_fan_in_fan_out
+from .param_layers import ParamAdapter
 from .quantization import dequantize_model
 
 
@@ -42,9 +43,10 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     # A quantized base merges into a dense model: every bitsandbytes layer, adapted or not, first becomes an
     # nn.Linear in the model's dtype and the quantization config goes, so save_pretrained writes a normal model.
     dequantize_model(model)
-    for name, layer in layers.items():
+    for name, layer in reversed(layers.items()):  # nested adapters (`experts.base_layer`) before their wrappers
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, merged_linear(layer))
+        merged = layer.merged_base() if isinstance(layer, ParamAdapter) else merged_linear(layer)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, merged)
     if "hf_lorafa_config" in model.__dict__:
         del model.hf_lorafa_config
     return model
