@@ -25,7 +25,7 @@ def adapted(method: str, precision: str, savers: bool) -> torch.nn.Module:
     perturb_adapters(model)  # LaMDA's S = 0 and LoRA's B = 0 would hide gradients that a trained adapter gets
     if savers:
         apply_activation_savers(model)
-        assert model.hf_lorafa_savers == ["chunked_loss", "swiglu_recompute", "rmsnorm_recompute"]
+        assert model.hf_lorafa_savers == ["chunked_loss", "swiglu_recompute", "rmsnorm_recompute", "block_recompute"]
     return model
 
 

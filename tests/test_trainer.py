@@ -287,7 +287,7 @@ def test_trainer_applies_activation_savers_and_records_them(tmp_path, caplog):
         trainer = LoRAFATrainer(
             model=model, args=make_args(tmp_path, activation_savers=True), train_dataset=token_dataset()
         )
-    assert set(model.hf_lorafa_savers) == {"chunked_loss", "swiglu_recompute", "rmsnorm_recompute"}
+    assert set(model.hf_lorafa_savers) == {"chunked_loss", "swiglu_recompute", "rmsnorm_recompute", "block_recompute"}
     assert "activation savers active: chunked_loss" in caplog.text
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     trainer.train()
@@ -295,6 +295,16 @@ def test_trainer_applies_activation_savers_and_records_them(tmp_path, caplog):
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if "lora_B" in n)
     facts = json.loads((Path(trainer.args.output_dir) / "hf_lorafa.json").read_text())
     assert facts["activation_savers"] == model.hf_lorafa_savers
+
+
+@pytest.mark.parametrize("setting", [{"block_recompute": False}, {"gradient_checkpointing": True}])
+def test_block_recompute_is_off_when_asked_or_under_gradient_checkpointing(tmp_path, setting):
+    model = tiny_llama()
+    LoRAFATrainer(
+        model=model, args=make_args(tmp_path, activation_savers=True, **setting), train_dataset=token_dataset()
+    )
+    assert set(model.hf_lorafa_savers) == {"chunked_loss", "swiglu_recompute", "rmsnorm_recompute"}
+    assert "hf_lorafa_norm" not in model.model.layers[0].mlp.__dict__
 
 
 def test_loss_only_evaluation_skips_the_logits_with_the_same_loss(tmp_path):

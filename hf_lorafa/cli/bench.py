@@ -263,10 +263,29 @@ def _table(results: list[dict], device: str) -> str:
     return "\n".join(lines)
 
 
+def _mainjob(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from . import bench_mainjob
+
+    variants = args.variants.split(",") if args.variants else None
+    unknown = set(variants or []) - set(bench_mainjob.VARIANTS)
+    if unknown:
+        raise SystemExit(f"--variants {', '.join(sorted(unknown))}: not one of {', '.join(bench_mainjob.VARIANTS)}")
+    output_dir = os.path.dirname(os.path.abspath(args.output)) if args.output else "outputs"
+    report = bench_mainjob.main(variants, args.steps, args.repeats, args.allocators.split(","), output_dir)
+    report.update(
+        device=device_info(), command="hf-lorafa bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    )
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.output}")
+    return 1 if any("error" in r for r in report["results"]) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """`hf-lorafa bench --preset cpu-small|cpu|gpu [--output FILE] [--methods a,b] [--no-4bit] [--lorafa-r N]`."""
     parser = argparse.ArgumentParser(prog="hf-lorafa bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    parser.add_argument("--preset", choices=sorted(PRESETS) + ["mainjob"], default="cpu-small")
     parser.add_argument("--output", default=None, help="Write the JSON results here (e.g. benchmarks/cpu.json).")
     parser.add_argument("--methods", default=None, help="Comma-separated subset of the preset's methods.")
     parser.add_argument("--no-4bit", action="store_true", help="Skip the 4-bit configurations.")
@@ -280,7 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         help="Rank of the frozen-A configurations (LoRA-FA, ours and PEFT's, LaMDA and LaMDA++; LoRA's stays the "
         "preset's r). Twice the preset's r gives LoRA-FA LoRA's trainable parameters.",
     )
+    parser.add_argument("--variants", default=None, help="mainjob: comma-separated subset of its variants.")
+    parser.add_argument("--steps", type=int, default=12, help="mainjob: training steps per variant.")
+    parser.add_argument("--repeats", type=int, default=2, help="mainjob: runs per variant, alternating.")
+    parser.add_argument("--allocators", default="default,mmap", help="mainjob: glibc default and/or mmap.")
     args = parser.parse_args(argv)
+    if args.preset == "mainjob":
+        return _mainjob(args, argv)
     if args.lorafa_r is not None and args.lorafa_r < 1:
         parser.error(f"--lorafa-r must be a positive rank, got {args.lorafa_r}")
     preset = dict(PRESETS[args.preset])

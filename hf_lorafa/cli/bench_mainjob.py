@@ -1,0 +1,301 @@
+"""`hf-lorafa bench --preset mainjob`: the main job side by side with what users already run, as they run it.
+
+Every variant trains the main job's model (SmolLM2-135M-Instruct, offline) on its data (chatterbot pairs, ≤256
+tokens, batch 8, seed 42) for the same steps, each in its own process. The parent samples the child's resident
+memory every 2 ms (whole-training peak: the trainer's memory logging resets the kernel's high-water mark, so VmHWM at
+the end would show only the last interval), the child reports the median step time (the first step left out), the
+train loss of the last step and the held-out loss (64 rows) after training.
+
+    hf-lorafa bench --preset mainjob --output benchmarks/mainjob.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+# name: (trainer, settings). "ours" = LoRAFATrainer; "peft" = transformers' Trainer on a PEFT LoRA model;
+# "trl" = TRL's SFTTrainer (PEFT LoRA) and "ours-trl" = LoRAFASFTTrainer, both at their SFTConfig defaults.
+VARIANTS = {
+    "ours": ("ours", {}),
+    "ours without block recompute": ("ours", {"block_recompute": False}),
+    "ours + GC": ("ours", {"gradient_checkpointing": True}),
+    "ours + GC + 4-bit base": ("ours", {"gradient_checkpointing": True, "load_in_4bit": True}),
+    "PEFT LoRA": ("peft", {}),
+    "PEFT LoRA + GC": ("peft", {"gradient_checkpointing": True}),
+    "PEFT LoRA-FA optimizer": ("peft", {"lorafa_optimizer": True}),
+    "TRL SFTTrainer (PEFT LoRA)": ("trl", {}),
+    "LoRAFASFTTrainer": ("ours-trl", {}),
+    "LoRAFASFTTrainer without GC": ("ours-trl", {"gradient_checkpointing": False}),
+}
+JOB = {"batch": 8, "max_length": 256, "r": 16, "dropout": 0.05, "lr": 5e-4, "seed": 42, "eval_rows": 64}
+
+
+def _peft_config():
+    from peft import LoraConfig
+
+    from ..tuners.config import LoRAFAConfig
+
+    return LoraConfig(
+        r=JOB["r"], lora_alpha=LoRAFAConfig().alpha, lora_dropout=JOB["dropout"], target_modules="all-linear"
+    )
+
+
+def _common(steps: int, output_dir: str) -> dict:
+    return {
+        "output_dir": output_dir,
+        "max_steps": steps,
+        "per_device_train_batch_size": JOB["batch"],
+        "per_device_eval_batch_size": 16,
+        "learning_rate": JOB["lr"],
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 1,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "seed": JOB["seed"],
+    }
+
+
+def _trainer(name: str, steps: int, output_dir: str):
+    """The variant's trainer, built as a user of that tool builds it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from ..data.offline import resolve_model
+    from ..data.preprocessing import load_raw_dataset, pad_collator, tokenize_for_causal_lm
+
+    kind, settings = VARIANTS[name]
+    path = resolve_model("smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    raw = load_raw_dataset("chatterbot", seed=JOB["seed"])
+    common = _common(steps, output_dir)
+    if kind in ("trl", "ours-trl"):
+        from trl import SFTConfig, SFTTrainer
+
+        from ..trl import LoRAFASFTConfig, LoRAFASFTTrainer
+
+        def messages(row):
+            turns = [("user", row["question"]), ("assistant", row["answer"])]
+            return {"messages": [{"role": role, "content": content} for role, content in turns]}
+
+        data = raw.map(messages, remove_columns=raw["train"].column_names)
+        held_out = data["test"].select(range(min(JOB["eval_rows"], len(data["test"]))))
+        sft = {**common, "max_length": JOB["max_length"], **settings}
+        if kind == "trl":
+            args = SFTConfig(**sft)
+            return SFTTrainer(
+                model=path, args=args, train_dataset=data["train"], eval_dataset=held_out,
+                processing_class=tokenizer, peft_config=_peft_config(),
+            )  # fmt: skip
+        args = LoRAFASFTConfig(**sft, lora_dropout=JOB["dropout"])
+        return LoRAFASFTTrainer(
+            model=path, args=args, train_dataset=data["train"], eval_dataset=held_out, processing_class=tokenizer
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    data = tokenize_for_causal_lm(raw, tokenizer, None, JOB["max_length"])
+    held_out = data["test"].select(range(min(JOB["eval_rows"], len(data["test"]))))
+    collator = pad_collator(tokenizer)
+    if kind == "ours":
+        from ..training.arguments import LoRAFATrainingArguments
+        from ..training.trainer import LoRAFATrainer
+
+        if settings.get("load_in_4bit"):
+            from ..data.base_model import load_base_model
+
+            model = load_base_model(path, load_in_4bit=True)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+        args = LoRAFATrainingArguments(**common, **settings, lora_dropout=JOB["dropout"])
+        return LoRAFATrainer(
+            model=model, args=args, train_dataset=data["train"], eval_dataset=held_out, data_collator=collator,
+            processing_class=tokenizer,
+        )  # fmt: skip
+    from peft import get_peft_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, use_safetensors=True), _peft_config())
+    optimizers = (None, None)
+    if settings.get("lorafa_optimizer"):
+        from peft.optimizers import create_lorafa_optimizer
+
+        optimizer = create_lorafa_optimizer(model, r=JOB["r"], lora_alpha=_peft_config().lora_alpha, lr=JOB["lr"])
+        optimizers = (optimizer, None)
+    args = TrainingArguments(**common, gradient_checkpointing=settings.get("gradient_checkpointing", False))
+    return Trainer(
+        model=model, args=args, train_dataset=data["train"], eval_dataset=held_out, data_collator=collator,
+        processing_class=tokenizer, optimizers=optimizers,
+    )  # fmt: skip
+
+
+def run_worker(name: str, steps: int, output_dir: str) -> dict:
+    """Train the variant in this process; returns its times, losses and the wall-clock span of training."""
+    from transformers import TrainerCallback
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.times, self.started = [], None
+
+        def on_step_begin(self, *args, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            self.times.append(time.perf_counter() - self.started)
+
+    trainer = _trainer(name, steps, output_dir)
+    timer = StepTimes()
+    trainer.add_callback(timer)
+    started = time.time()
+    trainer.train()
+    ended = time.time()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    held_out = trainer.evaluate()["eval_loss"]
+    model = trainer.model
+    return {
+        "train_start": started,
+        "train_end": ended,
+        "step_seconds": statistics.median(timer.times[1:]),
+        "train_loss": losses[-1],
+        "eval_loss": held_out,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "activation_savers": getattr(getattr(model, "base_model", model), "hf_lorafa_savers", None),
+    }
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def run_variant(name: str, steps: int, allocator: str, output_dir: str) -> dict:
+    """Run one variant in a fresh process, sampling its resident memory every 2 ms from here."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if allocator == "mmap":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    command = [sys.executable, "-m", "hf_lorafa.cli.bench_mainjob", "--worker", name, str(steps), output_dir]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    samples: list[tuple[float, int]] = []
+
+    def sample():
+        while proc.poll() is None:
+            try:
+                samples.append((time.time(), _rss(proc.pid)))
+            except (OSError, StopIteration):
+                break
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    sampler.join()
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"variant": name, "error": f"exit {proc.returncode}: {' | '.join(err.strip().splitlines()[-3:])}"}
+    result = json.loads(lines[-1])
+    during = [rss for t, rss in samples if result["train_start"] <= t <= result["train_end"]]
+    return {"variant": name, "allocator": allocator, "peak_rss_bytes": max(during), "samples": len(during), **result}
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """One row per variant and allocator: the highest peak and the median of the runs' median step times."""
+    rows = {}
+    for run in runs:
+        if "error" in run:
+            rows.setdefault((run["variant"], run.get("allocator")), {"variant": run["variant"], "error": run["error"]})
+            continue
+        rows.setdefault((run["variant"], run["allocator"]), []).append(run)
+    out = []
+    for group in rows.values():
+        if isinstance(group, dict):
+            out.append(group)
+            continue
+        out.append(
+            {
+                **{k: group[0][k] for k in ("variant", "allocator", "trainable_parameters", "activation_savers")},
+                "peak_rss_bytes": max(r["peak_rss_bytes"] for r in group),
+                "step_seconds": statistics.median(r["step_seconds"] for r in group),
+                "train_loss": group[0]["train_loss"],
+                "eval_loss": group[0]["eval_loss"],
+                "runs": len(group),
+            }
+        )
+    return out
+
+
+def run_all(variants: list[str], steps: int, repeats: int, allocators: list[str], output_dir: str) -> list[dict]:
+    """Each allocator, each repeat, each variant in turn (alternating, so drift hits every variant alike)."""
+    runs = []
+    for allocator in allocators:
+        for repeat in range(repeats):
+            for name in variants:
+                started = time.time()
+                runs.append(run_variant(name, steps, allocator, os.path.join(output_dir, "mainjob-run")))
+                print(
+                    f"[bench] {name} ({allocator} allocator, run {repeat + 1}/{repeats}): "
+                    f"{runs[-1].get('error') or 'ok'} ({time.time() - started:.0f} s)",
+                    flush=True,
+                )
+    return runs
+
+
+def ratios(rows: list[dict]) -> dict:
+    """The issue's questions, answered from one run: ours against PEFT LoRA + GC (memory) and PEFT LoRA (speed)."""
+    out = {}
+    for allocator in sorted({r.get("allocator") for r in rows if "error" not in r}):
+        got = {r["variant"]: r for r in rows if r.get("allocator") == allocator and "error" not in r}
+        gc, peft, ours = got.get("PEFT LoRA + GC"), got.get("PEFT LoRA"), got.get("ours")
+        if ours and gc:
+            out[f"{allocator}: ours peak / PEFT LoRA + GC peak"] = ours["peak_rss_bytes"] / gc["peak_rss_bytes"]
+            frugal = min((r for n, r in got.items() if n.startswith("ours")), key=lambda r: r["peak_rss_bytes"])
+            out[f"{allocator}: PEFT LoRA + GC peak / ours at its most frugal ({frugal['variant']})"] = (
+                gc["peak_rss_bytes"] / frugal["peak_rss_bytes"]
+            )
+        if ours and peft:
+            out[f"{allocator}: ours median step / PEFT LoRA median step"] = ours["step_seconds"] / peft["step_seconds"]
+        plain = got.get("ours without block recompute")
+        if ours and plain:
+            out[f"{allocator}: held-out loss equal with and without block recompute"] = float(
+                ours["eval_loss"] == plain["eval_loss"]
+            )
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'variant':<30}{'allocator':>10}{'peak GiB':>10}{'s/step':>8}{'train loss':>12}{'held-out':>10}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['variant']:<30}  {r['error']}")
+            continue
+        lines.append(
+            f"{r['variant']:<30}{r['allocator']:>10}{r['peak_rss_bytes'] / 2**30:>10.2f}{r['step_seconds']:>8.2f}"
+            f"{r['train_loss']:>12.4f}{r['eval_loss']:>10.4f}"
+        )
+    return "\n".join(lines)
+
+
+def main(variants: list[str] | None, steps: int, repeats: int, allocators: list[str], output_dir: str) -> dict:
+    """Run the comparison; returns the report `hf-lorafa bench --preset mainjob` writes."""
+    started = time.time()
+    runs = run_all(variants or list(VARIANTS), steps, repeats, allocators, output_dir)
+    rows = summarise(runs)
+    print(table(rows))
+    report = {
+        "preset": "mainjob",
+        "settings": {**JOB, "steps": steps, "repeats": repeats, "allocators": allocators, "model": "smollm2"},
+        "seconds": round(time.time() - started, 1),
+        "results": rows,
+        "runs": runs,
+        "ratios": ratios(rows),
+    }
+    print(json.dumps(report["ratios"], indent=1))
+    return report
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    print(json.dumps(run_worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])), flush=True)
