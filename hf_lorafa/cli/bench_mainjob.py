@@ -63,6 +63,12 @@ def _common(steps: int, output_dir: str) -> dict:
     }
 
 
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _trainer(name: str, steps: int, output_dir: str):
     """The variant's trainer, built as a user of that tool builds it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
@@ -86,7 +92,8 @@ def _trainer(name: str, steps: int, output_dir: str):
 
         data = raw.map(messages, remove_columns=raw["train"].column_names)
         held_out = data["test"].select(range(min(JOB["eval_rows"], len(data["test"]))))
-        sft = {**common, "max_length": JOB["max_length"], **settings}
+        # TRL trains in bf16 by default; on a machine without a GPU it asks for `use_cpu` to do so on the CPU.
+        sft = {**common, "max_length": JOB["max_length"], "use_cpu": not _has_gpu(), **settings}
         if kind == "trl":
             args = SFTConfig(**sft)
             return SFTTrainer(
@@ -175,8 +182,8 @@ def _rss(pid: int) -> int:
 def run_variant(name: str, steps: int, allocator: str, output_dir: str) -> dict:
     """Run one variant in a fresh process, sampling its resident memory every 2 ms from here."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if allocator == "mmap":
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    if allocator.startswith("mmap"):  # "mmap" = 64 KiB, "mmap:BYTES" another threshold
+        env["MALLOC_MMAP_THRESHOLD_"] = allocator.partition(":")[2] or "65536"
     command = [sys.executable, "-m", "hf_lorafa.cli.bench_mainjob", "--worker", name, str(steps), output_dir]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     samples: list[tuple[float, int]] = []

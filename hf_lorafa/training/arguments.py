@@ -75,6 +75,13 @@ class LoRAFAArguments(_AdapterArguments):
         default=True,
         metadata={"help": "Chunked LM-head loss and cheap recomputation in the frozen path (Llama-family models)."},
     )
+    trim_cpu_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "On CPU with glibc: return the memory each step freed to the OS after the step (malloc_trim), so "
+            "the process's peak follows what training holds, not the allocator's cache. No effect on GPU memory."
+        },
+    )
     block_recompute: bool = field(
         default=True,
         metadata={
@@ -95,7 +102,14 @@ class LoRAFAArguments(_AdapterArguments):
     def __post_init__(self) -> None:
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("`load_in_4bit` and `load_in_8bit` are both set; choose one of the two.")
-        for flag in ("load_in_4bit", "load_in_8bit", "log_memory", "activation_savers", "block_recompute"):
+        for flag in (
+            "load_in_4bit",
+            "load_in_8bit",
+            "log_memory",
+            "activation_savers",
+            "block_recompute",
+            "trim_cpu_memory",
+        ):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"`{flag}` must be true or false (a bool); got {getattr(self, flag)!r}.")
         if self.fp16 and (self.use_cpu or not _has_accelerator()):

@@ -33,6 +33,7 @@ from .arguments import LoRAFAArguments, LoRAFATrainingArguments
 from .callbacks import LaMDAScheduleCallback, MemoryCallback, WarmupCheckCallback
 from .checkpoints import TRAINING_STATE_FILE, check_same_adapter, check_writable, complete_checkpoints, resolve_resume
 from .chunked_loss import loss_only
+from .cpu_memory import TrimCallback, malloc_trim
 from .memory_logging import MemoryTracker
 from .model_setup import prepare_model
 from .param_groups import lorafa_param_groups, lr_ratios
@@ -93,6 +94,9 @@ class LoRAFATrainerMixin:
         self.memory = MemoryTracker(model, sample_every=args.logging_steps) if args.log_memory else None
         if self.memory is not None:
             self.add_callback(MemoryCallback(self.memory))
+        trim = malloc_trim() if args.trim_cpu_memory and self.args.device.type == "cpu" else None
+        if trim is not None:
+            self.add_callback(TrimCallback(trim))
         self.add_callback(LaMDAScheduleCallback())
         self.add_callback(WarmupCheckCallback())
         savers = getattr(model, "hf_lorafa_savers", None)
