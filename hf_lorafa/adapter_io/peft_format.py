@@ -56,7 +56,11 @@ def _task_type(model: nn.Module) -> str | None:
     for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS")):
         if name.endswith(suffix):
             return task
-    return None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    # Older heads have other names (GPT-2's GPT2LMHeadModel): transformers' own auto mapping knows them.
+    causal = {c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ((v,) if isinstance(v, str) else v)}
+    return "CAUSAL_LM" if name in causal else None
 
 
 def _peft_target_modules(model: nn.Module, names: list[str]) -> list[str]:

@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
     say(f"adapter: {output} (adapter_config.json, adapter_model.safetensors, hf_lorafa.json)")
     say(f"card:    {output / 'README.md'}   memory: {output / 'memory.json'}, {output / 'memory.png'}")
-    say(f"demo:    hf-lorafa demo --base-model {script.model_name_or_path} --adapter {args.output_dir}")
+    if script.task == "causal-lm":  # the demo serves chat models
+        say(f"demo:    hf-lorafa demo --base-model {script.model_name_or_path} --adapter {args.output_dir}")
     say(f"done in {time.time() - started:.0f} s")
     return {"eval_loss_before": before, "eval_loss": after}

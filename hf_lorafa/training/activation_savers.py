@@ -2,7 +2,7 @@
 
 Once LoRA-FA keeps r values per adapter (Zhang et al., 2023, arXiv:2308.03303, §3), the floor is what the frozen
 Llama-family model itself keeps: the LM head's `(tokens × vocab)` fp32 log-probabilities, SwiGLU's gate, act and up,
-and each RMSNorm's fp32 input copy. Three exact savers remove most of it:
+and each RMSNorm's fp32 input copy. Four exact savers remove most of it:
 
 - **chunked_loss** (module `chunked_loss`): with `labels` and gradients on, the LM head and the causal-LM
   cross-entropy run over chunks of tokens with each chunk's gradient computed in forward, so only `tokens × hidden`
@@ -10,6 +10,8 @@ and each RMSNorm's fp32 input copy. Three exact savers remove most of it:
 - **swiglu_recompute**: `act(gate) * up` keeps gate and up only; `act(gate)` is recomputed in backward.
 - **rmsnorm_recompute**: an RMSNorm keeps only its input, in the model dtype (no fp32 copy, not even `rstd`); the
   normalisation is replayed in backward.
+- **block_recompute** (module `block_recompute`): each attention and MLP block keeps only its input; backward replays
+  it up to its output projection, which LoRA-FA needs no input for.
 
 Supported modules are found by structure and then *checked numerically* against their own stock forward on a probe
 input, so a variant (Gemma's `(1 + weight)` norm is handled; anything else is left alone) never gives a silently wrong
@@ -139,7 +141,7 @@ def apply_activation_savers(
     loss_chunk_tokens: int | None = None,
     block_recompute: bool = True,
 ) -> nn.Module:
-    """Install the exact activation savers a Llama-family model supports; others are left alone with a notice.
+    """Install the exact activation savers the model supports; what does not apply is left alone (an INFO log).
 
     Sets `model.hf_lorafa_savers` to the active savers' names (a subset of `"chunked_loss"`, `"swiglu_recompute"`,
     `"rmsnorm_recompute"`, `"block_recompute"`). Call it after adapters are injected; calling it again adds nothing.
@@ -176,28 +178,26 @@ def apply_activation_savers(
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(embeddings, "weight", None)
     if weight is None or weight.device.type == "meta":
-        logger.warning(
-            "Activation savers: %s has no materialised input embeddings; none applied.", type(model).__name__
-        )
+        logger.info("Activation savers: %s has no materialised input embeddings; none applied.", type(model).__name__)
         return model
     if chunked_loss and "chunked_loss" not in active:
         reason = install_chunked_loss(model, loss_chunk_tokens)
         if reason is None:
             active.append("chunked_loss")
         else:
-            logger.warning("Activation savers: chunked loss not applied to %s: %s.", type(model).__name__, reason)
+            logger.info("Activation savers: chunked loss not applied to %s: %s.", type(model).__name__, reason)
     if recompute and "swiglu_recompute" not in active and "rmsnorm_recompute" not in active:
         found = _patch_recompute(model, weight.dtype)
         active += [name for name in ("swiglu_recompute", "rmsnorm_recompute") if name in found]
         if not found:
-            logger.warning(
+            logger.info(
                 "Activation savers: no SwiGLU MLP or RMSNorm matched in %s; no recomputation.", type(model).__name__
             )
     if block_recompute and "block_recompute" not in active:
         if apply_block_recompute(model):
             active.append("block_recompute")
         else:
-            logger.warning(
+            logger.info(
                 "Activation savers: no attention or MLP block of %s could be recomputed exactly; none is.",
                 type(model).__name__,
             )

@@ -17,6 +17,7 @@ way is left as it was.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable
 
@@ -28,7 +29,8 @@ from ..compat import replace_forward
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_PROJECTIONS = ("o_proj", "down_proj")
+# Output projections by the names transformers' families give them (Llama, GPT-NeoX/Falcon, GPT-2, OPT/BART).
+OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "dense", "dense_4h_to_h", "c_proj", "out_proj")
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -64,7 +66,9 @@ def find_blocks(model: nn.Module, probe: Callable[[], object]) -> list[tuple[nn.
     finally:
         for handle in handles:
             handle.remove()
-    return [(norm, block, projection[block], parents[block]) for block, norm in found.items()]
+    # A norm whose output feeds two blocks (Falcon's and GPT-J's parallel attention and MLP) must keep returning it.
+    feeds = collections.Counter(found.values())
+    return [(norm, block, projection[block], parents[block]) for block, norm in found.items() if feeds[norm] == 1]
 
 
 def _core(block: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
@@ -136,11 +140,17 @@ def _probe(model: nn.Module) -> Callable[[], tuple[torch.Tensor, ...]]:
     devices = [weight.device.index or 0] if weight.device.type == "cuda" else []
 
     def run():
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            torch.manual_seed(0)
-            inputs = embeddings(ids).detach().requires_grad_(True)
-            output = model(inputs_embeds=inputs, use_cache=False)[0]
-            grads = torch.autograd.grad(output.float().square().mean(), [inputs, *trained], allow_unused=True)
+        # In train mode: dropout after an output projection (GPT-2's resid_dropout) would then move into the block.
+        training = model.training
+        model.train()
+        try:
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                torch.manual_seed(0)
+                inputs = embeddings(ids).detach().requires_grad_(True)
+                output = model(inputs_embeds=inputs, use_cache=False)[0]
+                grads = torch.autograd.grad(output.float().square().mean(), [inputs, *trained], allow_unused=True)
+        finally:
+            model.train(training)
         return (output.detach(), *(g for g in grads if g is not None))
 
     return run
