@@ -8,8 +8,8 @@ import pytest
 from transformers import LlamaConfig
 
 from hf_lorafa.cli.bench import PRESETS, configurations, main, worker_specs
+from hf_lorafa.cli.estimate import main as estimate_main
 from hf_lorafa.memory.estimate import estimate_memory
-from hf_lorafa.memory.estimate import main as estimate_main
 
 RESULT_KEYS = {
     "method",

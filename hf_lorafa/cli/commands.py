@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return demo_main(rest) or 0
         elif command == "estimate":
-            from ..memory.estimate import main as estimate_main
+            from .estimate import main as estimate_main
 
             return estimate_main(rest) or 0
         elif command == "bench":

@@ -27,7 +27,6 @@ kernels): measure it in the process that will train (`hf-lorafa estimate` uses i
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -115,7 +114,7 @@ def process_overhead() -> int:
     return current_rss_bytes()
 
 
-def _config(config_or_model: Any):
+def model_config(config_or_model: Any):
     if isinstance(config_or_model, nn.Module):
         return config_or_model.config
     if isinstance(config_or_model, str):
@@ -253,7 +252,7 @@ def estimate_memory(
     if load_in_4bit and method == "full":
         raise ValueError("`method`='full' cannot train 4-bit weights; drop `load_in_4bit` or pick an adapter method.")
     model_linears = _model_linears(config_or_model)
-    s = _shape(_config(config_or_model), model_linears)
+    s = _shape(model_config(config_or_model), model_linears)
     b = torch.finfo(dtype).bits // 8
     H, I, L, V, N = s["H"], s["I"], s["L"], s["V"], batch * seq  # noqa: E741  (the papers' names)
     Ls, E, k, Im = s["Ls"], s["E"], s["k"], s["Im"]
@@ -313,58 +312,3 @@ def estimate_memory(
         trainable_parameters=trainable,
         total_parameters=linear_numel + other_numel + adapter_numel,
     )
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (a batch, a length, a rank of 0 or -5 means nothing)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
-    return value
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`hf-lorafa estimate --model CONFIG_OR_ID --method … --batch … --seq … [--load-in-4bit]`."""
-    parser = argparse.ArgumentParser(prog="hf-lorafa estimate", description="Predict training memory per method.")
-    parser.add_argument("--model", required=True, help="Hub id, local folder, config.json folder or smollm2.")
-    parser.add_argument("--method", default="lorafa", help=f"One of {', '.join(METHODS)}, or 'all'.")
-    parser.add_argument("--batch", type=positive_int, default=8)
-    parser.add_argument("--seq", type=positive_int, default=512)
-    parser.add_argument("--r", type=positive_int, default=16)
-    parser.add_argument("--dropout", type=float, default=0.0)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--load-in-4bit", action="store_true")
-    parser.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZER_STATES))
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    args = parser.parse_args(argv)
-    # On CPU the peak is resident memory, which includes this interpreter with torch loaded: measured, not guessed.
-    overhead = process_overhead() if args.device == "cpu" else 0
-    methods = [m for m in METHODS if not (m == "full" and args.load_in_4bit)] if args.method == "all" else None
-    methods = methods or [args.method]
-    config = _config(args.model)
-    context = getattr(config, "max_position_embeddings", None)
-    if context is not None and args.seq > context:
-        parser.error(f"argument --seq: {args.seq} is beyond {args.model}'s context of {context} tokens")
-    for method in methods:
-        est = estimate_memory(
-            config,
-            method,
-            args.batch,
-            args.seq,
-            r=args.r,
-            dtype=getattr(torch, args.dtype),
-            load_in_4bit=args.load_in_4bit,
-            optimizer=args.optimizer,
-            dropout=args.dropout,
-            device=args.device,
-            overhead=overhead,
-        )
-        print(
-            f"\n{args.model}: {method}, batch {args.batch} × seq {args.seq}, r={args.r}, {args.dtype}"
-            f"{', 4-bit' if args.load_in_4bit else ''}, {args.optimizer}"
-        )
-        print(est.table())
-    return 0
