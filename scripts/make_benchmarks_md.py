@@ -1,6 +1,8 @@
 """Regenerate BENCHMARKS.md and its plots from the JSON results under benchmarks/ (nothing is measured here).
 
-python scripts/make_benchmarks_md.py  # reads benchmarks/{cpu,gpu,cpu-lorafa-2r}.json
+python scripts/make_benchmarks_md.py  # reads benchmarks/mainjob*.json, cpu.json, gpu.json, cpu-lorafa-2r.json
+
+It also writes the main job's table into README.md (between its `<!-- mainjob:start/end -->` markers).
 
 The accuracy summary is the table research/results/accuracy-summary.json holds (written by
 `python -m research.make_results_md`, which regenerates the lab's full tables in research/RESULTS.md).
@@ -16,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from mainjob_tables import mainjob_section, update_readme  # noqa: E402  (a sibling module of this script)
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -289,9 +292,12 @@ def main() -> int:
         "",
         CLAIMS,
         "",
-        "## Memory and speed",
-        "",
     ]
+    if mainjob := load("mainjob.json"):
+        extra = load("mainjob-mmap.json"), load("mainjob-frugal.json")
+        lines += mainjob_section(mainjob, *extra, save_figure, goal)
+        update_readme(ROOT / "README.md", mainjob)
+    lines += ["## Memory and speed per method", ""]
     for report, tag in ((cpu, "cpu"), (gpu, "gpu")):
         if report:
             lines += memory_section(report, tag) + [""] + plots(report, tag) + ratios_block(report)

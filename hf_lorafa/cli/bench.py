@@ -20,6 +20,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -270,8 +271,8 @@ def _mainjob(args: argparse.Namespace, argv: list[str] | None) -> int:
     unknown = set(variants or []) - set(bench_mainjob.VARIANTS)
     if unknown:
         raise SystemExit(f"--variants {', '.join(sorted(unknown))}: not one of {', '.join(bench_mainjob.VARIANTS)}")
-    output_dir = os.path.dirname(os.path.abspath(args.output)) if args.output else "outputs"
-    report = bench_mainjob.main(variants, args.steps, args.repeats, args.allocators.split(","), output_dir)
+    with tempfile.TemporaryDirectory(prefix="hf-lorafa-bench-") as output_dir:  # the runs save nothing worth keeping
+        report = bench_mainjob.main(variants, args.steps, args.repeats, args.allocators.split(","), output_dir)
     report.update(
         device=device_info(), command="hf-lorafa bench " + " ".join(argv if argv is not None else sys.argv[1:])
     )

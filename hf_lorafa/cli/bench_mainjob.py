@@ -26,6 +26,8 @@ VARIANTS = {
     "ours without block recompute": ("ours", {"block_recompute": False}),
     "ours + GC": ("ours", {"gradient_checkpointing": True}),
     "ours + GC + 4-bit base": ("ours", {"gradient_checkpointing": True, "load_in_4bit": True}),
+    "ours + bf16 weights": ("ours", {"dtype": "bfloat16"}),
+    "ours + GC + bf16 weights": ("ours", {"gradient_checkpointing": True, "dtype": "bfloat16"}),
     "PEFT LoRA": ("peft", {}),
     "PEFT LoRA + GC": ("peft", {"gradient_checkpointing": True}),
     "PEFT LoRA-FA optimizer": ("peft", {"lorafa_optimizer": True}),
@@ -113,12 +115,14 @@ def _trainer(name: str, steps: int, output_dir: str):
         from ..training.arguments import LoRAFATrainingArguments
         from ..training.trainer import LoRAFATrainer
 
+        settings = dict(settings)
+        dtype = settings.pop("dtype", "float32")
         if settings.get("load_in_4bit"):
             from ..data.base_model import load_base_model
 
             model = load_base_model(path, load_in_4bit=True)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype)
         args = LoRAFATrainingArguments(**common, **settings, lora_dropout=JOB["dropout"])
         return LoRAFATrainer(
             model=model, args=args, train_dataset=data["train"], eval_dataset=held_out, data_collator=collator,
@@ -170,7 +174,7 @@ def run_worker(name: str, steps: int, output_dir: str) -> dict:
         "train_loss": losses[-1],
         "eval_loss": held_out,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "activation_savers": getattr(getattr(model, "base_model", model), "hf_lorafa_savers", None),
+        "activation_savers": getattr(model, "hf_lorafa_savers", None),
     }
 
 

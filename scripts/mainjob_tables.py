@@ -1,0 +1,182 @@
+"""The main job side by side (benchmarks/mainjob*.json): BENCHMARKS.md's section, its frontier plot, README's table.
+
+Used by make_benchmarks_md.py; nothing is measured here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+GiB = 2**30
+README_BLOCK = re.compile(r"(<!-- mainjob:start -->\n).*?(<!-- mainjob:end -->)", re.S)
+# What each variant is, in the words a user of that tool would use.
+DESCRIPTION = {
+    "ours": "hf-lorafa LoRA-FA, defaults",
+    "ours without block recompute": "hf-lorafa LoRA-FA, `block_recompute=False`",
+    "ours + GC": "hf-lorafa LoRA-FA + gradient checkpointing",
+    "ours + GC + 4-bit base": "hf-lorafa LoRA-FA + gradient checkpointing, 4-bit base",
+    "ours + bf16 weights": "hf-lorafa LoRA-FA, base loaded in bf16",
+    "ours + GC + bf16 weights": "hf-lorafa LoRA-FA + gradient checkpointing, base loaded in bf16",
+    "PEFT LoRA": "PEFT LoRA, stock `Trainer`",
+    "PEFT LoRA + GC": "PEFT LoRA + gradient checkpointing",
+    "PEFT LoRA-FA optimizer": "PEFT LoRA + PEFT's LoRA-FA optimizer",
+    "TRL SFTTrainer (PEFT LoRA)": "TRL `SFTTrainer` defaults (GC, bf16) + PEFT LoRA",
+    "LoRAFASFTTrainer": "hf-lorafa `LoRAFASFTTrainer` defaults (GC, bf16)",
+    "LoRAFASFTTrainer without GC": "hf-lorafa `LoRAFASFTTrainer`, `gradient_checkpointing=False` (bf16)",
+}
+
+
+def _rows(report: dict) -> dict[str, dict]:
+    return {r["variant"]: r for r in report["results"] if "error" not in r}
+
+
+def _table(report: dict, columns: str = "full") -> list[str]:
+    rows = _rows(report)
+    gc, peft = rows.get("PEFT LoRA + GC"), rows.get("PEFT LoRA")
+    out = [
+        "| variant | peak GiB | / PEFT LoRA + GC | s/step | / PEFT LoRA | train loss | held-out loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    if columns == "readme":
+        out = ["| variant | peak GiB | s/step |", "|---|---|---|"]
+    for name, r in rows.items():
+        peak, step = r["peak_rss_bytes"] / GiB, r["step_seconds"]
+        label = DESCRIPTION.get(name, name)
+        if columns == "readme":
+            out.append(f"| {label} | {peak:.2f} | {step:.2f} |")
+            continue
+        over_gc = f"{r['peak_rss_bytes'] / gc['peak_rss_bytes']:.2f}" if gc else "–"
+        over_peft = f"{step / peft['step_seconds']:.2f}" if peft else "–"
+        out.append(
+            f"| {label} | {peak:.2f} | {over_gc} | {step:.2f} | {over_peft} | {r['train_loss']:.4f} | "
+            f"{r['eval_loss']:.4f} |"
+        )
+    out += [f"| {r['variant']} | failed: {r['error']} | | | | | |" for r in report["results"] if "error" in r]
+    return out
+
+
+def frontier_plot(report: dict, save_figure) -> str:
+    """Peak against median step time, one point per variant."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name, r in _rows(report).items():
+        ours = name.startswith(("ours", "LoRAFA"))
+        ax.scatter(r["step_seconds"], r["peak_rss_bytes"] / GiB, marker="o" if ours else "s", label=name)
+    ax.set_xlabel("median seconds per step")
+    ax.set_ylabel("whole-training peak resident memory (GiB)")
+    ax.set_title("Main job on CPU: memory against speed (lower left is better)")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, ax, "mainjob-frontier.png", "peak memory against step time per variant", legend_size=7)
+
+
+def _most_frugal(*reports: dict | None) -> float | None:
+    """PEFT LoRA + GC's peak over ours' lowest, the best any one run (default allocator) measured."""
+    found = [
+        v
+        for report in reports
+        if report
+        for k, v in report["ratios"].items()
+        if k.startswith("default: PEFT LoRA + GC peak / ours at its most")
+    ]
+    return max(found, default=None)
+
+
+def _goals(report: dict, mmap: dict | None, frugal: dict | None, goal) -> list[str]:
+    """The targets the main job's default is held to, against the runs' ratios."""
+    r, m = report["ratios"], (mmap or {}).get("ratios", {})
+    return [
+        "| goal (main job, CPU) | target | measured | |",
+        "|---|---|---|---|",
+        goal("ours' default peak / PEFT LoRA + GC's", r.get("default: ours peak / PEFT LoRA + GC peak"), 0.75, False),
+        goal(
+            "ours' default median step / PEFT LoRA's (no GC)",
+            r.get("default: ours median step / PEFT LoRA median step"),
+            1.0,
+            False,
+        ),  # fmt: skip
+        goal(
+            "the same peak ratio, `MALLOC_MMAP_THRESHOLD_=65536`",
+            m.get("mmap: ours peak / PEFT LoRA + GC peak"),
+            0.75,
+            False,
+        ),  # fmt: skip
+        goal("PEFT LoRA + GC's peak / ours at its most frugal", _most_frugal(report, frugal), 2.0, True),
+        goal(
+            "held-out loss identical with and without block recompute (1 = yes)",
+            r.get("default: held-out loss equal with and without block recompute"),
+            1.0,
+            True,
+            "{:.0f}",
+        ),  # fmt: skip
+    ]
+
+
+def mainjob_section(report: dict, mmap: dict | None, frugal: dict | None, save_figure, goal) -> list[str]:
+    s, dev = report["settings"], report["device"]
+    out = [
+        "## Main job side by side (what users run)",
+        "",
+        f"SmolLM2-135M-Instruct (fp32) on chatterbot-corpus, batch {s['batch']} × up to {s['max_length']} tokens, "
+        f"r={s['r']}, LoRA dropout {s['dropout']}, learning rate {s['lr']} (cosine), seed {s['seed']}, "
+        f"{s['steps']} steps; every variant in its own process, {s['repeats']} runs each, alternating. Peak = the "
+        "child's resident memory sampled every 2 ms by the parent over training (the whole run: the trainer's "
+        "memory log resets the kernel's high-water mark, so VmHWM at the end would hold only the last interval), "
+        "the highest of the runs; s/step = the median of the runs' median step times (first step left out); "
+        f"held-out loss on {s['eval_rows']} rows after training. {dev.get('cpu')} ({dev['cores']} cores), torch "
+        f"{dev['torch']}, load average at the end {', '.join(dev.get('load_average', []))}. Command: "
+        f"`{report['command']}` ({report['seconds']:.0f} s).",
+        "",
+        *_goals(report, mmap, frugal, goal),
+        "",
+        *_table(report),
+        "",
+        "TRL's variants train in bf16 autocast (SFTConfig's default; on CPU TRL asks for `use_cpu`) on the chat "
+        "template of the same pairs, so their losses are not comparable with the others'; PEFT's and ours read the "
+        "same tokenized rows (loss on the answer), and ours' losses are identical with and without block recompute.",
+        "",
+        frontier_plot(report, save_figure),
+        "",
+        "Ratios (from the JSON):",
+        "",
+        "```json",
+        *[f'"{k}": {v}' for k, v in report["ratios"].items()],
+        "```",
+    ]
+    if mmap:
+        out += [
+            "",
+            "With `MALLOC_MMAP_THRESHOLD_=65536` (every large allocation mapped and returned on free, so the peak "
+            "is live memory; steps are slower for it): "
+            f"`{mmap['command']}`.",
+            "",
+            *_table(mmap),
+            "",
+            "```json",
+            *[f'"{k}": {v}' for k, v in mmap["ratios"].items()],
+            "```",
+        ]
+    if frugal:
+        out += [
+            "",
+            f"The frugal settings beside PEFT LoRA + GC, in one run of their own, for memory (its step times are "
+            f"not for comparing: other work ran beside some of its variants): `{frugal['command']}`.",
+            "",
+            *_table(frugal),
+            "",
+            "```json",
+            *[f'"{k}": {v}' for k, v in frugal["ratios"].items()],
+            "```",
+        ]
+    return out + [""]
+
+
+def update_readme(readme: Path, report: dict) -> None:
+    """Replace the table between README's `<!-- mainjob:start/end -->` markers with this run's."""
+    text = readme.read_text()
+    table = "\n".join(_table(report, "readme")) + "\n"
+    new = README_BLOCK.sub(lambda m: m.group(1) + table + m.group(2), text)
+    if new == text and table not in text:
+        raise SystemExit(f"{readme} has no <!-- mainjob:start --> ... <!-- mainjob:end --> block")
+    readme.write_text(new)

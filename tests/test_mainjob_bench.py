@@ -1,0 +1,63 @@
+"""`hf-lorafa bench --preset mainjob`: a real variant run measured from outside, and README's table from its JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_lorafa.cli.bench_mainjob import VARIANTS, ratios, run_variant, summarise
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from mainjob_tables import _table, update_readme  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mainjob")
+    return [run_variant(name, 2, "default", str(out)) for name in ("ours", "ours without block recompute")]
+
+
+def test_a_variant_trains_in_its_own_process_and_is_sampled_over_training(runs):
+    for run in runs:
+        assert "error" not in run, run.get("error")
+        assert run["samples"] > 10 and run["train_end"] > run["train_start"]
+        assert 0.5 * 2**30 < run["peak_rss_bytes"] < 16 * 2**30  # SmolLM2-135M's fp32 weights alone are 0.5 GiB
+        assert math.isfinite(run["eval_loss"]) and math.isfinite(run["train_loss"]) and run["step_seconds"] > 0
+        assert run["trainable_parameters"] > 0
+
+
+def test_block_recompute_changes_no_loss_of_the_main_job(runs):
+    with_blocks, without = runs
+    assert with_blocks["train_loss"] == without["train_loss"] and with_blocks["eval_loss"] == without["eval_loss"]
+    assert "block_recompute" in with_blocks["activation_savers"]
+    assert "block_recompute" not in without["activation_savers"]
+
+
+def test_summary_takes_the_highest_peak_and_the_median_step_per_variant():
+    def run(variant, peak, step):
+        return {"variant": variant, "allocator": "default", "peak_rss_bytes": peak, "step_seconds": step,
+                "train_loss": 1.0, "eval_loss": 2.0, "trainable_parameters": 5, "activation_savers": None}  # fmt: skip
+
+    runs = [run("ours", 3, 2.0), run("PEFT LoRA + GC", 8, 6.0), run("ours", 5, 3.0), run("PEFT LoRA", 10, 4.0)]
+    rows = {r["variant"]: r for r in summarise(runs + [{"variant": "TRL", "error": "exit 1"}])}
+    assert (rows["ours"]["peak_rss_bytes"], rows["ours"]["step_seconds"], rows["ours"]["runs"]) == (5, 2.5, 2)
+    assert rows["TRL"]["error"] == "exit 1"
+    got = ratios(list(rows.values()))
+    assert got["default: ours peak / PEFT LoRA + GC peak"] == 0.625
+    assert got["default: ours median step / PEFT LoRA median step"] == 0.625
+
+
+def test_readme_table_is_the_committed_benchmarks(tmp_path):
+    report = json.loads((ROOT / "benchmarks" / "mainjob.json").read_text())
+    assert set(r["variant"] for r in report["results"]) <= set(VARIANTS)
+    table = "\n".join(_table(report, "readme"))
+    assert table in (ROOT / "README.md").read_text()
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- mainjob:start -->\nold\n<!-- mainjob:end -->\nrest\n")
+    update_readme(readme, report)
+    assert readme.read_text() == f"intro\n<!-- mainjob:start -->\n{table}\n<!-- mainjob:end -->\nrest\n"
