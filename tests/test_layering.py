@@ -29,7 +29,7 @@ ROOMS = {
     "memory": {"tuners", "data"},
     "hub": {"tuners", "adapter_io", "memory", "redact", "version"},
     "training": {"tuners", "adapter_io", "data", "memory", "hub", "compat", "redact", "version"},
-    "cli": {"tuners", "adapter_io", "data", "memory", "hub", "training", "compat", "redact", "version"},
+    "cli": {"tuners", "adapter_io", "data", "memory", "hub", "training", "trl", "compat", "redact", "version"},
 }
 TOP_LEVEL = {"__init__", "trl", *LEAVES}
 
