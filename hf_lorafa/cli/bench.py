@@ -152,6 +152,12 @@ def _worker(spec: dict, timeout: float, env: dict, *extra: str) -> dict:
     return json.loads(lines[-1])
 
 
+def worker_env(mmap_threshold: str | None = None) -> dict[str, str]:
+    """A benchmark worker's environment: offline, quiet tokenizers, and glibc's mmap threshold where one is given."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {**env, "MALLOC_MMAP_THRESHOLD_": mmap_threshold} if mmap_threshold else env
+
+
 def run_configuration(spec: dict, timeout: float = 1800) -> dict:
     """Measure one configuration in fresh interpreters; returns its result, or `{"error": ...}`.
 
@@ -160,11 +166,10 @@ def run_configuration(spec: dict, timeout: float = 1800) -> dict:
     default. So on CPU the step time comes from a second process with
     the default allocator, as users run; on GPU the caching allocator makes one process enough.
     """
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     started = time.time()
-    result = {**spec, **_worker(spec, timeout, {**env, "MALLOC_MMAP_THRESHOLD_": "65536"})}
+    result = {**spec, **_worker(spec, timeout, worker_env("65536"))}
     if spec["device"] == "cpu" and "error" not in result:
-        timing = _worker(spec, timeout, env, "--timing")
+        timing = _worker(spec, timeout, worker_env(), "--timing")
         result.update(timing if "error" not in timing else {"error": f"timing: {timing['error']}"})
         result["tokens_per_second"] = spec["batch"] * spec["seq"] / result["step_seconds"]
     return {**result, "wall_seconds": round(time.time() - started, 1)}

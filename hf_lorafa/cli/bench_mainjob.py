@@ -185,9 +185,10 @@ def _rss(pid: int) -> int:
 
 def run_variant(name: str, steps: int, allocator: str, output_dir: str) -> dict:
     """Run one variant in a fresh process, sampling its resident memory every 2 ms from here."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if allocator.startswith("mmap"):  # "mmap" = 64 KiB, "mmap:BYTES" another threshold
-        env["MALLOC_MMAP_THRESHOLD_"] = allocator.partition(":")[2] or "65536"
+    from .bench import worker_env
+
+    # "mmap" = a 64 KiB threshold, "mmap:BYTES" another one; "default" leaves glibc's.
+    env = worker_env((allocator.partition(":")[2] or "65536") if allocator.startswith("mmap") else None)
     command = [sys.executable, "-m", "hf_lorafa.cli.bench_mainjob", "--worker", name, str(steps), output_dir]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     samples: list[tuple[float, int]] = []

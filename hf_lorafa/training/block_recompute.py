@@ -38,8 +38,9 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def find_blocks(model: nn.Module, probe: Callable[[], object]) -> list[tuple[nn.Module, nn.Module, str, nn.Module]]:
-    """`(norm, block, projection name, parent layer)` for every block whose input is exactly a norm's output."""
+def find_blocks(model: nn.Module, probe: Callable[[], tuple]) -> tuple[list[tuple[nn.Module, ...]], tuple]:
+    """`(norm, block, projection name, parent layer)` for every block whose input is exactly a norm's output, and
+    what `probe()` returned while they were traced (the hooks only observe: the stock model's result)."""
     projection = {}
     for module in model.modules():
         for name in OUTPUT_PROJECTIONS:
@@ -61,14 +62,14 @@ def find_blocks(model: nn.Module, probe: Callable[[], object]) -> list[tuple[nn.
     handles = [m.register_forward_hook(after) for m in model.modules() if m not in projection]
     handles += [m.register_forward_pre_hook(before, with_kwargs=True) for m in projection]
     try:
-        with torch.no_grad():
-            probe()
+        result = probe()
     finally:
         for handle in handles:
             handle.remove()
     # A norm whose output feeds two blocks (Falcon's and GPT-J's parallel attention and MLP) must keep returning it.
     feeds = collections.Counter(found.values())
-    return [(norm, block, projection[block], parents[block]) for block, norm in found.items() if feeds[norm] == 1]
+    blocks = [(norm, block, projection[block], parents[block]) for block, norm in found.items() if feeds[norm] == 1]
+    return blocks, result
 
 
 def _core(block: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
@@ -163,8 +164,7 @@ def apply_block_recompute(model: nn.Module) -> bool:
     """
     probe = _probe(model)
     try:
-        blocks = find_blocks(model, probe)
-        expected = probe() if blocks else None
+        blocks, expected = find_blocks(model, probe)
     except Exception as err:  # a model the probe cannot drive (an encoder-decoder wants decoder inputs too)
         logger.debug("Block recompute: probe of %s failed: %s", type(model).__name__, err)
         return False
