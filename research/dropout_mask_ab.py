@@ -1,5 +1,5 @@
 """A/B of the dropout-mask generator behind LoRA-FA's CPU default: torch's seeded `bernoulli_` (MT19937, the previous
-generator) against numpy's SFC64 (raw 32-bit words against `p · 2³²`, what the layers draw on CPU today).
+generator) against numpy's SFC64 (raw 32-bit words against `p · 2³²`; layers now draw a byte first: `keep_mask`).
 
 A frozen-A layer keeps no mask for backward: it draws it from a saved seed in forward and again in backward, so a step
 draws every adapted layer's `(batch, seq, d_in)` mask twice. On the `cpu` bench preset's model with LoRA-FA at dropout
