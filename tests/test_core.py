@@ -112,6 +112,15 @@ def test_dropout_mask_is_a_fair_seeded_draw(generator):
     assert rows_dropped.std() < 0.02  # no token gets a systematically different rate
 
 
+def test_keep_mask_draws_ties_from_the_low_bits():
+    from hf_lorafa.tuners.layers import keep_mask
+
+    # p = 2⁻⁹: the threshold 2²³ has top byte 0, so every drop comes from a tied byte (1/256) and its low bits (1/2).
+    keep = keep_mask(torch.Size([1 << 22]), 2**-9, 3, torch.device("cpu"), torch.float32, "sfc64")
+    assert keep.dtype == torch.bool
+    assert abs((~keep).sum().item() - 8192) < 400  # 2²² / 512 expected, std ≈ 90
+
+
 def test_dropout_mask_generators_differ_and_unknown_is_refused():
     from hf_lorafa.tuners.layers import dropout_mask
 
