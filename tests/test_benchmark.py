@@ -93,7 +93,7 @@ def test_lorafa_r_must_be_a_positive_rank(capsys):
     assert "--lorafa-r must be a positive rank, got 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", ["floor", "peft-lora", "lorafa"])
+@pytest.mark.parametrize("method", ["floor", "peft-lora", "lorafa", "lorafa+savers"])
 def test_estimate_predicts_the_measurements(report, method):
     result = by_method(report, method)
     est = result["estimate"]
@@ -112,6 +112,20 @@ TINY = dict(
     num_key_value_heads=2,
     vocab_size=256,
 )
+
+
+def test_estimate_counts_the_savers_and_their_loss_chunk():
+    from hf_lorafa.memory.estimate import LOSS_CHUNK_ELEMENTS
+    from hf_lorafa.training.chunked_loss import LOSS_CHUNK_ELEMENTS as chunk
+
+    assert LOSS_CHUNK_ELEMENTS == chunk
+    config = LlamaConfig(**TINY)
+    stock, savers, no_block = (
+        estimate_memory(config, "lorafa", 2, 64, r=4, activation_savers=a, block_recompute=b)
+        for a, b in ((False, True), (True, True), (True, False))
+    )
+    assert savers.activations < no_block.activations < stock.activations
+    assert savers.weights == stock.weights and savers.gradients == stock.gradients
 
 
 def test_estimate_orders_methods_and_prints_a_table(capsys):
@@ -135,6 +149,8 @@ def test_estimate_cli_reads_a_config_folder(tmp_path, capsys):
     for method in ("none", "full", "lora", "lorafa", "lamda"):
         assert f": {method}, batch 2" in out
     assert "activations (saved for backward)" in out and "process overhead" in out
+    assert estimate_main(["--model", str(tmp_path), "--batch", "2", "--seq", "16", "--activation-savers"]) == 0
+    assert ": lorafa, batch 2 × seq 16, r=16, bfloat16, adamw, activation savers\n" in capsys.readouterr().out
 
 
 def test_memory_at_the_same_accuracy_section_is_what_the_2r_run_gives():

@@ -43,7 +43,7 @@ PRESETS = {
         "steps": 2,
         "dtype": "bfloat16",
         "device": "cpu",
-        "methods": ["floor", "peft-lora", "lorafa"],
+        "methods": ["floor", "peft-lora", "lorafa", "lorafa+savers"],
         "dropouts": [0.05],
         "quant": [False],
         "seq_sweep": [],

@@ -161,18 +161,17 @@ def measure(spec: dict) -> dict:
 
 
 def estimate_for(spec: dict, overhead: int) -> dict | None:
-    """`estimate_memory` for a configuration (None for activation savers, which it does not model)."""
+    """`estimate_memory` for a configuration (`+savers`: with the activation savers' defaults)."""
     import torch
     from transformers import LlamaConfig
 
     from ..memory.estimate import estimate_memory
 
     name = {"floor": "none", "peft-lora": "lora", "peft-lorafa": "lora"}.get(spec["method"], spec["method"])
-    if name.endswith("+savers"):
-        return None
+    savers = name.endswith("+savers")
     est = estimate_memory(
         LlamaConfig(**spec["model"]),
-        name,
+        name.removesuffix("+savers"),
         spec["batch"],
         spec["seq"],
         r=spec["r"],
@@ -181,6 +180,7 @@ def estimate_for(spec: dict, overhead: int) -> dict | None:
         dropout=spec["dropout"],
         device=spec["device"],
         overhead=overhead,
+        activation_savers=savers,
     )
     return est.to_dict()
 

@@ -19,6 +19,10 @@ Adapters add, per adapted linear layer: LoRA keeps `A·dropout(x)` (r per token)
 LaMDA keep only `z = A·dropout(x)`, r float32 values per token (the mask is regenerated from a seed). Full
 fine-tuning adds the inputs of every linear layer and of the norms' weights. Adapters are float32 (as PEFT's).
 
+With `activation_savers` the count is what hf-lorafa's savers leave (`training/activation_savers.py`): norms keep
+their input in the model dtype, SwiGLU its gate and up, the chunked loss the hidden states' gradient; with block
+recompute, each attention and dense MLP block its input and only the output projections' adapters their own.
+
 The step's peak is `overhead + weights + optimizer states + max(activations + loss transient, gradients)`:
 gradients grow while activations are freed in backward; the loss transient is the logits and the two float32
 vocabulary-sized gradients of the cross-entropy. `overhead` is the process's own memory (interpreter, torch,
@@ -42,6 +46,7 @@ from .measure import current_rss_bytes, format_bytes
 METHODS = ("none", "full", *ADAPTER_METHODS)
 OPTIMIZER_STATES = {"adamw": 2.0, "adamw-8bit": 0.5, "sgd": 0.0}  # state bytes per trainable parameter byte
 _NF4_BYTES = 0.5 + 4 / 64  # packed 4-bit values plus one float32 absmax per block of 64
+LOSS_CHUNK_ELEMENTS = 1 << 23  # training.chunked_loss's logits per chunk (a test keeps the two equal)
 
 
 @dataclass
@@ -203,6 +208,8 @@ def estimate_memory(
     device: str = "cpu",
     overhead: int = 0,
     target_parameters: list[str] | None = None,
+    activation_savers: bool = False,
+    block_recompute: bool = True,
 ) -> MemoryEstimate:
     """Predict one training step's memory for a Llama-family model (dense or MoE) with adapters on all linear layers.
 
@@ -232,6 +239,13 @@ def estimate_memory(
             The training process's memory before the model exists (measure it there; 0 for GPU memory).
         target_parameters (`list[str]`, *optional*):
             Expert parameters of MoE blocks adapted too (`["gate_up_proj", "down_proj"]`), as `LoRAFAConfig`'s.
+        activation_savers (`bool`, *optional*, defaults to `False`):
+            Count what `LoRAFATrainingArguments.activation_savers` keeps instead of the stock block's: each RMSNorm
+            its input in `dtype`, SwiGLU its gate and up, the chunked loss the hidden states' gradient.
+        block_recompute (`bool`, *optional*, defaults to `True`):
+            With `activation_savers`: each attention and dense MLP block keeps only its input and the adapters
+            inside it keep nothing; backward replays one block at a time (then `loss_transient` is the larger of
+            one block's replay and one loss chunk).
 
     Example:
 
@@ -279,20 +293,37 @@ def estimate_memory(
         trainable_bytes = 4 * trainable
 
     # Activations: the frozen floor, then what each method adds (see the module docstring for the count).
-    floor_layer = 2 * (4 * H + 4) + (2 * s["nh"] * s["hd"] + 2 * s["nkv"] * s["hd"]) * b + 4 * s["nh"]
-    mlp = (L - Ls) * 3 * I * b + Ls * (k * (3 * Im + H) * b + 4 * E)
-    per_token = L * floor_layer + mlp + (4 * H + 4) + 4 * V + 8
+    attention = (2 * s["nh"] * s["hd"] + 2 * s["nkv"] * s["hd"]) * b + 4 * s["nh"]
+    moe = Ls * (k * (3 * Im + H) * b + 4 * E)
+    recompute = activation_savers and block_recompute
+    kept = blocks  # the adapted layers whose adapters keep something for backward
+    if recompute:  # only the output projections stay outside the replayed spans
+        dense, sparse = _linears(s), _linears(s, sparse=True)
+        kept = [(L - Ls, [dense[3], dense[6]]), (Ls, [sparse[3]])]
+    if not activation_savers:
+        per_token = L * (2 * (4 * H + 4) + attention) + (L - Ls) * 3 * I * b + moe + (4 * H + 4) + 4 * V + 8
+        transient = N * V * (b + 8)
+    else:
+        # Each norm's input (with block recompute: each block's input), the final norm's, the chunked loss's
+        # hidden-state gradient; one chunk's logits and float32 log-probabilities at a time.
+        per_token = L * 2 * H * b + moe + 2 * H * b
+        if not recompute:
+            per_token += L * attention + (L - Ls) * 2 * I * b
+        transient = min(N, max(1, LOSS_CHUNK_ELEMENTS // V)) * V * (b + 4)
+        if recompute:  # one block replayed: its norm's input, attention or gate and up, its adapters' z
+            replay = H * b + max(attention, 2 * I * b * (L > Ls)) + 3 * r * 4
+            transient = max(transient, N * replay)
     per_step = 2 * seq * s["hd"] * b  # cos and sin, shared by every layer and sequence
-    adapted = sum(n * len(linears) for n, linears in blocks)
+    adapted = sum(n * len(linears) for n, linears in kept)
     if method == "full":
         per_token += L * (4 * H + I) * b + 2 * H * b + 8
     elif adapter is not None and adapter.keeps_input:
         if dropout > 0:
-            per_token += sum(n * sum(i for i, _ in ls) for n, ls in blocks) * (4 + (4 if device == "cpu" else 1))
-        elif b == 4:  # one float32 input per distinct tensor: q/k/v share one, gate/up another, o reuses SDPA's
+            per_token += sum(n * sum(i for i, _ in ls) for n, ls in kept) * (4 + (4 if device == "cpu" else 1))
+        elif b == 4 and not recompute:  # one float32 input per distinct tensor: q/k/v share one, gate/up another
             per_token += (L - Ls) * (2 * H + I) * 4 + Ls * H * 4
         else:  # each layer casts its input to the float32 adapter: a copy per layer
-            per_token += sum(n * sum(i for i, _ in ls) for n, ls in blocks) * 4
+            per_token += sum(n * sum(i for i, _ in ls) for n, ls in kept) * 4
         per_token += adapted * r * 4
     elif method != "none":
         per_token += adapted * r * 4
@@ -300,7 +331,6 @@ def estimate_memory(
         per_token += Ls * k * sum(i for i, _ in experts) * b
         per_step += Ls * E * sum(i * o for i, o in experts) * b
     activations = N * per_token + per_step + 4
-    transient = N * V * (b + 8)
     return MemoryEstimate(
         method=method,
         weights=base_bytes + 4 * adapter_numel,
