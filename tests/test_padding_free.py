@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
 from conftest import perturb_adapters, tiny_llama
+from datasets import Dataset
 from fixtures.families import tiny_model
+from test_trainer import make_args
 
-from hf_lorafa import LoRAFAConfig, inject_adapters
+from hf_lorafa import LoRAFAConfig, LoRAFATrainer, inject_adapters
 from hf_lorafa.training.activation_savers import apply_activation_savers
 from hf_lorafa.training.padding_free import flatten_batch, flattening_pays, padding_free_refusal
 
@@ -148,3 +151,88 @@ def test_cost_rule_flattens_only_when_it_saves_operations(lengths, width, attent
     config = copy.deepcopy(LLAMA)
     config._attn_implementation = attention
     assert flattening_pays(config, lengths, width) is pays
+
+
+def ragged_dataset(n: int = 16, vocab: int = 256) -> Dataset:
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 17, (n,), generator=generator).tolist()
+    ids = [torch.randint(3, vocab, (k,), generator=generator).tolist() for k in lengths]
+    return Dataset.from_dict({"input_ids": ids})
+
+
+def pad_right(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """A padding collator: rows right-padded to the longest, padding left out of the loss."""
+    width = max(len(row["input_ids"]) for row in rows)
+    ids = torch.tensor([row["input_ids"] + [0] * (width - len(row["input_ids"])) for row in rows])
+    mask = torch.tensor([[1] * len(row["input_ids"]) + [0] * (width - len(row["input_ids"])) for row in rows])
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+@pytest.mark.parametrize("savers", [True, False], ids=["savers", "stock"])
+def test_trainer_trains_on_flattened_batches_with_the_padded_losses(savers, tmp_path, caplog):
+    runs = {}
+    for remove in (False, True):
+        model = tiny_llama()
+        args = make_args(tmp_path / str(remove), activation_savers=savers, remove_padding=remove, max_steps=3)
+        with caplog.at_level(logging.INFO, logger="hf_lorafa.training.trainer"):
+            trainer = LoRAFATrainer(
+                model=model, args=args, data_collator=pad_right, train_dataset=ragged_dataset(),
+                eval_dataset=ragged_dataset(8),
+            )  # fmt: skip
+        seen = []  # (training?, input_ids' shape, position ids given?) of every forward
+
+        def record(module, _args, kwargs, seen=seen):
+            seen.append((module.training, tuple(kwargs["input_ids"].shape), "position_ids" in kwargs))
+
+        model.register_forward_pre_hook(record, with_kwargs=True)
+        trainer.train()
+        eval_loss = trainer.evaluate()["eval_loss"]
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        runs[remove] = losses, eval_loss, seen, {n: p.detach() for n, p in model.named_parameters() if "lora_B" in n}
+    assert "training batches without their padding (remove_padding)" in caplog.text
+    assert "training batches keep their padding: remove_padding=False" in caplog.text
+    (losses, eval_loss, seen, adapter), (flat_losses, flat_eval, flat_seen, flat_adapter) = runs[False], runs[True]
+    assert len(losses) == 3 and losses == pytest.approx(flat_losses, rel=1e-5)
+    assert flat_eval == pytest.approx(eval_loss, rel=1e-5)
+    for name, value in adapter.items():
+        torch.testing.assert_close(flat_adapter[name], value, rtol=1e-4, atol=1e-6)
+    assert not any(flat for _, _, flat in seen)
+    trained = [shape for training, shape, flat in flat_seen if training and flat]
+    assert len(trained) == 3 and all(shape[0] == 1 for shape in trained)  # every step on one row of tokens
+    evaluated = [(shape[0], flat) for training, shape, flat in flat_seen if not training]
+    assert evaluated == [(8, False)]  # evaluation: the padded batch of 8 rows
+
+
+def test_trainer_keeps_the_padding_of_a_model_that_would_mix_sequences(tmp_path, caplog):
+    model = tiny_model("opt")
+    with caplog.at_level(logging.INFO, logger="hf_lorafa.training.trainer"):
+        trainer = LoRAFATrainer(model=model, args=make_args(tmp_path, lora_target_modules="q_proj,v_proj"))
+    assert not trainer.lorafa_padding_free
+    assert "training batches keep their padding: its attention reaches across" in caplog.text
+
+
+def test_trl_sft_batches_train_without_padding_with_the_same_losses_and_metrics(tmp_path):
+    """TRL's collator pads prompt-completion rows to `{input_ids, attention_mask, labels}`: flattened the same way."""
+    pytest.importorskip("trl")
+    from test_trl import pairs, sft_args
+    from transformers import AutoTokenizer
+
+    from hf_lorafa.data.offline import smollm2_path
+    from hf_lorafa.trl import LoRAFASFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    runs = {}
+    for remove in (False, True):
+        model = tiny_llama(vocab=len(tokenizer))
+        args = sft_args(tmp_path / str(remove), remove_padding=remove, bf16=False, max_steps=3)
+        trainer = LoRAFASFTTrainer(model=model, args=args, train_dataset=pairs(), processing_class=tokenizer)
+        shapes = []
+        model.register_forward_pre_hook(
+            lambda _m, _a, kw, shapes=shapes: shapes.append(kw["input_ids"].shape[0]), with_kwargs=True
+        )
+        trainer.train()
+        logged = [h for h in trainer.state.log_history if "loss" in h]
+        runs[remove] = shapes, [h[k] for h in logged for k in ("loss", "mean_token_accuracy", "num_tokens")]
+    (shapes, logged), (flat_shapes, flat_logged) = runs[False], runs[True]
+    assert 1 not in shapes and 1 in flat_shapes
+    assert len(logged) == 3 * 3 and flat_logged == pytest.approx(logged, rel=1e-5)
