@@ -114,6 +114,7 @@ def test_a_saved_adapter_reloads_with_every_option_it_was_trained_with(method, t
         ({"lora_dropout": 1.0}, ValueError, "`lora_dropout` must be in [0, 1); got 1.0."),
         ({"activation_savers": "none"}, TypeError, "`activation_savers` must be true or false"),
         ({"load_in_4bit": "false"}, TypeError, "`load_in_4bit` must be true or false"),
+        ({"remove_padding": "no"}, TypeError, "`remove_padding` must be true or false"),
         ({"lorafa_lr_ratio": float("nan")}, ValueError, "`lorafa_lr_ratio` must be a finite number; got nan."),
         ({"lamda_s_lr_ratio": float("inf")}, ValueError, "`lamda_s_lr_ratio` must be a finite number; got inf."),
         ({"lora_target_modules": []}, TypeError, "`lora_target_modules` must be a string or a non-empty list"),

@@ -89,6 +89,15 @@ class LoRAFAArguments(_AdapterArguments):
             "it up to its output projection (exact; less memory, slower steps). Off when gradient_checkpointing is on."
         },
     )
+    remove_padding: bool = field(
+        default=True,
+        metadata={
+            "help": "Train each right-padded causal-LM batch as one row of its tokens without the padding (position "
+            "ids restart per sequence; transformers' packed-sequence attention), when a probe shows the model gives "
+            "the same outputs that way and the row costs fewer operations than the padded batch. Evaluation batches "
+            "stay padded. False keeps batches as the collator made them."
+        },
+    )
 
     # Hub
     hub_base_model_id: str | None = field(
@@ -108,6 +117,7 @@ class LoRAFAArguments(_AdapterArguments):
             "log_memory",
             "activation_savers",
             "block_recompute",
+            "remove_padding",
             "trim_cpu_memory",
         ):
             if not isinstance(getattr(self, flag), bool):

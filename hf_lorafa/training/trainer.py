@@ -1,6 +1,7 @@
 """`LoRAFATrainerMixin`: hf-lorafa's behaviour for any `Trainer` subclass; `LoRAFATrainer` is it over `Trainer`.
 
-Overrides (each short): `__init__` (quantize if asked, continue a PeftModel's LoRA, inject, activation savers),
+Overrides (each short): `__init__` (quantize if asked, continue a PeftModel's LoRA, inject, activation savers, the
+padding-free probe), `compute_loss` (training batches without their padding where `remove_padding` applies),
 `create_optimizer` (LoRA-FA's B learning-rate multiplier as a param group of whatever `args.optim` builds), `log`
 (memory figures and the base learning rate, so every reporting integration sees them), `_save` (adapter only),
 `_load_from_checkpoint` / `_load_best_model` (adapter only), `create_model_card` and `push_to_hub` (our card, adapter
@@ -36,6 +37,7 @@ from .chunked_loss import loss_only
 from .cpu_memory import TrimCallback, malloc_trim
 from .memory_logging import MemoryTracker
 from .model_setup import prepare_model
+from .padding_free import padding_free_refusal, without_padding
 from .param_groups import lorafa_param_groups, lr_ratios
 from .preemption import preemptible
 from .run_facts import run_facts
@@ -88,6 +90,13 @@ class LoRAFATrainerMixin:
         if args.gradient_checkpointing and not args.gradient_checkpointing_kwargs:
             args.gradient_checkpointing_kwargs = {"use_reentrant": False}
         super().__init__(model, args, *a, **kw)
+        # Decided once, on the model as it will train (adapters and savers in, on its device).
+        refusal = padding_free_refusal(self.model) if args.remove_padding else "remove_padding=False"
+        self.lorafa_padding_free = refusal is None
+        if refusal is None:
+            logger.info("hf-lorafa: training batches without their padding (remove_padding)")
+        else:
+            logger.info("hf-lorafa: training batches keep their padding: %s", refusal)
         self.results: dict[str, float] = {}
         # Extra facts for hf_lorafa.json and the card that only the caller knows (e.g. {"dataset": "chatterbot"}).
         self.run_info: dict[str, Any] = {}
@@ -163,6 +172,16 @@ class LoRAFATrainerMixin:
                 "`max_grad_norm`, or check the data for empty or corrupt rows."
             )
         return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`Trainer.compute_loss` (or the next base's) on a training batch's tokens without its padding, where
+        `remove_padding` applies (module `padding_free`: same loss and gradients; `num_items_in_batch`, counted on the
+        padded labels, counts the same targets). Evaluation, and a custom `compute_loss_func`, see the padded batch."""
+        if self.lorafa_padding_free and model.training and self.compute_loss_func is None:
+            inputs = without_padding(inputs, self.accelerator.unwrap_model(model).config)
+        return super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """`Trainer.prediction_step`; when only the loss is wanted, the chunked-loss saver computes it without the
