@@ -119,7 +119,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(bad, 
     forwards = []
 
     def poison(module, args, output):
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and module.training:  # not the trainer's probes (in eval mode) at its start
             forwards.append(1)
             if len(forwards) == 3:  # the third training step: after checkpoint-2 was written
                 return output * bad

@@ -107,7 +107,9 @@ def measure(spec: dict) -> dict:
         from ..tuners.quantization import require_bitsandbytes
 
         require_bitsandbytes()
-    overhead = process_overhead() if not cuda else 0  # measured here, before the model exists
+    # Measured here, before the model exists, after a step of a throwaway copy of the configuration: the kernels its
+    # shapes need and the code its adapters run are the process's, not the model's.
+    overhead = process_overhead(lambda: _train_step(*_prepare(spec))) if not cuda else 0
     model, optimizer, ids = _prepare(spec)
 
     def step(forward_out=None):

@@ -31,6 +31,7 @@ kernels): measure it in the process that will train (`hf-lorafa estimate` uses i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -91,11 +92,17 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def process_overhead() -> int:
+def process_overhead(warm: Callable[[], None] | None = None) -> int:
     """Resident bytes of this process once torch has trained something: the peak's model-independent part.
 
     A throwaway two-layer Llama takes one forward/backward first, so the libraries, kernels and thread pools a
     training step loads lazily are counted here rather than attributed to the model.
+
+    Args:
+        warm (`Callable[[], None]`, *optional*):
+            A further throwaway step to take before measuring, e.g. a configuration's own step on a model it then
+            drops: the kernels generated for its shapes (oneDNN's, on CPU) and the code paths of its adapters and
+            savers then count as overhead too. Defaults to none.
     """
     import gc
 
@@ -115,6 +122,8 @@ def process_overhead() -> int:
     for dtype in (torch.float32, torch.bfloat16):
         tiny.to(dtype)(input_ids=ids, labels=ids).loss.backward()
     del tiny
+    if warm is not None:
+        warm()
     gc.collect()
     return current_rss_bytes()
 
