@@ -48,7 +48,7 @@ def test_the_parts_sum_to_the_highest_sampled_resident_memory(report):
     parts = {p["key"]: p["bytes"] for p in report["components"]}
     assert sum(parts.values()) == report["peak_rss_bytes"]
     assert all(n >= 0 for n in parts.values()), parts
-    assert parts["base"] > 0 and parts["heap_at_start"] > 0
+    assert parts["base_files"] > 0 and parts["base_anonymous"] > 0 and parts["heap_at_start"] > 0
     heap = report["heap"]
     assert heap["uordblks"] + heap["fordblks"] == heap["arena"]
     # the kernel's high-water mark covers the same steps, between the readings too (its counters lag a little)

@@ -12,7 +12,8 @@ and around the optimizer step. At each new highest sample it records what that m
   already live when training started (interpreter objects and libraries' allocations on the C heap, measured at the
   first step's start) and the rest, the step's transients (forward intermediates, backward's gradient buffers, loss
   chunks); the free bytes the heap holds (`fordblks`, allocator slack); and the process's base, VmRSS − (`arena` +
-  `hblkhd`) − file-mapped weights (the interpreter, libraries' code, Python's own arenas).
+  `hblkhd`) − file-mapped weights, split into mapped files (`RssFile` + `RssShmem` less those weights: libraries'
+  code and data) and the rest (Python's own object arenas, thread stacks, other allocators' memory).
 
 Each part is clamped at zero where the counts exceed the heap's live bytes, the excess taken from the base, so the
 parts always sum to the sampled peak (`components` asserts it). Caveats: the peak between two hooks is not seen
@@ -263,11 +264,13 @@ class PeakBreakdown:
                 ("heap_at_start", "other live heap, as at the first step's start (interpreter, libraries)", resting),
                 ("transients", "transients (forward intermediates, gradient buffers, loss chunks)", transients),
                 ("allocator_slack", "allocator slack (free bytes the heap holds)", heap["fordblks"]),
-                (
-                    "base",
-                    "process base (interpreter, libraries' code, Python's arenas)",
-                    p["rss"] - heap["arena"] - heap["hblkhd"] - w["file_mapped"] - excess,
-                ),
+            ]
+            base = p["rss"] - heap["arena"] - heap["hblkhd"] - w["file_mapped"] - excess
+            status = p["status"]
+            files = min(base, max(0, (status["RssFile"] or 0) + (status["RssShmem"] or 0) - w["file_mapped"]))
+            parts += [
+                ("base_files", "process base: mapped files (libraries' code and data)", files),
+                ("base_anonymous", "process base: other memory (Python's object arenas, thread stacks)", base - files),
             ]
         total = sum(n for _, _, n in parts)
         assert total == p["rss"], f"the parts sum to {total} bytes, not the peak's {p['rss']}"
