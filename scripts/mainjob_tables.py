@@ -184,9 +184,10 @@ def update_readme(readme: Path, report: dict) -> None:
 
 
 def breakdown_section(report: dict) -> list[str]:
-    """ "Where the default's peak goes": the parts of one run's highest sampled resident memory (`--breakdown`)."""
+    """The subsection "Where the default's peak goes": the parts of one run's highest sampled resident memory."""
     peak, where, dev, s = report["peak_rss_bytes"], report["peak"], report["device"], report["settings"]
     batch = "×".join(str(n) for n in where["batch_shape"] or []) or "?"
+    place = f" of `{where['where']}`" if where["where"] else ""
     rows = [f"| {p['what']} | {p['bytes'] / 2**20:.1f} | {p['bytes'] / peak:.1%} |" for p in report["components"]]
     after = report.get("saved_after_forward") or {}
     kept = ", ".join(f"{kind.replace('_', ' ')} {n / 2**20:.1f}" for kind, n in after.items() if n)
@@ -198,9 +199,9 @@ def breakdown_section(report: dict) -> list[str]:
         f"process with glibc's default allocator. Its resident memory (VmRSS) is read at every module's forward entry "
         "and exit (backward's replays included), when backward reaches each module's output, at each trained "
         "parameter's gradient and around the optimizer step; at the highest reading it is taken apart. That reading, "
-        f"{peak / GiB:.2f} GiB, came at step {where['step']} in {where['phase']} ({where['event']} of "
-        f"`{where['where']}`), batch {batch} tokens; the kernel's high-water mark over the same steps was "
-        f"{report['vmhwm_bytes'] / GiB:.2f} GiB (the difference rose and fell between two readings). "
+        f"{peak / GiB:.2f} GiB, came at step {where['step']} in {where['phase']} ({where['event']}{place}), batch "
+        f"{batch} tokens; the kernel's high-water mark over the same steps was {report['vmhwm_bytes'] / GiB:.2f} GiB "
+        "(above the reading by what came and went between two readings). "
         f"{dev.get('cpu')} ({dev['cores']} cores), torch {report['torch']}, transformers {report['transformers']}. "
         f"Command: `{report['command']}` ({report['seconds']:.0f} s, {report['samples']:,} readings).",
         "",
@@ -218,7 +219,8 @@ def breakdown_section(report: dict) -> list[str]:
         "live heap (`uordblks` + `hblkhd`) less the tensors above is the heap already live at the first step's start "
         "plus the step's transients; the allocator's slack is the heap's free bytes (`fordblks`, which also counts "
         "pages `malloc_trim` gave back, so the base reads low by those); the base is VmRSS less the heap (`arena` + "
-        "`hblkhd`) and the file-mapped weights. The parts sum to the reading exactly (the code asserts it).",
+        "`hblkhd`) and the file-mapped weights, split into mapped files (libraries' code) and the rest. The parts "
+        "sum to the reading exactly (the code asserts it).",
         "",
         f"After that step's forward autograd held (MiB): {kept or 'nothing'}; the largest a block's replay held at "
         f"once in backward: {replays or 'none seen'}.",
