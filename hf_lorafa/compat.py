@@ -68,6 +68,12 @@ def replace_forward(module: nn.Module, function: Callable[..., Any]) -> None:
     module.forward = types.MethodType(function, module)
 
 
+def current_saved_tensors_hooks() -> tuple[Callable, Callable] | None:
+    """The `(pack, unpack)` pair of the innermost `saved_tensors_hooks` in force now, or None (torch 2.13's
+    `torch._C._autograd._top_saved_tensors_default_hooks`): hooks entered inside it can hand tensors on to it."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False)
+
+
 def checkpoint_recompute() -> tuple[Any, Any] | None:
     """`(frame, graph id)` of the non-reentrant `torch.utils.checkpoint` replay running now, or None.
 
@@ -76,7 +82,7 @@ def checkpoint_recompute() -> tuple[Any, Any] | None:
     has used it). The frame is read from that pack hook's closure (torch 2.13); the breakdown benchmark counts these
     tensors (`memory.saved_by_kind`). Anything else at the top of the saved-tensor hooks gives None.
     """
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    hooks = current_saved_tensors_hooks()
     pack = inspect.unwrap(hooks[0]) if hooks else None
     if pack is None or not pack.__qualname__.startswith("_recomputation_hook."):
         return None

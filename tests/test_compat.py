@@ -68,6 +68,18 @@ def test_loss_only_drops_the_logits_inside_the_block_only(input_ids):
     torch.testing.assert_close(lean.loss, stock.loss)
 
 
+def test_torch_shows_the_innermost_saved_tensors_hooks():
+    def pack(t):
+        return t
+
+    def unpack(t):
+        return t
+
+    assert compat.current_saved_tensors_hooks() is None
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        assert compat.current_saved_tensors_hooks() == (pack, unpack)
+
+
 def test_torch_checkpoint_replay_shows_its_frame_and_what_it_keeps():
     found = []
 

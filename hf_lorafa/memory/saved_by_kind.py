@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compat import checkpoint_recompute
+from ..compat import checkpoint_recompute, current_saved_tensors_hooks
 from ..tuners.layers import AdapterLayer
 
 # kind: what it means, as the breakdown's table prints it.
@@ -125,7 +125,7 @@ class SavedByKind:
         if module is self.model and self._context is None:
             self.stack.clear()
             self.in_forward = True
-            below = torch._C._autograd._top_saved_tensors_default_hooks(False)
+            below = current_saved_tensors_hooks()
             self._context = torch.autograd.graph.saved_tensors_hooks(*self._hooks(below))
             self._context.__enter__()
         if self.in_forward:
