@@ -188,28 +188,31 @@ def breakdown_section(report: dict) -> list[str]:
     peak, where, dev, s = report["peak_rss_bytes"], report["peak"], report["device"], report["settings"]
     batch = "×".join(str(n) for n in where["batch_shape"] or []) or "?"
     place = f" of `{where['where']}`" if where["where"] else ""
-    rows = [f"| {p['what']} | {p['bytes'] / 2**20:.1f} | {p['bytes'] / peak:.1%} |" for p in report["components"]]
+    parts = report["components"]
+    rows = [f"| {p['what']} | {p['bytes'] / 2**20:.1f} | {p['bytes'] / peak:.1%} |" for p in parts if p["bytes"]]
+    zero = "; ".join(p["what"] for p in parts if not p["bytes"])
     after = report.get("saved_after_forward") or {}
     kept = ", ".join(f"{kind.replace('_', ' ')} {n / 2**20:.1f}" for kind, n in after.items() if n)
     replays = ", ".join(f"{kind} {n / 2**20:.1f}" for kind, n in report["replay_max_bytes"].items() if n)
     return [
         "### Where the default's peak goes",
         "",
-        f"One run of {DESCRIPTION.get(s['variant'], s['variant'])} on the same job for {s['steps']} steps, in its own "
-        f"process with glibc's default allocator. Its resident memory (VmRSS) is read at every module's forward entry "
-        "and exit (backward's replays included), when backward reaches each module's output, at each trained "
-        "parameter's gradient and around the optimizer step; at the highest reading it is taken apart. That reading, "
-        f"{peak / GiB:.2f} GiB, came at step {where['step']} in {where['phase']} ({where['event']}{place}), batch "
-        f"{batch} tokens; the kernel's high-water mark over the same steps was {report['vmhwm_bytes'] / GiB:.2f} GiB "
-        "(above the reading by what came and went between two readings). "
-        f"{dev.get('cpu')} ({dev['cores']} cores), torch {report['torch']}, transformers {report['transformers']}. "
-        f"Command: `{report['command']}` ({report['seconds']:.0f} s, {report['samples']:,} readings).",
+        f"One run of the default variant ({DESCRIPTION.get(s['variant'], s['variant'])}) on the same job for "
+        f"{s['steps']} steps, in its own process with glibc's default allocator. Its resident memory (VmRSS) is read "
+        "at every module's forward entry and exit (backward's replays included), when backward reaches each module's "
+        "output, at each trained parameter's gradient and around the optimizer step; at the highest reading it is "
+        f"taken apart. That reading, {peak / GiB:.2f} GiB, came at step {where['step']}, {where['phase']} phase "
+        f"({where['event']}{place}), batch {batch} tokens; the kernel's high-water mark over the same steps was "
+        f"{report['vmhwm_bytes'] / GiB:.2f} GiB (what came and went between two readings). {dev.get('cpu')} "
+        f"({dev['cores']} cores), torch {report['torch']}, transformers {report['transformers']}. Command: "
+        f"`{report['command']}` ({report['seconds']:.0f} s, {report['samples']:,} readings).",
         "",
         "| part of the peak | MiB | share |",
         "|---|---|---|",
         *rows,
         f"| **VmRSS at the peak** | **{peak / 2**20:.1f}** | 100% |",
         "",
+        *([f"Nothing at that moment: {zero}.", ""] if zero else []),
         "Weights are the parameters' and buffers' storages (of which "
         f"{report['weights_file_mapped_bytes'] / 2**20:.1f} MiB mapped from the safetensors file, resident as file "
         "pages); gradients and optimizer state are the trained parameters' `.grad` and AdamW's moments then. Saved "
@@ -222,8 +225,9 @@ def breakdown_section(report: dict) -> list[str]:
         "`hblkhd`) and the file-mapped weights, split into mapped files (libraries' code) and the rest. The parts "
         "sum to the reading exactly (the code asserts it).",
         "",
-        f"After that step's forward autograd held (MiB): {kept or 'nothing'}; the largest a block's replay held at "
-        f"once in backward: {replays or 'none seen'}.",
+        f"After that step's forward autograd held (MiB): {kept or 'nothing'}. The most a block's replay held at a "
+        f"reading in backward (MiB): {replays or 'none seen'}; a replay's whole set (attention's q, k, v and output, "
+        "SwiGLU's gate and up) is alive only between two readings, since no module runs after its last saved tensor.",
         *[f"Note: {note}" for note in report["notes"]],
         "",
     ]

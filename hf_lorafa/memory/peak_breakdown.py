@@ -176,11 +176,11 @@ class PeakBreakdown:
 
         def before(*_):
             self.phase = "optimizer"
-            self.sample("optimizer step entry", "optimizer")
+            self.sample("optimizer step entry", None)
 
         self._handles += [
             self.optimizer.register_step_pre_hook(before),
-            self.optimizer.register_step_post_hook(lambda *_: self.sample("optimizer step exit", "optimizer")),
+            self.optimizer.register_step_post_hook(lambda *_: self.sample("optimizer step exit", None)),
         ]
 
     # -- steps -------------------------------------------------------------------------------------------------------
@@ -200,8 +200,8 @@ class PeakBreakdown:
         self.active = False
 
     def sample(self, event: str, where: str | None) -> None:
-        """Read VmRSS; at a new highest value, record what it is made of (`where`: the module, parameter or
-        optimizer the event belongs to)."""
+        """Read VmRSS; at a new highest value, record what it is made of (`where`: the module or parameter the event
+        belongs to, if any)."""
         if not self.active:
             return
         self.samples += 1
