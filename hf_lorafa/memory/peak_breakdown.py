@@ -38,18 +38,7 @@ from .measure import proc_status_bytes, reset_process_peak
 from .saved_by_kind import KINDS, REPLAYED, SavedByKind
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-HEAP_FIELDS = (
-    "arena",
-    "ordblks",
-    "smblks",
-    "hblks",
-    "hblkhd",
-    "usmblks",
-    "fsmblks",
-    "uordblks",
-    "fordblks",
-    "keepcost",
-)
+HEAP_FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()  # mallinfo2's
 
 
 class _MallInfo2(ctypes.Structure):
@@ -267,7 +256,7 @@ class PeakBreakdown:
             ]
             base = p["rss"] - heap["arena"] - heap["hblkhd"] - w["file_mapped"] - excess
             status = p["status"]
-            files = min(base, max(0, (status["RssFile"] or 0) + (status["RssShmem"] or 0) - w["file_mapped"]))
+            files = max(0, min(base, (status["RssFile"] or 0) + (status["RssShmem"] or 0) - w["file_mapped"]))
             parts += [
                 ("base_files", "process base: mapped files (libraries' code and data)", files),
                 ("base_anonymous", "process base: other memory (Python's object arenas, thread stacks)", base - files),
