@@ -1,17 +1,19 @@
-"""Every place hf-lorafa leans on a private detail of transformers, accelerate or bitsandbytes, in one module.
+"""Every place hf-lorafa leans on a private detail of torch, transformers, accelerate or bitsandbytes, in one module.
 
-Each function says what it works around and the versions it was written against (transformers 5.24, accelerate
-1.15, bitsandbytes 0.49, peft 0.21). `tests/test_compat.py` checks each one against the installed libraries, so an
-upstream change fails there, by name, instead of deep inside a training run.
+Each function says what it works around and the versions it was written against (torch 2.13, transformers 5.24,
+accelerate 1.15, bitsandbytes 0.49, peft 0.21). `tests/test_compat.py` checks each one against the installed
+libraries, so an upstream change fails there, by name, instead of deep inside a training run.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import types
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -64,3 +66,26 @@ def replace_forward(module: nn.Module, function: Callable[..., Any]) -> None:
     the SwiGLU/RMSNorm forwards and the model's head + loss.
     """
     module.forward = types.MethodType(function, module)
+
+
+def current_saved_tensors_hooks() -> tuple[Callable, Callable] | None:
+    """The `(pack, unpack)` pair of the innermost `saved_tensors_hooks` in force now, or None (torch 2.13's
+    `torch._C._autograd._top_saved_tensors_default_hooks`): hooks entered inside it can hand tensors on to it."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False)
+
+
+def checkpoint_recompute() -> tuple[Any, Any] | None:
+    """`(frame, graph id)` of the non-reentrant `torch.utils.checkpoint` replay running now, or None.
+
+    In backward, non-reentrant checkpoint replays its region under its private `_recomputation_hook`, whose pack hook
+    files each replayed saved tensor in `frame.recomputed[gid]` (a `WeakKeyDictionary` that lets go of it once backward
+    has used it). The frame is read from that pack hook's closure (torch 2.13); the breakdown benchmark counts these
+    tensors (`memory.saved_by_kind`). Anything else at the top of the saved-tensor hooks gives None.
+    """
+    hooks = current_saved_tensors_hooks()
+    pack = inspect.unwrap(hooks[0]) if hooks else None
+    if pack is None or not pack.__qualname__.startswith("_recomputation_hook."):
+        return None
+    names = inspect.getclosurevars(pack).nonlocals
+    frame = names["target_frame_ref"]() if "target_frame_ref" in names else None
+    return (frame, names.get("gid")) if isinstance(getattr(frame, "recomputed", None), dict) else None

@@ -1,4 +1,5 @@
-"""The main job side by side (benchmarks/mainjob*.json): BENCHMARKS.md's section, its frontier plot, README's table.
+"""The main job side by side (benchmarks/mainjob*.json): BENCHMARKS.md's section, its frontier plot, README's table,
+and where the default's peak goes (mainjob-breakdown.json).
 
 Used by make_benchmarks_md.py; nothing is measured here.
 """
@@ -180,3 +181,53 @@ def update_readme(readme: Path, report: dict) -> None:
     if new == text and table not in text:
         raise SystemExit(f"{readme} has no <!-- mainjob:start --> ... <!-- mainjob:end --> block")
     readme.write_text(new)
+
+
+def breakdown_section(report: dict) -> list[str]:
+    """The subsection "Where the default's peak goes": the parts of one run's highest sampled resident memory."""
+    peak, where, dev, s = report["peak_rss_bytes"], report["peak"], report["device"], report["settings"]
+    batch = "×".join(str(n) for n in where["batch_shape"] or []) or "?"
+    place = f" of `{where['where']}`" if where["where"] else ""
+    parts = report["components"]
+    rows = [f"| {p['what']} | {p['bytes'] / 2**20:.1f} | {p['bytes'] / peak:.1%} |" for p in parts if p["bytes"]]
+    zero = "; ".join(p["what"] for p in parts if not p["bytes"])
+    after = report.get("saved_after_forward") or {}
+    kept = ", ".join(f"{kind.replace('_', ' ')} {n / 2**20:.1f}" for kind, n in after.items() if n)
+    replays = ", ".join(f"{kind} {n / 2**20:.1f}" for kind, n in report["replay_max_bytes"].items() if n)
+    return [
+        "### Where the default's peak goes",
+        "",
+        f"One run of the default variant ({DESCRIPTION.get(s['variant'], s['variant'])}) on the same job for "
+        f"{s['steps']} steps, in its own process with glibc's default allocator. Its resident memory (VmRSS) is read "
+        "at every module's forward entry and exit (backward's replays included), when backward reaches each module's "
+        "output, at each trained parameter's gradient and around the optimizer step; at the highest reading it is "
+        f"taken apart. That reading, {peak / GiB:.2f} GiB, came at step {where['step']}, {where['phase']} phase "
+        f"({where['event']}{place}), batch {batch} tokens; the kernel's high-water mark over the same steps was "
+        f"{report['vmhwm_bytes'] / GiB:.2f} GiB (what came and went between two readings). {dev.get('cpu')} "
+        f"({dev['cores']} cores), torch {report['torch']}, transformers {report['transformers']}. Command: "
+        f"`{report['command']}` ({report['seconds']:.0f} s, {report['samples']:,} readings).",
+        "",
+        "| part of the peak | MiB | share |",
+        "|---|---|---|",
+        *rows,
+        f"| **VmRSS at the peak** | **{peak / 2**20:.1f}** | 100% |",
+        "",
+        *([f"Nothing at that moment: {zero}.", ""] if zero else []),
+        "Weights are the parameters' and buffers' storages (of which "
+        f"{report['weights_file_mapped_bytes'] / 2**20:.1f} MiB mapped from the safetensors file, resident as file "
+        "pages); gradients and optimizer state are the trained parameters' `.grad` and AdamW's moments then. Saved "
+        "activations are the storages autograd held for backward at that moment, each under the module that saved "
+        "it (`saved_tensors_hooks`, counted once per storage, dropped when autograd lets go); what a checkpoint's "
+        "replay holds in backward is read from the checkpoint's frame. The rest comes from glibc's `mallinfo2()`: the "
+        "live heap (`uordblks` + `hblkhd`) less the tensors above is the heap already live at the first step's start "
+        "plus the step's transients; the allocator's slack is the heap's free bytes (`fordblks`, which also counts "
+        "pages `malloc_trim` gave back, so the base reads low by those); the base is VmRSS less the heap (`arena` + "
+        "`hblkhd`) and the file-mapped weights, split into mapped files (libraries' code) and the rest. The parts "
+        "sum to the reading exactly (the code asserts it).",
+        "",
+        f"After that step's forward autograd held (MiB): {kept or 'nothing'}. The most a block's replay held at a "
+        f"reading in backward (MiB): {replays or 'none seen'}; a replay's whole set (attention's q, k, v and output, "
+        "SwiGLU's gate and up) is alive only between two readings, since no module runs after its last saved tensor.",
+        *[f"Note: {note}" for note in report["notes"]],
+        "",
+    ]

@@ -2,6 +2,9 @@
 
 python scripts/make_benchmarks_md.py  # reads benchmarks/mainjob*.json, cpu.json, gpu.json, cpu-lorafa-2r.json
 
+mainjob-breakdown.json (`hf-lorafa bench --preset mainjob --breakdown`) adds "Where the default's peak goes" to the
+main job's section.
+
 It also writes the main job's table into README.md (between its `<!-- mainjob:start/end -->` markers).
 
 The accuracy summary is the table research/results/accuracy-summary.json holds (written by
@@ -18,7 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from mainjob_tables import mainjob_section, update_readme  # noqa: E402  (a sibling module of this script)
+from mainjob_tables import breakdown_section, mainjob_section, update_readme  # noqa: E402  (a sibling module of this script)
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -296,6 +299,8 @@ def main() -> int:
     if mainjob := load("mainjob.json"):
         extra = load("mainjob-mmap.json"), load("mainjob-frugal.json")
         lines += mainjob_section(mainjob, *extra, save_figure, goal)
+        if breakdown := load("mainjob-breakdown.json"):
+            lines += breakdown_section(breakdown)
         update_readme(ROOT / "README.md", mainjob)
     lines += ["## Memory and speed per method", ""]
     for report, tag in ((cpu, "cpu"), (gpu, "gpu")):

@@ -66,3 +66,32 @@ def test_loss_only_drops_the_logits_inside_the_block_only(input_ids):
         after = model(input_ids=input_ids, labels=input_ids)
     assert lean.logits is None and stock.logits is not None and after.logits is not None
     torch.testing.assert_close(lean.loss, stock.loss)
+
+
+def test_torch_shows_the_innermost_saved_tensors_hooks():
+    def pack(t):
+        return t
+
+    def unpack(t):
+        return t
+
+    assert compat.current_saved_tensors_hooks() is None
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        assert compat.current_saved_tensors_hooks() == (pack, unpack)
+
+
+def test_torch_checkpoint_replay_shows_its_frame_and_what_it_keeps():
+    found = []
+
+    def region(x):
+        found.append(compat.checkpoint_recompute())
+        return (x.sin() * 2).cos()
+
+    x = torch.randn(8, requires_grad=True)
+    y = torch.utils.checkpoint.checkpoint(region, x, use_reentrant=False)
+    y.sum().backward()
+    forward, replay = found
+    assert forward is None and compat.checkpoint_recompute() is None  # only a replay, only while it runs
+    frame, gid = replay
+    assert isinstance(frame.recomputed, dict) and gid is not None
+    assert not frame.recomputed[gid]  # backward has used, and dropped, everything the replay kept

@@ -270,14 +270,19 @@ def _table(results: list[dict], device: str) -> str:
 
 
 def _mainjob(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from . import bench_mainjob
+    from . import bench_breakdown, bench_mainjob
 
     variants = args.variants.split(",") if args.variants else None
     unknown = set(variants or []) - set(bench_mainjob.VARIANTS)
     if unknown:
         raise SystemExit(f"--variants {', '.join(sorted(unknown))}: not one of {', '.join(bench_mainjob.VARIANTS)}")
+    if args.breakdown and variants:
+        raise SystemExit(f"--breakdown measures the default variant ({bench_breakdown.VARIANT!r}); drop --variants.")
     with tempfile.TemporaryDirectory(prefix="hf-lorafa-bench-") as output_dir:  # the runs save nothing worth keeping
-        report = bench_mainjob.main(variants, args.steps, args.repeats, args.allocators.split(","), output_dir)
+        if args.breakdown:
+            report = bench_breakdown.main(args.steps, output_dir)
+        else:
+            report = bench_mainjob.main(variants, args.steps, args.repeats, args.allocators.split(","), output_dir)
     report.update(
         device=device_info(), command="hf-lorafa bench " + " ".join(argv if argv is not None else sys.argv[1:])
     )
@@ -285,7 +290,7 @@ def _mainjob(args: argparse.Namespace, argv: list[str] | None) -> int:
         with open(args.output, "w") as f:
             json.dump(report, f, indent=1)
         print(f"wrote {args.output}")
-    return 1 if any("error" in r for r in report["results"]) else 0
+    return 1 if "error" in report or any("error" in r for r in report.get("results", [])) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,7 +314,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12, help="mainjob: training steps per variant.")
     parser.add_argument("--repeats", type=int, default=2, help="mainjob: runs per variant, alternating.")
     parser.add_argument("--allocators", default="default,mmap", help="mainjob: glibc default and/or mmap.")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="mainjob: instead of the side by side, where the default's peak goes (one run of 'ours', default "
+        "allocator; --steps applies, --variants, --repeats and --allocators do not).",
+    )
     args = parser.parse_args(argv)
+    if args.breakdown and args.preset != "mainjob":
+        parser.error("--breakdown takes the main job apart: use it with --preset mainjob")
     if args.preset == "mainjob":
         return _mainjob(args, argv)
     if args.lorafa_r is not None and args.lorafa_r < 1:
