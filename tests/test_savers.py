@@ -159,6 +159,28 @@ def test_saved_bytes_below_the_floor_with_32k_vocabulary():
     assert saved <= 0.6 * floor and saved <= 0.6 * peft_bytes
 
 
+@pytest.mark.parametrize(
+    "block_recompute, bound", [(True, 0.25), (False, 0.75)], ids=["default", "without block recompute"]
+)
+def test_savers_keep_at_most_half_the_floor_on_smollm2s_shape(block_recompute, bound):
+    """SmolLM2-135M's own configuration (random weights), fp32, a batch of 2 × 256 tokens: the default savers keep
+    well under half of what the frozen stock model keeps for backward; without block recompute, the norms' and
+    SwiGLU's recomputation and the chunked loss alone stay under three quarters."""
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    from hf_lorafa.data.offline import smollm2_path
+
+    config = AutoConfig.from_pretrained(smollm2_path())
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).train()
+    ids = torch.randint(0, config.vocab_size, (2, 256), generator=torch.Generator().manual_seed(0))
+    floor = retained(floor_model(base), ids)
+    ours = inject_adapters(copy.deepcopy(base), LoRAFAConfig(r=16, dropout=0.05)).train()
+    saved = retained(apply_activation_savers(ours, block_recompute=block_recompute), ids)
+    print(f"SmolLM2 shape, block_recompute={block_recompute}: savers / floor = {saved / floor:.3f}")
+    assert saved <= bound * floor
+
+
 def test_recomputation_alone_saves_per_layer_memory_in_bf16():
     base = tiny_llama(hidden=64, layers=2, vocab=256, dtype=torch.bfloat16)
     ids, _ = batch(seq=64)
