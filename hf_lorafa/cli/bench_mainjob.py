@@ -25,6 +25,7 @@ VARIANTS = {
     "ours": ("ours", {}),
     "ours without block recompute": ("ours", {"block_recompute": False}),
     "ours without padding removal": ("ours", {"remove_padding": False}),
+    "ours + malloc_trim": ("ours", {"trim_cpu_memory": True}),
     "ours + GC": ("ours", {"gradient_checkpointing": True}),
     "ours + GC + 4-bit base": ("ours", {"gradient_checkpointing": True, "load_in_4bit": True}),
     "ours + bf16 weights": ("ours", {"dtype": "bfloat16"}),

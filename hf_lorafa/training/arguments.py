@@ -76,10 +76,11 @@ class LoRAFAArguments(_AdapterArguments):
         metadata={"help": "Chunked LM-head loss and cheap recomputation in the frozen path (Llama-family models)."},
     )
     trim_cpu_memory: bool = field(
-        default=True,
+        default=False,
         metadata={
-            "help": "On CPU with glibc: return the memory each step freed to the OS after the step (malloc_trim), so "
-            "the process's peak follows what training holds, not the allocator's cache. No effect on GPU memory."
+            "help": "On CPU with glibc: hand the memory each step freed back to the OS after the step (malloc_trim), "
+            "so the process's resident memory between steps is what training holds. The next step faults those "
+            "pages in again. No effect on GPU memory."
         },
     )
     block_recompute: bool = field(
