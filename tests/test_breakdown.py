@@ -1,6 +1,6 @@
 """Where the default's peak goes (`hf-lorafa bench --preset mainjob --breakdown`): a real tiny run taken apart.
 
-The tiny Llama trains under LoRAFATrainer's defaults (activation savers with block recompute); the parts of its highest
+The tiny Llama trains under LoRAFATrainer with activation savers and block recompute on; the parts of its highest
 sampled resident memory must sum to it, the forward must leave block inputs and LoRA-FA's z and no attention or
 SwiGLU tensors, and BENCHMARKS.md's table must come from the JSON.
 """
@@ -32,7 +32,9 @@ BATCH, SEQ, HIDDEN, LAYERS, R = 4, 16, 64, 2, 4
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    args = make_args(tmp_path_factory.mktemp("breakdown"), activation_savers=True, max_steps=3, lora_r=R)
+    args = make_args(
+        tmp_path_factory.mktemp("breakdown"), activation_savers=True, block_recompute=True, max_steps=3, lora_r=R
+    )
     trainer = LoRAFATrainer(model=tiny_llama(HIDDEN, LAYERS), args=args, train_dataset=token_dataset(length=SEQ))
     assert "block_recompute" in trainer.model.hf_lorafa_savers
     return measure_training(trainer)

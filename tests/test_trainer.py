@@ -285,7 +285,9 @@ def test_trainer_applies_activation_savers_and_records_them(tmp_path, caplog):
     model = tiny_llama()
     with caplog.at_level(logging.INFO, logger="hf_lorafa.training.trainer"):
         trainer = LoRAFATrainer(
-            model=model, args=make_args(tmp_path, activation_savers=True), train_dataset=token_dataset()
+            model=model,
+            args=make_args(tmp_path, activation_savers=True, block_recompute=True),
+            train_dataset=token_dataset(),
         )
     assert set(model.hf_lorafa_savers) == {"chunked_loss", "swiglu_recompute", "rmsnorm_recompute", "block_recompute"}
     assert "activation savers active: chunked_loss" in caplog.text
@@ -297,8 +299,8 @@ def test_trainer_applies_activation_savers_and_records_them(tmp_path, caplog):
     assert facts["activation_savers"] == model.hf_lorafa_savers
 
 
-@pytest.mark.parametrize("setting", [{"block_recompute": False}, {"gradient_checkpointing": True}])
-def test_block_recompute_is_off_when_asked_or_under_gradient_checkpointing(tmp_path, setting):
+@pytest.mark.parametrize("setting", [{}, {"block_recompute": True, "gradient_checkpointing": True}])
+def test_block_recompute_is_off_by_default_and_under_gradient_checkpointing(tmp_path, setting):
     model = tiny_llama()
     LoRAFATrainer(
         model=model, args=make_args(tmp_path, activation_savers=True, **setting), train_dataset=token_dataset()

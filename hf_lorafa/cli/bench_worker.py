@@ -183,6 +183,7 @@ def estimate_for(spec: dict, overhead: int) -> dict | None:
         device=spec["device"],
         overhead=overhead,
         activation_savers=savers,
+        block_recompute=savers,  # the worker applies the savers at their function's defaults: all of them
     )
     return est.to_dict()
 

@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-in-4bit", action="store_true")
     parser.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZER_STATES))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    savers = parser.add_argument_group("activation savers (hf-lorafa's trainer defaults: both on)")
+    savers = parser.add_argument_group("activation savers (the trainer's defaults: savers on, block recompute off)")
     savers.add_argument("--activation-savers", action="store_true", help="Count what the savers keep.")
-    savers.add_argument("--no-block-recompute", action="store_true", help="With --activation-savers: without it.")
+    savers.add_argument("--block-recompute", action="store_true", help="With --activation-savers: with it too.")
     args = parser.parse_args(argv)
     # On CPU the peak is resident memory, which includes this interpreter with torch loaded: measured, not guessed.
     overhead = process_overhead() if args.device == "cpu" else 0
@@ -59,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             overhead=overhead,
             activation_savers=args.activation_savers,
-            block_recompute=not args.no_block_recompute,
+            block_recompute=args.block_recompute,
         )
         print(
             f"\n{args.model}: {method}, batch {args.batch} × seq {args.seq}, r={args.r}, {args.dtype}"
             f"{', 4-bit' if args.load_in_4bit else ''}, {args.optimizer}"
             f"{', activation savers' if args.activation_savers else ''}"
-            f"{' without block recompute' if args.activation_savers and args.no_block_recompute else ''}"
+            f"{' with block recompute' if args.activation_savers and args.block_recompute else ''}"
         )
         print(est.table())
     return 0

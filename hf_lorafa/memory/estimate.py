@@ -218,7 +218,7 @@ def estimate_memory(
     overhead: int = 0,
     target_parameters: list[str] | None = None,
     activation_savers: bool = False,
-    block_recompute: bool = True,
+    block_recompute: bool = False,
 ) -> MemoryEstimate:
     """Predict one training step's memory for a Llama-family model (dense or MoE) with adapters on all linear layers.
 
@@ -251,10 +251,10 @@ def estimate_memory(
         activation_savers (`bool`, *optional*, defaults to `False`):
             Count what `LoRAFATrainingArguments.activation_savers` keeps instead of the stock block's: each RMSNorm
             its input in `dtype`, SwiGLU its gate and up, the chunked loss the hidden states' gradient.
-        block_recompute (`bool`, *optional*, defaults to `True`):
-            With `activation_savers`: each attention and dense MLP block keeps only its input and the adapters
-            inside it keep nothing; backward replays one block at a time (then `loss_transient` is the larger of
-            one block's replay and one loss chunk).
+        block_recompute (`bool`, *optional*, defaults to `False`):
+            With `activation_savers`, as `LoRAFATrainingArguments.block_recompute`: each attention and dense MLP
+            block keeps only its input and the adapters inside it keep nothing; backward replays one block at a
+            time (then `loss_transient` is the larger of one block's replay and one loss chunk).
 
     Example:
 

@@ -84,10 +84,11 @@ class LoRAFAArguments(_AdapterArguments):
         },
     )
     block_recompute: bool = field(
-        default=True,
+        default=False,
         metadata={
             "help": "With activation_savers: each attention and MLP block keeps only its input and backward replays "
-            "it up to its output projection (exact; less memory, slower steps). Off when gradient_checkpointing is on."
+            "it up to its output projection (exact; less memory, slower steps). Has no effect when "
+            "gradient_checkpointing is on."
         },
     )
     remove_padding: bool = field(
