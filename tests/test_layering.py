@@ -26,7 +26,7 @@ ROOMS = {
     "tuners": {"compat", "version"},
     "adapter_io": {"tuners", "redact", "compat"},
     "data": {"tuners", "compat"},
-    "memory": {"tuners", "data"},
+    "memory": {"tuners", "data", "compat"},
     "hub": {"tuners", "adapter_io", "memory", "redact", "version"},
     "training": {"tuners", "adapter_io", "data", "memory", "hub", "compat", "redact", "version"},
     "cli": {"tuners", "adapter_io", "data", "memory", "hub", "training", "trl", "compat", "redact", "version"},
