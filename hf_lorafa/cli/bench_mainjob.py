@@ -277,16 +277,12 @@ def ratios(rows: list[dict]) -> dict:
             )
         if ours and peft:
             out[f"{allocator}: ours median step / PEFT LoRA median step"] = ours["step_seconds"] / peft["step_seconds"]
-        blocks = got.get("ours + block recompute")
-        if ours and blocks:
-            out[f"{allocator}: held-out loss equal with and without block recompute"] = float(
-                ours["eval_loss"] == blocks["eval_loss"]
-            )
-        trimmed = got.get("ours + malloc_trim")
-        if ours and trimmed:
-            out[f"{allocator}: held-out loss equal with and without malloc_trim"] = float(
-                ours["eval_loss"] == trimmed["eval_loss"]
-            )
+        for setting in ("block recompute", "malloc_trim"):  # exact settings: the same held-out loss, bit for bit
+            other = got.get(f"ours + {setting}")
+            if ours and other:
+                out[f"{allocator}: held-out loss equal with and without {setting}"] = float(
+                    ours["eval_loss"] == other["eval_loss"]
+                )
         padded = got.get("ours without padding removal")
         if ours and padded:  # dropout masks are drawn for the flattened layout: close, not bit for bit
             out[f"{allocator}: held-out loss |difference| with and without padding removal"] = abs(

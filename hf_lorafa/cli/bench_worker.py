@@ -98,17 +98,12 @@ def measure(spec: dict) -> dict:
 
     torch.set_num_threads(min(2, os.cpu_count() or 1)) if spec["device"] == "cpu" else None
     cuda = spec["device"] == "cuda"
-    # Libraries a configuration imports are process overhead, not the model's: load them before measuring it.
-    if spec["method"].startswith("peft-"):
-        import peft.optimizers  # noqa: F401
-    if spec["method"].endswith("+savers"):
-        from ..training import activation_savers  # noqa: F401
     if spec["load_in_4bit"]:
         from ..tuners.quantization import require_bitsandbytes
 
         require_bitsandbytes()
-    # Measured here, before the model exists, after a step of a throwaway copy of the configuration: the kernels its
-    # shapes need and the code its adapters run are the process's, not the model's.
+    # Measured here, before the model exists, after a step of a throwaway copy of the configuration: the libraries it
+    # imports, the kernels its shapes need and the code its adapters run are the process's, not the model's.
     overhead = process_overhead(lambda: _train_step(*_prepare(spec))) if not cuda else 0
     model, optimizer, ids = _prepare(spec)
 
