@@ -120,11 +120,16 @@ def test_estimate_counts_the_savers_and_their_loss_chunk():
 
     assert LOSS_CHUNK_ELEMENTS == chunk
     config = LlamaConfig(**TINY)
-    stock, savers, no_block = (
+    stock, savers, attention, mlp, no_block = (
         estimate_memory(config, "lorafa", 2, 64, r=4, activation_savers=a, block_recompute=b)
-        for a, b in ((False, True), (True, True), (True, False))
+        for a, b in ((False, True), (True, True), (True, "attention"), (True, "mlp"), (True, False))
     )
-    assert savers.activations < no_block.activations < stock.activations
+    assert savers.activations < attention.activations < no_block.activations < stock.activations
+    assert savers.activations < mlp.activations < no_block.activations
+    # what the attention replay drops plus what the MLP replay drops is what replaying both drops
+    assert (no_block.activations - attention.activations) + (no_block.activations - mlp.activations) == (
+        no_block.activations - savers.activations
+    )
     assert savers.weights == stock.weights and savers.gradients == stock.gradients
 
 
@@ -150,7 +155,9 @@ def test_estimate_cli_reads_a_config_folder(tmp_path, capsys):
         assert f": {method}, batch 2" in out
     assert "activations (saved for backward)" in out and "process overhead" in out
     assert estimate_main(["--model", str(tmp_path), "--batch", "2", "--seq", "16", "--activation-savers"]) == 0
-    assert ": lorafa, batch 2 × seq 16, r=16, bfloat16, adamw, activation savers\n" in capsys.readouterr().out
+    assert ": lorafa, batch 2 × seq 16, r=16, bfloat16, adamw, activation savers, block recompute: attention\n" in (
+        capsys.readouterr().out
+    )
 
 
 def test_memory_at_the_same_accuracy_section_is_what_the_2r_run_gives():

@@ -299,14 +299,36 @@ def test_trainer_applies_activation_savers_and_records_them(tmp_path, caplog):
     assert facts["activation_savers"] == model.hf_lorafa_savers
 
 
-@pytest.mark.parametrize("setting", [{}, {"block_recompute": True, "gradient_checkpointing": True}])
-def test_block_recompute_is_off_by_default_and_under_gradient_checkpointing(tmp_path, setting):
+BLOCK_SETTINGS = {  # setting: (savers include block_recompute, attention replayed, MLP replayed)
+    "default": ({}, (True, True, False)),
+    "all": ({"block_recompute": "all"}, (True, True, True)),
+    "True": ({"block_recompute": True}, (True, True, True)),
+    "mlp": ({"block_recompute": "mlp"}, (True, False, True)),
+    "none": ({"block_recompute": "none"}, (False, False, False)),
+    "False": ({"block_recompute": False}, (False, False, False)),
+    "all, under GC": ({"block_recompute": "all", "gradient_checkpointing": True}, (False, False, False)),
+}
+
+
+@pytest.mark.parametrize("setting, expected", BLOCK_SETTINGS.values(), ids=BLOCK_SETTINGS.keys())
+def test_block_recompute_replays_the_attention_blocks_by_default_and_nothing_under_gc(tmp_path, setting, expected):
     model = tiny_llama()
     LoRAFATrainer(
         model=model, args=make_args(tmp_path, activation_savers=True, **setting), train_dataset=token_dataset()
     )
-    assert set(model.hf_lorafa_savers) == {"chunked_loss", "swiglu_recompute", "rmsnorm_recompute"}
-    assert "hf_lorafa_norm" not in model.model.layers[0].mlp.__dict__
+    layer = model.model.layers[0]
+    got = (
+        "block_recompute" in model.hf_lorafa_savers,
+        "hf_lorafa_norm" in layer.self_attn.__dict__,
+        "hf_lorafa_norm" in layer.mlp.__dict__,
+    )
+    assert got == expected
+    assert {"chunked_loss", "swiglu_recompute", "rmsnorm_recompute"} <= set(model.hf_lorafa_savers)
+
+
+def test_block_recompute_names_its_values_when_given_another():
+    with pytest.raises(ValueError, match="`block_recompute` must be one of 'none', 'all', 'attention', 'mlp'"):
+        LoRAFATrainingArguments(output_dir="unused", block_recompute="attn")
 
 
 def test_loss_only_evaluation_skips_the_logits_with_the_same_loss(tmp_path):

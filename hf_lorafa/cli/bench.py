@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": preset,
         "device": device_info(),
         "notes": notes,
-        "command": "hf-lorafa bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "hf-lorafa bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "seconds": round(time.time() - started, 1),
         "jobs": args.jobs or preset["jobs"],
         "results": results,

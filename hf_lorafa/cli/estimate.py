@@ -35,7 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     savers = parser.add_argument_group("activation savers (the trainer's defaults: savers on, block recompute off)")
     savers.add_argument("--activation-savers", action="store_true", help="Count what the savers keep.")
-    savers.add_argument("--block-recompute", action="store_true", help="With --activation-savers: with it too.")
+    savers.add_argument(
+        "--block-recompute",
+        choices=["none", "attention", "all", "mlp"],
+        default="attention",
+        help="With --activation-savers: which blocks backward replays, as the trainer's block_recompute "
+        "(default: attention, the trainer's default).",
+    )
     args = parser.parse_args(argv)
     # On CPU the peak is resident memory, which includes this interpreter with torch loaded: measured, not guessed.
     overhead = process_overhead() if args.device == "cpu" else 0
@@ -65,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             f"\n{args.model}: {method}, batch {args.batch} × seq {args.seq}, r={args.r}, {args.dtype}"
             f"{', 4-bit' if args.load_in_4bit else ''}, {args.optimizer}"
             f"{', activation savers' if args.activation_savers else ''}"
-            f"{' with block recompute' if args.activation_savers and args.block_recompute else ''}"
+            f"{f', block recompute: {args.block_recompute}' if args.activation_savers else ''}"
         )
         print(est.table())
     return 0

@@ -218,7 +218,7 @@ def estimate_memory(
     overhead: int = 0,
     target_parameters: list[str] | None = None,
     activation_savers: bool = False,
-    block_recompute: bool = False,
+    block_recompute: bool | str = False,
 ) -> MemoryEstimate:
     """Predict one training step's memory for a Llama-family model (dense or MoE) with adapters on all linear layers.
 
@@ -251,10 +251,11 @@ def estimate_memory(
         activation_savers (`bool`, *optional*, defaults to `False`):
             Count what `LoRAFATrainingArguments.activation_savers` keeps instead of the stock block's: each RMSNorm
             its input in `dtype`, SwiGLU its gate and up, the chunked loss the hidden states' gradient.
-        block_recompute (`bool`, *optional*, defaults to `False`):
-            With `activation_savers`, as `LoRAFATrainingArguments.block_recompute`: each attention and dense MLP
-            block keeps only its input and the adapters inside it keep nothing; backward replays one block at a
-            time (then `loss_transient` is the larger of one block's replay and one loss chunk).
+        block_recompute (`bool` or `str`, *optional*, defaults to `False`):
+            With `activation_savers`, as `LoRAFATrainingArguments.block_recompute`: `"all"` (or `True`), `"attention"`,
+            `"mlp"` or `"none"` (or `False`). Each such block (attention; dense MLP) keeps only its input and the
+            adapters inside it keep nothing; backward replays one block at a time (then `loss_transient` is the
+            larger of one block's replay and one loss chunk).
 
     Example:
 
@@ -304,11 +305,18 @@ def estimate_memory(
     # Activations: the frozen floor, then what each method adds (see the module docstring for the count).
     attention = (2 * s["nh"] * s["hd"] + 2 * s["nkv"] * s["hd"]) * b + 4 * s["nh"]
     moe = Ls * (k * (3 * Im + H) * b + 4 * E)
-    recompute = activation_savers and block_recompute
+    which = {True: "all", False: "none"}.get(block_recompute, block_recompute)
+    if which not in ("none", "all", "attention", "mlp"):
+        raise ValueError(f"`block_recompute` must be 'none', 'all', 'attention' or 'mlp'; got {block_recompute!r}.")
+    which = which if activation_savers else "none"
+    replay_attention, replay_mlp = which in ("all", "attention"), which in ("all", "mlp")
+    recompute = replay_attention or replay_mlp
     kept = blocks  # the adapted layers whose adapters keep something for backward
-    if recompute:  # only the output projections stay outside the replayed spans
+    if recompute:  # the layers inside the replayed spans keep nothing (q, k, v; gate, up)
+        inside = ({0, 1, 2} if replay_attention else set()) | ({4, 5} if replay_mlp else set())
         dense, sparse = _linears(s), _linears(s, sparse=True)
-        kept = [(L - Ls, [dense[3], dense[6]]), (Ls, [sparse[3]])]
+        kept = [(L - Ls, [d for i, d in enumerate(dense) if i not in inside])]
+        kept += [(Ls, [d for i, d in enumerate(sparse) if i not in inside])]
     if not activation_savers:
         per_token = L * (2 * (4 * H + 4) + attention) + (L - Ls) * 3 * I * b + moe + (4 * H + 4) + 4 * V + 8
         transient = N * V * (b + 8)
@@ -316,11 +324,11 @@ def estimate_memory(
         # Each norm's input (with block recompute: each block's input), the final norm's, the chunked loss's
         # hidden-state gradient; one chunk's logits and float32 log-probabilities at a time.
         per_token = L * 2 * H * b + moe + 2 * H * b
-        if not recompute:
-            per_token += L * attention + (L - Ls) * 2 * I * b
+        swiglu = 2 * I * b * (L > Ls)
+        per_token += (not replay_attention) * L * attention + (not replay_mlp) * (L - Ls) * 2 * I * b
         transient = min(N, max(1, LOSS_CHUNK_ELEMENTS // V)) * V * (b + 4)
         if recompute:  # one block replayed: its norm's input, attention or gate and up, its adapters' z
-            replay = H * b + max(attention, 2 * I * b * (L > Ls)) + 3 * r * 4
+            replay = H * b + max(attention * replay_attention, swiglu * replay_mlp) + 3 * r * 4
             transient = max(transient, N * replay)
     per_step = 2 * seq * s["hd"] * b  # cos and sin, shared by every layer and sequence
     adapted = sum(n * len(linears) for n, linears in kept)

@@ -139,7 +139,7 @@ def apply_activation_savers(
     chunked_loss: bool = True,
     recompute: bool = True,
     loss_chunk_tokens: int | None = None,
-    block_recompute: bool = True,
+    block_recompute: bool | str = True,
 ) -> nn.Module:
     """Install the exact activation savers the model supports; what does not apply is left alone (an INFO log).
 
@@ -157,9 +157,10 @@ def apply_activation_savers(
             Recompute SwiGLU's activation and RMSNorm's normalisation in backward.
         loss_chunk_tokens (`int`, *optional*):
             Tokens per loss chunk; defaults to about 8M logits (`LOSS_CHUNK_ELEMENTS // vocab_size`).
-        block_recompute (`bool`, *optional*, defaults to `True`):
-            Each attention and MLP block keeps only its input; backward replays it up to its output projection
-            (module `block_recompute`). Leave it off under gradient checkpointing, which replays whole layers.
+        block_recompute (`bool` or `str`, *optional*, defaults to `True`):
+            Which blocks keep only their input, backward replaying them up to their output projection (module
+            `block_recompute`): `"all"` (or `True`) attention and MLP blocks, `"attention"`, `"mlp"`, or `"none"`
+            (or `False`). Leave it off under gradient checkpointing, which replays whole layers.
 
     Example:
 
@@ -193,8 +194,9 @@ def apply_activation_savers(
             logger.info(
                 "Activation savers: no SwiGLU MLP or RMSNorm matched in %s; no recomputation.", type(model).__name__
             )
-    if block_recompute and "block_recompute" not in active:
-        if apply_block_recompute(model):
+    blocks = {True: "all", False: "none"}.get(block_recompute, block_recompute)
+    if blocks != "none" and "block_recompute" not in active:
+        if apply_block_recompute(model, blocks):
             active.append("block_recompute")
         else:
             logger.info(

@@ -19,6 +19,7 @@ import torch
 from transformers import TrainingArguments
 
 from ..tuners.config import OPTIONS, TYPES, LoRAFAConfig, argument_name, as_names, choices, validate_options
+from .block_recompute import BLOCK_CHOICES
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,16 @@ logger = logging.getLogger(__name__)
 NOT_ARGUMENTS = {"init_seed": "seed", "rank_pattern": None}
 # Options that take a list of names: comma-separated on the command line.
 LIST_OPTIONS = tuple(n for n in OPTIONS if any(typing.get_origin(t) is list for t in typing.get_args(TYPES[n])))
+
+
+def _block_recompute(value: Any) -> str:
+    """`block_recompute` as one of its names (`True` is `"all"`, `False` `"none"`, as before it took names)."""
+    value = {True: "all", False: "none", "true": "all", "false": "none"}.get(value, value)
+    if value not in ("none", *BLOCK_CHOICES):
+        raise ValueError(
+            f"`block_recompute` must be one of 'none', {', '.join(map(repr, BLOCK_CHOICES))}; got {value!r}."
+        )
+    return value
 
 
 def _has_accelerator() -> bool:
@@ -83,12 +94,13 @@ class LoRAFAArguments(_AdapterArguments):
             "pages in again. No effect on GPU memory."
         },
     )
-    block_recompute: bool = field(
-        default=False,
+    block_recompute: str = field(
+        default="attention",
         metadata={
-            "help": "With activation_savers: each attention and MLP block keeps only its input and backward replays "
-            "it up to its output projection (exact; less memory, slower steps). Has no effect when "
-            "gradient_checkpointing is on."
+            "help": "With activation_savers: which blocks keep only their input, backward replaying them up to their "
+            "output projection (exact; less memory, slower steps): 'none', 'attention' (each attention block), "
+            "'all' (attention and MLP blocks; also true), or 'mlp'. Has no effect when gradient_checkpointing is on.",
+            "choices": ["none", "attention", "all", "mlp"],
         },
     )
     remove_padding: bool = field(
@@ -118,12 +130,12 @@ class LoRAFAArguments(_AdapterArguments):
             "load_in_8bit",
             "log_memory",
             "activation_savers",
-            "block_recompute",
             "remove_padding",
             "trim_cpu_memory",
         ):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"`{flag}` must be true or false (a bool); got {getattr(self, flag)!r}.")
+        self.block_recompute = _block_recompute(self.block_recompute)
         if self.fp16 and (self.use_cpu or not _has_accelerator()):
             # transformers would train in fp32 without a word; say so, with the precision CPUs do support.
             raise ValueError("`fp16`=True needs a CUDA/XPU GPU; on CPU use `bf16=True` (bf16 autocast) instead.")

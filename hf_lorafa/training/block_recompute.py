@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 # Output projections by the names transformers' families give them (Llama, GPT-NeoX/Falcon, GPT-2, OPT/BART).
 OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "dense", "dense_4h_to_h", "c_proj", "out_proj")
+BLOCK_CHOICES = ("all", "attention", "mlp")
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -157,17 +158,35 @@ def _probe(model: nn.Module) -> Callable[[], tuple[torch.Tensor, ...]]:
     return run
 
 
-def apply_block_recompute(model: nn.Module) -> bool:
+def block_kind(block: nn.Module, layer: nn.Module) -> str:
+    """`"attention"` or `"mlp"` from the block's name in its layer (`self_attn`, `attention`, `attn`; `mlp`,
+    `feed_forward`, `ffn`); `"other"` for any other name."""
+    name = next((n for n, child in layer.named_children() if child is block), "").lower()
+    if "attn" in name or "attention" in name:
+        return "attention"
+    if "mlp" in name or "feed_forward" in name or "ffn" in name:
+        return "mlp"
+    return "other"
+
+
+def apply_block_recompute(model: nn.Module, blocks: str = "all") -> bool:
     """Install block recompute where it reproduces the model exactly; returns whether it was installed.
 
-    Call it after adapters are injected (the probe compares the adapters' gradients too).
+    Call it after adapters are injected (the probe compares the adapters' gradients too). `blocks` picks which:
+    `"all"` (attention and MLP blocks), `"attention"` or `"mlp"`.
     """
+    if blocks not in BLOCK_CHOICES:
+        raise ValueError(f"`blocks` must be one of {', '.join(map(repr, BLOCK_CHOICES))}; got {blocks!r}.")
     probe = _probe(model)
     try:
-        blocks, expected = find_blocks(model, probe)
+        found, expected = find_blocks(model, probe)
     except Exception as err:  # a model the probe cannot drive (an encoder-decoder wants decoder inputs too)
         logger.debug("Block recompute: probe of %s failed: %s", type(model).__name__, err)
         return False
+    wanted = blocks
+    blocks = [
+        (norm, block, name, layer) for norm, block, name, layer in found if wanted in ("all", block_kind(block, layer))
+    ]
     if not blocks:
         return False
     for norm, block, projection, layer in blocks:

@@ -119,6 +119,8 @@ def prepare_model(model: nn.Module | str | None, args, *, chunked_loss: bool = T
         from .activation_savers import apply_activation_savers
 
         apply_activation_savers(
-            model, chunked_loss=chunked_loss, block_recompute=args.block_recompute and not args.gradient_checkpointing
+            model,
+            chunked_loss=chunked_loss,
+            block_recompute="none" if args.gradient_checkpointing else args.block_recompute,
         )
     return model

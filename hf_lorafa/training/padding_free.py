@@ -64,15 +64,17 @@ def flattening_pays(config, lengths: list[int], width: int) -> bool:
 
     Per layer, the linear layers cost `(4·hidden + 3·intermediate)·hidden` per token (attention projections, a gated
     MLP) and the LM head `vocab·hidden`; attention costs `2·hidden` per (query, key) pair it computes: `T²` for the
-    flattened row under SDPA/eager (masked pairs are computed too), `Σ length²` under flash attention (varlen), and
-    `batch·width²` padded. A batch without much padding thus stays padded under SDPA.
+    flattened row under SDPA/eager (masked pairs are computed too), `Σ length²` under flash attention (varlen) and
+    `hf_lorafa_sdpa` (module `packed_attention`), and `batch·width²` padded. A batch without much padding thus stays
+    padded under SDPA.
     """
     text = config.get_text_config()
     hidden, layers = text.hidden_size, text.num_hidden_layers
     intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
     per_token = layers * (4 * hidden + 3 * intermediate) + text.vocab_size  # in units of `hidden` operations
     tokens = sum(lengths)
-    varlen = "flash" in str(getattr(config, "_attn_implementation", ""))
+    implementation = str(getattr(config, "_attn_implementation", ""))
+    varlen = "flash" in implementation or implementation == "hf_lorafa_sdpa"
     pairs = sum(n * n for n in lengths) if varlen else tokens * tokens
     padded = len(lengths) * width
     return tokens * per_token + 2 * layers * pairs < padded * per_token + 2 * layers * padded * width

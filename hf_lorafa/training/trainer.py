@@ -37,6 +37,7 @@ from .chunked_loss import loss_only
 from .cpu_memory import TrimCallback, malloc_trim
 from .memory_logging import MemoryTracker
 from .model_setup import prepare_model
+from .packed_attention import use_packed_attention
 from .padding_free import padding_free_refusal, without_padding
 from .param_groups import lorafa_param_groups, lr_ratios
 from .preemption import preemptible
@@ -91,12 +92,16 @@ class LoRAFATrainerMixin:
             args.gradient_checkpointing_kwargs = {"use_reentrant": False}
         super().__init__(model, args, *a, **kw)
         # Decided once, on the model as it will train (adapters and savers in, on its device).
+        # With it, SDPA attends within each flattened sequence (module `packed_attention`); the probe checks both.
+        packed = args.remove_padding and use_packed_attention(self.model)
         refusal = padding_free_refusal(self.model) if args.remove_padding else "remove_padding=False"
         self.lorafa_padding_free = refusal is None
         if refusal is None:
             logger.info("hf-lorafa: training batches without their padding (remove_padding)")
         else:
             logger.info("hf-lorafa: training batches keep their padding: %s", refusal)
+            if packed:
+                self.model.config._attn_implementation = "sdpa"
         self.results: dict[str, float] = {}
         # Extra facts for hf_lorafa.json and the card that only the caller knows (e.g. {"dataset": "chatterbot"}).
         self.run_info: dict[str, Any] = {}
