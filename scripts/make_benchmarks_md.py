@@ -21,7 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from mainjob_tables import breakdown_section, mainjob_section, update_readme  # noqa: E402  (a sibling module of this script)
+from mainjob_tables import breakdown_section, intervals_section, mainjob_section, update_readme  # noqa: E402  (a sibling module of this script)
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -301,6 +301,8 @@ def main() -> int:
         lines += mainjob_section(mainjob, *extra, save_figure, goal)
         if breakdown := load("mainjob-breakdown.json"):
             lines += breakdown_section(breakdown)
+        if memory := load("mainjob-memory.json"):
+            lines += intervals_section(memory, goal)
         update_readme(ROOT / "README.md", mainjob)
     lines += ["## Memory and speed per method", ""]
     for report, tag in ((cpu, "cpu"), (gpu, "gpu")):

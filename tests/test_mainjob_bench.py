@@ -13,7 +13,7 @@ from hf_lorafa.cli.bench_mainjob import VARIANTS, ratios, run_variant, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from mainjob_tables import _table, update_readme  # noqa: E402
+from mainjob_tables import _table, climb, intervals_section, update_readme  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +61,24 @@ def test_readme_table_is_the_committed_benchmarks(tmp_path):
     readme.write_text("intro\n<!-- mainjob:start -->\nold\n<!-- mainjob:end -->\nrest\n")
     update_readme(readme, report)
     assert readme.read_text() == f"intro\n<!-- mainjob:start -->\n{table}\n<!-- mainjob:end -->\nrest\n"
+
+
+def test_climb_is_the_peak_rise_beyond_the_activations_rise():
+    history = [
+        {"step": 5, "memory/peak_mib": 1000.0, "memory/activation_mib": 200.0},
+        {"step": 10, "memory/peak_mib": 1150.0, "memory/activation_mib": 300.0},  # +150 peak, +100 activations
+        {"step": 15, "memory/peak_mib": 990.0, "memory/activation_mib": 180.0},
+        {"step": 20, "memory/peak_mib": 1500.0},  # the end-of-training summary: no step sampled, left out
+    ]
+    assert [(step, round(excess, 4)) for step, _, _, excess in climb({"history": history})] == [
+        (5, 0.0), (10, 0.05), (15, 0.01)
+    ]  # fmt: skip
+
+
+def test_benchmarks_md_shows_the_committed_main_job_intervals():
+    from make_benchmarks_md import goal
+
+    memory = json.loads((ROOT / "benchmarks" / "mainjob-memory.json").read_text())
+    tables = [line for line in intervals_section(memory, goal) if line.startswith("|")]  # the prose is re-wrapped
+    assert len(tables) > 10 and "\n".join(tables[4:]) in (ROOT / "BENCHMARKS.md").read_text()
+    assert tables[2] in (ROOT / "BENCHMARKS.md").read_text()  # the goal line

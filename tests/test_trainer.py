@@ -471,3 +471,25 @@ def test_a_head_tied_to_the_embeddings_trains_saves_and_loads_as_peft_does(tmp_p
         through_ours = load_adapter(tied_llama(), args.output_dir).eval()(input_ids=ids).logits
     torch.testing.assert_close(through_peft, trained)
     torch.testing.assert_close(through_ours, trained)
+
+
+def test_memory_log_gives_the_largest_step_activations_of_its_interval():
+    from hf_lorafa.memory.measure import saved_tensor_bytes
+    from hf_lorafa.training.memory_logging import MemoryTracker
+
+    model = tiny_llama()
+    batches = [torch.randint(0, 256, (2, n), generator=torch.Generator().manual_seed(n)) for n in (8, 24, 16)]
+    alone = [saved_tensor_bytes(model, lambda ids=ids: model(input_ids=ids, labels=ids))[0] for ids in batches]
+    assert alone[1] > max(alone[0], alone[2])  # the longest batch keeps the most
+    tracker = MemoryTracker(model)
+    for ids in batches:  # one interval of three steps, the largest in the middle
+        tracker.sample_next_forward()
+        model(input_ids=ids, labels=ids).loss.backward()
+    entry = tracker.metrics(step=3, trainable=0)
+    assert entry["memory/activation_mib"] == round(alone[1] / 2**20, 3)
+    tracker.sample_next_forward()
+    model(input_ids=batches[0], labels=batches[0]).loss.backward()
+    assert tracker.metrics(step=4, trainable=0)["memory/activation_mib"] == round(alone[0] / 2**20, 3)
+    assert "memory/activation_mib" not in tracker.metrics(step=5, trainable=0)  # no step sampled since
+    assert tracker.summary()["activation_bytes"] == alone[1]  # the run's largest
+    tracker.remove()

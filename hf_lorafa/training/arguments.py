@@ -80,7 +80,10 @@ class LoRAFAArguments(_AdapterArguments):
     # Memory
     log_memory: bool = field(
         default=True,
-        metadata={"help": "Log peak memory since the last log, sampled activation bytes and trainable parameters."},
+        metadata={
+            "help": "Log peak memory since the last log, the largest step's activation bytes since the last log and "
+            "trainable parameters."
+        },
     )
     activation_savers: bool = field(
         default=True,

@@ -3,9 +3,11 @@
 - Peak since the last log: on CUDA the allocator's `max_memory_allocated` (reset at each log); on CPU the
   process's resident high-water mark `VmHWM`, reset at each log through `/proc/self/clear_refs` (Linux), else the
   lifetime `ru_maxrss`.
-- Activation bytes: every `sample_every` steps, one forward of the model runs under
+- Activation bytes: every `sample_every` steps (default: every step), the training forward runs under
   `saved_tensors_hooks` (docs/memory.md: unique non-parameter storages), entered by a forward pre-hook and
-  left by a forward hook, so the training loop itself is untouched. The cost is one set lookup per saved tensor.
+  left by a forward hook, so the training loop itself is untouched. The cost is one set lookup per saved tensor. A
+  log gives the largest count since the previous log, so each interval's peak can be read against the activations
+  of its largest step (batches differ in tokens).
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from ..memory.measure import SavedTensorCounter, format_bytes, process_peak_sinc
 class MemoryTracker:
     """Collects peak memory and activation bytes for `Trainer.log`; writes `memory.json` and `memory.png`."""
 
-    def __init__(self, model: nn.Module, sample_every: int = 10) -> None:
+    def __init__(self, model: nn.Module, sample_every: int = 1) -> None:
         self.model = model
         self.sample_every = max(1, sample_every)
         self.cuda = torch.cuda.is_available() and next(model.parameters()).is_cuda
         self.history: list[dict[str, Any]] = []
-        self.activation_bytes: int | None = None
+        self.activation_bytes: int | None = None  # the largest count of the run
+        self.interval_activation_bytes: int | None = None  # the largest since the last log
         self.overall_peak = 0
         self._sampling = False
         self._counter: SavedTensorCounter | None = None
@@ -60,7 +63,9 @@ class MemoryTracker:
         self._hooks_ctx.__exit__(None, None, None)
         self._hooks_ctx = None
         self._sampling = False
-        self.activation_bytes = self._counter.nbytes
+        nbytes = self._counter.nbytes
+        self.activation_bytes = max(self.activation_bytes or 0, nbytes)
+        self.interval_activation_bytes = max(self.interval_activation_bytes or 0, nbytes)
 
     # -- peaks ---------------------------------------------------------------------------------------------------
     def reset_peak(self) -> None:
@@ -83,8 +88,9 @@ class MemoryTracker:
         peak = self.peak_since_reset()
         self.overall_peak = max(self.overall_peak, peak)
         entry = {"memory/peak_mib": round(peak / 2**20, 2), "trainable_params": trainable}
-        if self.activation_bytes is not None:
-            entry["memory/activation_mib"] = round(self.activation_bytes / 2**20, 3)
+        if self.interval_activation_bytes is not None:
+            entry["memory/activation_mib"] = round(self.interval_activation_bytes / 2**20, 3)
+            self.interval_activation_bytes = None
         if not self.history or self.history[-1]["step"] != step:  # the end-of-training summary repeats the last step
             self.history.append({"step": step, **entry})
         self.reset_peak()

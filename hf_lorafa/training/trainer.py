@@ -105,7 +105,7 @@ class LoRAFATrainerMixin:
         self.results: dict[str, float] = {}
         # Extra facts for hf_lorafa.json and the card that only the caller knows (e.g. {"dataset": "chatterbot"}).
         self.run_info: dict[str, Any] = {}
-        self.memory = MemoryTracker(model, sample_every=args.logging_steps) if args.log_memory else None
+        self.memory = MemoryTracker(model) if args.log_memory else None
         if self.memory is not None:
             self.add_callback(MemoryCallback(self.memory))
         trim = malloc_trim() if args.trim_cpu_memory and self.args.device.type == "cpu" else None
