@@ -42,3 +42,49 @@ def test_trainer_trims_after_every_step_on_cpu_unless_asked_not_to(tmp_path, tri
         trainer.train()
         # once when training starts, then after each optimizer step
         assert calls == list(range(trainer.state.max_steps + 1))
+
+
+MMAPPED = """
+import ctypes, sys, torch
+sys.path[:0] = sys.argv[2:]
+from conftest import tiny_llama
+from hf_lorafa import LoRAFATrainer, LoRAFATrainingArguments
+
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+big = torch.empty(4 * 2**20, dtype=torch.uint8)
+del big  # glibc's own threshold now rises to 4 MiB: smaller blocks go to the heap from here on
+threshold = None if sys.argv[1] == "None" else int(sys.argv[1])
+LoRAFATrainer(model=tiny_llama(), args=LoRAFATrainingArguments(
+    output_dir="unused", cpu_mmap_threshold=threshold, report_to="none", use_cpu=True))
+before = libc.mallinfo2().hblkhd
+block = torch.empty(3 * 2**19, dtype=torch.uint8)  # 1.5 MiB
+print(libc.mallinfo2().hblkhd - before >= 3 * 2**19)
+"""
+
+
+@glibc
+@pytest.mark.parametrize("threshold, mapped", [(2**20, True), (None, False)], ids=["1 MiB (default)", "None"])
+def test_trainer_maps_blocks_above_its_cpu_mmap_threshold(tmp_path, threshold, mapped):
+    """In a fresh process (the setting is process-wide): a 1.5 MiB block is mapped on its own under the default
+    threshold, and stays on the heap under glibc's own once a 4 MiB block was freed."""
+    import subprocess
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    out = subprocess.run(
+        [sys.executable, "-c", MMAPPED, str(threshold), str(tests), str(tests.parent)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, check=True,
+    )  # fmt: skip
+    assert out.stdout.strip().splitlines()[-1] == str(mapped)
+
+
+def test_cpu_mmap_threshold_names_its_range():
+    from hf_lorafa import LoRAFATrainingArguments
+
+    with pytest.raises(ValueError, match="`cpu_mmap_threshold` must be a byte count from 0 to 33554432"):
+        LoRAFATrainingArguments(output_dir="unused", cpu_mmap_threshold=2**30)

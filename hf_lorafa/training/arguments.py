@@ -97,6 +97,15 @@ class LoRAFAArguments(_AdapterArguments):
             "pages in again. No effect on GPU memory."
         },
     )
+    cpu_mmap_threshold: int | None = field(
+        default=2**20,
+        metadata={
+            "help": "On CPU with glibc: blocks of at least this many bytes are mapped on their own and returned to "
+            "the OS when freed (mallopt M_MMAP_THRESHOLD, set when the trainer is built; process-wide), so the "
+            "peak follows the batch in hand instead of the largest batch so far. 0 or None keeps glibc's own "
+            "threshold; MALLOC_MMAP_THRESHOLD_ in the environment takes precedence. No effect on GPU memory."
+        },
+    )
     block_recompute: str = field(
         default="attention",
         metadata={
@@ -139,6 +148,13 @@ class LoRAFAArguments(_AdapterArguments):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"`{flag}` must be true or false (a bool); got {getattr(self, flag)!r}.")
         self.block_recompute = _block_recompute(self.block_recompute)
+        if self.cpu_mmap_threshold is not None and not (
+            isinstance(self.cpu_mmap_threshold, int) and 0 <= self.cpu_mmap_threshold <= 2**25
+        ):
+            raise ValueError(
+                f"`cpu_mmap_threshold` must be a byte count from 0 to 33554432 (32 MiB, glibc's largest) or None; "
+                f"got {self.cpu_mmap_threshold!r}."
+            )
         if self.fp16 and (self.use_cpu or not _has_accelerator()):
             # transformers would train in fp32 without a word; say so, with the precision CPUs do support.
             raise ValueError("`fp16`=True needs a CUDA/XPU GPU; on CPU use `bf16=True` (bf16 autocast) instead.")

@@ -1,4 +1,13 @@
-"""Give the memory a training step freed back to the operating system after every step (glibc's `malloc_trim`).
+"""Keep a CPU run's resident memory to what training holds: glibc's mmap threshold and `malloc_trim`.
+
+`cpu_mmap_threshold` (default 1 MiB): `mallopt(M_MMAP_THRESHOLD)` when the trainer is built on CPU, so every block of
+at least that size (a tensor of a few hundred tokens' hidden states or more) is mapped on its own and unmapped when
+freed. glibc's own threshold starts at 128 KiB and rises to the largest block freed so far (up to 32 MiB), after
+which a step's activations live in the heap, where a larger batch leaves its freed blocks resident for the rest of
+the run: the per-interval peak then follows the largest batch so far rather than the batch in hand. The setting is
+process-wide (it stays after training) and makes each such allocation fault fresh pages in.
+
+`trim_cpu_memory`: after each optimizer step, give back every free page of the heap.
 
 glibc keeps freed blocks for reuse: once a step has freed its activations, the pages stay in the process, and over
 the first steps the heap settles at the step's footprint plus its fragmentation, so the resident peak of a CPU run
@@ -6,8 +15,7 @@ is the allocator's cache, not what training holds (BENCHMARKS.md, "Main job side
 each optimizer step returns every free page, from the middle of the heap too, at the cost of faulting them in again
 in the next step. Tensors in use are untouched, so training computes exactly the same.
 
-Other C libraries (musl, macOS) and GPU memory are left alone: the trainer only trims when training on CPU with
-glibc (`trim_cpu_memory`).
+Other C libraries (musl, macOS) and GPU memory are left alone: the trainer only acts when training on CPU with glibc.
 """
 
 from __future__ import annotations
@@ -30,6 +38,20 @@ def malloc_trim() -> Callable[[], int] | None:
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return lambda: trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """glibc's `mallopt(M_MMAP_THRESHOLD, nbytes)`; False where the C library has no `mallopt` or refuses."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(M_MMAP_THRESHOLD, nbytes) == 1
 
 
 class TrimCallback(TrainerCallback):

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import itertools
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from .arguments import LoRAFAArguments, LoRAFATrainingArguments
 from .callbacks import LaMDAScheduleCallback, MemoryCallback, WarmupCheckCallback
 from .checkpoints import TRAINING_STATE_FILE, check_same_adapter, check_writable, complete_checkpoints, resolve_resume
 from .chunked_loss import loss_only
-from .cpu_memory import TrimCallback, malloc_trim
+from .cpu_memory import TrimCallback, malloc_trim, set_mmap_threshold
 from .memory_logging import MemoryTracker
 from .model_setup import prepare_model
 from .packed_attention import use_packed_attention
@@ -108,6 +109,10 @@ class LoRAFATrainerMixin:
         self.memory = MemoryTracker(model) if args.log_memory else None
         if self.memory is not None:
             self.add_callback(MemoryCallback(self.memory))
+        # MALLOC_MMAP_THRESHOLD_ in the environment is the user's own choice of the same setting: it stands.
+        if args.cpu_mmap_threshold and self.args.device.type == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+            if not set_mmap_threshold(args.cpu_mmap_threshold):
+                logger.info("hf-lorafa: cpu_mmap_threshold not set (this C library has no glibc mallopt)")
         trim = malloc_trim() if args.trim_cpu_memory and self.args.device.type == "cpu" else None
         if trim is not None:
             self.add_callback(TrimCallback(trim))
