@@ -285,7 +285,7 @@ def _mainjob(args: argparse.Namespace, argv: list[str] | None) -> int:
         else:
             report = bench_mainjob.main(variants, args.steps, args.repeats, args.allocators.split(","), output_dir)
     report.update(
-        device=device_info(), command="hf-lorafa bench " + " ".join(argv if argv is not None else sys.argv[1:])
+        device=device_info(), command="hf-lorafa bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     )
     if args.output:
         with open(args.output, "w") as f:
