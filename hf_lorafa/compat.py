@@ -8,6 +8,9 @@ libraries, so an upstream change fails there, by name, instead of deep inside a 
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
+import functools
 import inspect
 import types
 from collections.abc import Callable
@@ -15,6 +18,16 @@ from typing import Any
 
 import torch
 from torch import nn
+
+
+@functools.cache
+def libc_function(name: str) -> Any | None:
+    """The C library's function `name` through ctypes, or None where the library has none (glibc's `malloc_trim`,
+    `mallopt` and `mallinfo2` are missing from musl and macOS). Callers set its argument and result types."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def mark_adapters_attached(model: nn.Module) -> None:

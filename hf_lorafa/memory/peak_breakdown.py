@@ -25,7 +25,6 @@ meaningless. Without glibc's `mallinfo2` everything past the tensors is one part
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import os
 from collections.abc import Callable, Iterable
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compat import libc_function
 from .measure import proc_status_bytes, reset_process_peak
 from .saved_by_kind import KINDS, REPLAYED, SavedByKind
 
@@ -47,9 +47,8 @@ class _MallInfo2(ctypes.Structure):
 
 @functools.cache
 def _mallinfo2() -> Callable[[], _MallInfo2] | None:
-    try:
-        function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
-    except (OSError, AttributeError):
+    function = libc_function("mallinfo2")
+    if function is None:
         return None
     function.restype = _MallInfo2
     return function

@@ -21,20 +21,19 @@ Other C libraries (musl, macOS) and GPU memory are left alone: the trainer only 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 from collections.abc import Callable
 
 from transformers import TrainerCallback
 
+from ..compat import libc_function
+
 
 @functools.cache
 def malloc_trim() -> Callable[[], int] | None:
     """glibc's `malloc_trim(0)`, or None where the C library has none."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+    trim = libc_function("malloc_trim")
+    if trim is None:
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return lambda: trim(0)
@@ -45,10 +44,8 @@ M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 def set_mmap_threshold(nbytes: int) -> bool:
     """glibc's `mallopt(M_MMAP_THRESHOLD, nbytes)`; False where the C library has no `mallopt` or refuses."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = libc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(M_MMAP_THRESHOLD, nbytes) == 1
