@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from ..memory.estimate import METHODS, OPTIMIZER_STATES, estimate_memory, model_config, process_overhead
+from ..training.block_recompute import BLOCK_CHOICES
 
 
 def positive_int(text: str) -> int:
@@ -33,11 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-in-4bit", action="store_true")
     parser.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZER_STATES))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    savers = parser.add_argument_group("activation savers (the trainer's defaults: savers on, block recompute off)")
+    savers = parser.add_argument_group("activation savers (the trainer's defaults: savers on, attention replayed)")
     savers.add_argument("--activation-savers", action="store_true", help="Count what the savers keep.")
     savers.add_argument(
         "--block-recompute",
-        choices=["none", "attention", "all", "mlp"],
+        choices=["none", *BLOCK_CHOICES],
         default="attention",
         help="With --activation-savers: which blocks backward replays, as the trainer's block_recompute "
         "(default: attention, the trainer's default).",

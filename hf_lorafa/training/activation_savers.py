@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..compat import replace_forward
-from .block_recompute import apply_block_recompute
+from .block_recompute import apply_block_recompute, blocks_to_replay
 from .chunked_loss import install_chunked_loss, same_randomness
 
 logger = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def apply_activation_savers(
             logger.info(
                 "Activation savers: no SwiGLU MLP or RMSNorm matched in %s; no recomputation.", type(model).__name__
             )
-    blocks = {True: "all", False: "none"}.get(block_recompute, block_recompute)
+    blocks = blocks_to_replay(block_recompute)
     if blocks != "none" and "block_recompute" not in active:
         if apply_block_recompute(model, blocks):
             active.append("block_recompute")

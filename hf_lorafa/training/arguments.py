@@ -19,7 +19,7 @@ import torch
 from transformers import TrainingArguments
 
 from ..tuners.config import OPTIONS, TYPES, LoRAFAConfig, argument_name, as_names, choices, validate_options
-from .block_recompute import BLOCK_CHOICES
+from .block_recompute import BLOCK_CHOICES, blocks_to_replay
 
 logger = logging.getLogger(__name__)
 
@@ -27,16 +27,6 @@ logger = logging.getLogger(__name__)
 NOT_ARGUMENTS = {"init_seed": "seed", "rank_pattern": None}
 # Options that take a list of names: comma-separated on the command line.
 LIST_OPTIONS = tuple(n for n in OPTIONS if any(typing.get_origin(t) is list for t in typing.get_args(TYPES[n])))
-
-
-def _block_recompute(value: Any) -> str:
-    """`block_recompute` as one of its names (`True` is `"all"`, `False` `"none"`, as before it took names)."""
-    value = {True: "all", False: "none", "true": "all", "false": "none"}.get(value, value)
-    if value not in ("none", *BLOCK_CHOICES):
-        raise ValueError(
-            f"`block_recompute` must be one of 'none', {', '.join(map(repr, BLOCK_CHOICES))}; got {value!r}."
-        )
-    return value
 
 
 def _has_accelerator() -> bool:
@@ -112,7 +102,7 @@ class LoRAFAArguments(_AdapterArguments):
             "help": "With activation_savers: which blocks keep only their input, backward replaying them up to their "
             "output projection (exact; less memory, slower steps): 'none', 'attention' (each attention block), "
             "'all' (attention and MLP blocks; also true), or 'mlp'. Has no effect when gradient_checkpointing is on.",
-            "choices": ["none", "attention", "all", "mlp"],
+            "choices": ["none", *BLOCK_CHOICES],
         },
     )
     remove_padding: bool = field(
@@ -147,7 +137,7 @@ class LoRAFAArguments(_AdapterArguments):
         ):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"`{flag}` must be true or false (a bool); got {getattr(self, flag)!r}.")
-        self.block_recompute = _block_recompute(self.block_recompute)
+        self.block_recompute = blocks_to_replay(self.block_recompute)
         if self.cpu_mmap_threshold is not None and not (
             isinstance(self.cpu_mmap_threshold, int) and 0 <= self.cpu_mmap_threshold <= 2**25
         ):

@@ -34,6 +34,17 @@ OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "dense", "dense_4h_to_h", "c_proj",
 BLOCK_CHOICES = ("all", "attention", "mlp")
 
 
+def blocks_to_replay(value: bool | str) -> str:
+    """A `block_recompute` value as one of `"none"` and `BLOCK_CHOICES` (`True`/`"true"` is `"all"`,
+    `False`/`"false"` `"none"`); anything else is an error naming the values."""
+    value = {True: "all", False: "none", "true": "all", "false": "none"}.get(value, value)
+    if value not in ("none", *BLOCK_CHOICES):
+        raise ValueError(
+            f"`block_recompute` must be one of 'none', {', '.join(map(repr, BLOCK_CHOICES))}; got {value!r}."
+        )
+    return value
+
+
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     value = args[0] if args else kwargs.get("hidden_states")
     return value if isinstance(value, torch.Tensor) else None

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..tuners.quantization import is_bnb_layer
+from .packed_attention import NAME as PACKED_SDPA
 
 IGNORE_INDEX = -100  # transformers' ignored label; also the separator at each sequence's first token
 PADDED_KEYS = {"input_ids", "attention_mask", "labels"}
@@ -74,7 +75,7 @@ def flattening_pays(config, lengths: list[int], width: int) -> bool:
     per_token = layers * (4 * hidden + 3 * intermediate) + text.vocab_size  # in units of `hidden` operations
     tokens = sum(lengths)
     implementation = str(getattr(config, "_attn_implementation", ""))
-    varlen = "flash" in implementation or implementation == "hf_lorafa_sdpa"
+    varlen = "flash" in implementation or implementation == PACKED_SDPA
     pairs = sum(n * n for n in lengths) if varlen else tokens * tokens
     padded = len(lengths) * width
     return tokens * per_token + 2 * layers * pairs < padded * per_token + 2 * layers * padded * width
