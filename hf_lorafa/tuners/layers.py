@@ -105,15 +105,23 @@ def _common_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return functools.reduce(torch.promote_types, [t.dtype for t in tensors if t is not None])
 
 
-def _as_factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Keep decisions as 0/1 factors in `dtype`: converting first and multiplying two tensors of one dtype is many
-    times faster on CPU than a product that widens a bool or byte operand inside its kernel."""
-    return keep.to(dtype)
-
-
 def _dropout_scaled(lora_A: torch.Tensor, p: float) -> torch.Tensor:
     """A with inverted dropout's `1 / (1 − p)` folded in (r × d_in, cheaper than scaling the d_in-wide input)."""
     return lora_A * (1.0 / (1.0 - p)) if p > 0.0 else lora_A
+
+
+def _add_products(out: torch.Tensor, products: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """`out += Σ a @ b` in place over the last dimension: one `addmm_` each (the sum accumulated inside the matrix
+    product, no d_out-wide temporary) where the dtypes agree and autocast is off, else a product cast to `out`'s
+    dtype and added."""
+    flat = out.view(-1, out.shape[-1]) if out.is_contiguous() else None
+    fused = flat is not None and not torch.is_autocast_enabled(out.device.type)
+    for a, b in products:
+        if fused and a.dtype == b.dtype == out.dtype:
+            flat.addmm_(a.reshape(-1, a.shape[-1]), b)
+        else:
+            out += (a @ b).to(out.dtype)
+    return out
 
 
 class FrozenAAdapterFunction(torch.autograd.Function):
@@ -138,15 +146,15 @@ class FrozenAAdapterFunction(torch.autograd.Function):
         if p > 0.0 and training:
             # Drawn from the global generator: reproducible under torch.manual_seed and replayed by checkpointing.
             seed = int(torch.randint(0, 2**62, (1,)).item())
-            h = h * _as_factor(keep_mask(h.shape, p, seed, h.device, h.dtype), h.dtype)
+            h = torch.where(keep_mask(h.shape, p, seed, h.device, h.dtype), h, 0.0)
         z = h @ _dropout_scaled(lora_A.to(dtype), p if seed is not None else 0.0).t()
         u = z if lora_S is None else z @ lora_S.to(dtype).t()
-        # The scaling goes on the (d_out × r) factors, not on the d_out-wide product; the base's fresh output takes
-        # the adapter's in place.
-        out = u @ (scaling * lora_B.to(dtype)).t()
+        # The scaling goes on the (d_out × r) factors, not on the d_out-wide product, which is added to the base's
+        # fresh output in place (inside the product where the dtypes allow).
+        factors = [(u, (scaling * lora_B.to(dtype)).t())]
         if offset is not None:
-            out = out - z @ (scaling * offset.to(dtype)).t()
-        result += out.to(result.dtype)
+            factors.append((z, (-scaling * offset.to(dtype)).t()))
+        _add_products(result, factors)
         ctx.save_for_backward(z, lora_A, lora_B, lora_S, b_grad_transform, offset)
         ctx.base_layer, ctx.scaling, ctx.p, ctx.seed = base_layer, scaling, p, seed
         return result
@@ -163,7 +171,7 @@ class FrozenAAdapterFunction(torch.autograd.Function):
         )
         r = z.shape[-1]
         grad_x = grad_B = grad_S = None
-        gu = ctx.scaling * (g @ lora_B)
+        gu = g @ (ctx.scaling * lora_B)
         if ctx.needs_input_grad[2]:
             u = z if lora_S is None else z @ lora_S.t()
             grad_B = ctx.scaling * (g.reshape(-1, g.shape[-1]).t() @ u.reshape(-1, r))
@@ -173,15 +181,15 @@ class FrozenAAdapterFunction(torch.autograd.Function):
         if lora_S is not None and ctx.needs_input_grad[3]:
             grad_S = gu.reshape(-1, r).t() @ z.reshape(-1, r)
         if ctx.needs_input_grad[0]:
-            weight = base_weight(ctx.base_layer)
-            grad_x = grad_out @ weight.to(grad_out.dtype)
             gz = gu if lora_S is None else gu @ lora_S
             if offset is not None:
                 gz = gz - ctx.scaling * (g @ offset)
             gh = gz @ _dropout_scaled(lora_A, ctx.p if ctx.seed is not None else 0.0)
             if ctx.seed is not None:
-                gh.mul_(_as_factor(keep_mask(gh.shape, ctx.p, ctx.seed, gh.device, gh.dtype), gh.dtype))
-            grad_x += gh.to(grad_x.dtype)
+                gh = torch.where(keep_mask(gh.shape, ctx.p, ctx.seed, gh.device, gh.dtype), gh, 0.0)
+            # dx = Wᵀg + the adapter's part: the base's product is accumulated into the adapter's in place.
+            weight = base_weight(ctx.base_layer).to(grad_out.dtype)
+            grad_x = _add_products(gh.to(grad_out.dtype), [(grad_out, weight)])
         return grad_x, None, grad_B, grad_S, None, None, None, None, None, None, None
 
 
