@@ -46,6 +46,11 @@ README_ROWS = [
 ]
 
 
+def _peak(row: dict) -> int:
+    """The GPU allocator's peak where the run had one, else the sampled resident memory."""
+    return row.get("peak_cuda_bytes") or row["peak_rss_bytes"]
+
+
 def _rows(report: dict) -> dict[str, dict]:
     return {r["variant"]: r for r in report["results"] if "error" not in r}
 
@@ -62,12 +67,12 @@ def _table(report: dict, columns: str = "full") -> list[str]:
     if columns == "readme":
         rows = {name: rows[name] for name in README_ROWS if name in rows}
     for name, r in rows.items():
-        peak, step = r["peak_rss_bytes"] / GiB, r["step_seconds"]
+        peak, step = _peak(r) / GiB, r["step_seconds"]
         label = DESCRIPTION.get(name, name)
         if columns == "readme":
             out.append(f"| {label} | {peak:.2f} | {step:.2f} |")
             continue
-        over_gc = f"{r['peak_rss_bytes'] / gc['peak_rss_bytes']:.2f}" if gc else "–"
+        over_gc = f"{_peak(r) / _peak(gc):.2f}" if gc else "–"
         over_peft = f"{step / peft['step_seconds']:.2f}" if peft else "–"
         out.append(
             f"| {label} | {peak:.2f} | {over_gc} | {step:.2f} | {over_peft} | {r['train_loss']:.4f} | "
@@ -304,5 +309,39 @@ def intervals_section(memory: dict, goal) -> list[str]:
         "| step | peak MiB | largest step's activations MiB | excess |",
         "|---|---|---|---|",
         *(f"| {step} | {peak:.0f} | {act:.1f} | {excess:.1%} |" for step, peak, act, excess in rows),
+        "",
+    ]
+
+
+def gpu_section(report: dict | None) -> list[str]:
+    """The main job's variants on a lent GPU (`--preset mainjob-gpu`), or how to run it where none has been."""
+    if report is None:
+        return [
+            "### On a GPU",
+            "",
+            "No GPU run yet (no device was lent to the sessions so far): on a lent GPU, `hf-lorafa bench --preset "
+            "mainjob-gpu --output benchmarks/mainjob-gpu.json` (TinyLlama-1.1B's architecture with SmolLM2's "
+            "tokenizer, random init, bf16 weights, batch 2 × 2048 tokens of the same pairs packed end to end; peak = "
+            "`torch.cuda.max_memory_allocated()` over training), then rerun this script. Until then the README's "
+            "choices are the CPU's.",
+            "",
+        ]
+    settings, device = report["settings"], report.get("device", {})
+    ratios = "\n".join(f'"{k}": {v}' for k, v in report["ratios"].items())
+    return [
+        "### On a GPU",
+        "",
+        f"{device.get('gpu', 'GPU')}, torch {device.get('torch', '?')}: TinyLlama-1.1B's architecture with SmolLM2's "
+        f"tokenizer (random init, seed {settings['seed']}), {settings['dtype']} weights, batch {settings['batch']} × "
+        f"{settings['max_length']} tokens of the pairs packed end to end, {settings['steps']} steps, "
+        f"{settings['repeats']} run(s) per variant, alternating; peak = the largest "
+        "`torch.cuda.max_memory_allocated()` at a step's end over training. "
+        f"Command: `{report['command']}` ({report['seconds']:.0f} s).",
+        "",
+        *_table(report),
+        "",
+        "```json",
+        ratios,
+        "```",
         "",
     ]

@@ -21,7 +21,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from mainjob_tables import breakdown_section, intervals_section, mainjob_section, update_readme  # noqa: E402  (a sibling module of this script)
+from mainjob_tables import (  # noqa: E402  (a sibling module of this script)
+    breakdown_section,
+    gpu_section,
+    intervals_section,
+    mainjob_section,
+    update_readme,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -303,6 +309,7 @@ def main() -> int:
             lines += breakdown_section(breakdown)
         if memory := load("mainjob-memory.json"):
             lines += intervals_section(memory, goal)
+        lines += gpu_section(load("mainjob-gpu.json"))
         update_readme(ROOT / "README.md", mainjob)
     lines += ["## Memory and speed per method", ""]
     for report, tag in ((cpu, "cpu"), (gpu, "gpu")):
