@@ -155,7 +155,11 @@ def test_estimate_cli_reads_a_config_folder(tmp_path, capsys):
         assert f": {method}, batch 2" in out
     assert "activations (saved for backward)" in out and "process overhead" in out
     assert estimate_main(["--model", str(tmp_path), "--batch", "2", "--seq", "16", "--activation-savers"]) == 0
-    assert ": lorafa, batch 2 × seq 16, r=16, bfloat16, adamw, activation savers, block recompute: attention\n" in (
+    from hf_lorafa.training.arguments import LoRAFATrainingArguments
+
+    default = LoRAFATrainingArguments.__dataclass_fields__["block_recompute"].default  # the CLI's follows it
+    assert default == "all"
+    assert f": lorafa, batch 2 × seq 16, r=16, bfloat16, adamw, activation savers, block recompute: {default}\n" in (
         capsys.readouterr().out
     )
 

@@ -162,13 +162,13 @@ def test_saved_bytes_below_the_floor_with_32k_vocabulary():
 @pytest.mark.parametrize(
     "block_recompute, bound",
     [("all", 0.25), ("attention", 0.5), ("none", 0.75)],
-    ids=["all blocks replayed", "attention replayed (the trainer's default)", "no block replayed"],
+    ids=["all blocks replayed (the trainer's default)", "attention replayed", "no block replayed"],
 )
 def test_savers_keep_at_most_half_the_floor_on_smollm2s_shape(block_recompute, bound):
     """SmolLM2-135M's own configuration (random weights), fp32, a batch of 2 × 256 tokens: the savers keep
-    well under half of what the frozen stock model keeps for backward with every block replayed, at most half with the
-    attention blocks replayed (the trainer's default); without it, the norms' and SwiGLU's recomputation and the
-    chunked loss alone stay under three quarters."""
+    well under half of what the frozen stock model keeps for backward with every block replayed (the trainer's
+    default), at most half with the attention blocks replayed; without it, the norms' and SwiGLU's recomputation and
+    the chunked loss alone stay under three quarters."""
     from transformers import AutoConfig, LlamaForCausalLM
 
     from hf_lorafa.data.offline import smollm2_path

@@ -300,8 +300,8 @@ def test_trainer_applies_activation_savers_and_records_them(tmp_path, caplog):
 
 
 BLOCK_SETTINGS = {  # setting: (savers include block_recompute, attention replayed, MLP replayed)
-    "default": ({}, (True, True, False)),
-    "all": ({"block_recompute": "all"}, (True, True, True)),
+    "default": ({}, (True, True, True)),
+    "attention": ({"block_recompute": "attention"}, (True, True, False)),
     "True": ({"block_recompute": True}, (True, True, True)),
     "mlp": ({"block_recompute": "mlp"}, (True, False, True)),
     "none": ({"block_recompute": "none"}, (False, False, False)),
@@ -311,7 +311,7 @@ BLOCK_SETTINGS = {  # setting: (savers include block_recompute, attention replay
 
 
 @pytest.mark.parametrize("setting, expected", BLOCK_SETTINGS.values(), ids=BLOCK_SETTINGS.keys())
-def test_block_recompute_replays_the_attention_blocks_by_default_and_nothing_under_gc(tmp_path, setting, expected):
+def test_block_recompute_replays_every_block_by_default_and_nothing_under_gc(tmp_path, setting, expected):
     model = tiny_llama()
     LoRAFATrainer(
         model=model, args=make_args(tmp_path, activation_savers=True, **setting), train_dataset=token_dataset()

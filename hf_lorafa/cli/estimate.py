@@ -34,14 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-in-4bit", action="store_true")
     parser.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZER_STATES))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    savers = parser.add_argument_group("activation savers (the trainer's defaults: savers on, attention replayed)")
+    savers = parser.add_argument_group("activation savers (the trainer's defaults: savers on, every block replayed)")
     savers.add_argument("--activation-savers", action="store_true", help="Count what the savers keep.")
     savers.add_argument(
         "--block-recompute",
         choices=["none", *BLOCK_CHOICES],
-        default="attention",
+        default="all",
         help="With --activation-savers: which blocks backward replays, as the trainer's block_recompute "
-        "(default: attention, the trainer's default).",
+        "(default: all, the trainer's default).",
     )
     args = parser.parse_args(argv)
     # On CPU the peak is resident memory, which includes this interpreter with torch loaded: measured, not guessed.

@@ -97,11 +97,11 @@ class LoRAFAArguments(_AdapterArguments):
         },
     )
     block_recompute: str = field(
-        default="attention",
+        default="all",
         metadata={
             "help": "With activation_savers: which blocks keep only their input, backward replaying them up to their "
-            "output projection (exact; less memory, slower steps): 'none', 'attention' (each attention block), "
-            "'all' (attention and MLP blocks; also true), or 'mlp'. Has no effect when gradient_checkpointing is on.",
+            "output projection (exact; less memory, slower steps): 'all' (attention and MLP blocks; also true), "
+            "'attention' (each attention block), 'mlp', or 'none'. Has no effect when gradient_checkpointing is on.",
             "choices": ["none", *BLOCK_CHOICES],
         },
     )
