@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from hf_lorafa.cli.bench_mainjob import peak_of
+
 GiB = 2**30
 README_BLOCK = re.compile(r"(<!-- mainjob:start -->\n).*?(<!-- mainjob:end -->)", re.S)
 # What each variant is, in the words a user of that tool would use.
@@ -45,11 +47,6 @@ README_ROWS = [
 ]
 
 
-def _peak(row: dict) -> int:
-    """The GPU allocator's peak where the run had one, else the sampled resident memory."""
-    return row.get("peak_cuda_bytes") or row["peak_rss_bytes"]
-
-
 def _rows(report: dict) -> dict[str, dict]:
     return {r["variant"]: r for r in report["results"] if "error" not in r}
 
@@ -66,12 +63,12 @@ def _table(report: dict, columns: str = "full") -> list[str]:
     if columns == "readme":
         rows = {name: rows[name] for name in README_ROWS if name in rows}
     for name, r in rows.items():
-        peak, step = _peak(r) / GiB, r["step_seconds"]
+        peak, step = peak_of(r) / GiB, r["step_seconds"]
         label = DESCRIPTION.get(name, name)
         if columns == "readme":
             out.append(f"| {label} | {peak:.2f} | {step:.2f} |")
             continue
-        over_gc = f"{_peak(r) / _peak(gc):.2f}" if gc else "–"
+        over_gc = f"{peak_of(r) / peak_of(gc):.2f}" if gc else "–"
         over_peft = f"{step / peft['step_seconds']:.2f}" if peft else "–"
         out.append(
             f"| {label} | {peak:.2f} | {over_gc} | {step:.2f} | {over_peft} | {r['train_loss']:.4f} | "

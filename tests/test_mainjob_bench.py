@@ -28,7 +28,6 @@ from mainjob_tables import _table, climb, gpu_section, intervals_section, update
 # The GPU job's code path at a size the CPU runs in seconds: the same packing, model building and variants.
 TINY_GPU_JOB = {
     **GPU_JOB,
-    "device": "cpu",
     "dtype": "float32",
     "batch": 2,
     "max_length": 64,

@@ -59,7 +59,6 @@ GPU_JOB = {
     "max_length": 2048,
     "eval_rows": 8,
     "dtype": "bfloat16",
-    "device": "cuda",
     "model_config": {
         "hidden_size": 2048,
         "intermediate_size": 5632,
