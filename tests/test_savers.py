@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import logging
@@ -217,6 +218,31 @@ def test_block_recompute_keeps_only_the_blocks_inputs():
     with_blocks = retained(apply_activation_savers(adapted(base), **savers), ids)
     print(f"bf16: savers / floor = {without / floor:.3f}, with block recompute {with_blocks / floor:.3f}")
     assert with_blocks < 0.5 * floor and with_blocks < 0.6 * without
+
+
+@pytest.mark.parametrize("checkpointing", ["block_recompute", "gradient_checkpointing"])
+def test_a_replayed_adapter_call_draws_its_dropout_mask_once_in_backward(monkeypatch, checkpointing):
+    """Forward draws each adapter's mask; a replay draws it again and that adapter's backward takes the replay's."""
+    from hf_lorafa.tuners import layers
+
+    draws = []
+    real = layers.keep_mask
+    monkeypatch.setattr(layers, "keep_mask", lambda *args, **kwargs: draws.append(args[2]) or real(*args, **kwargs))
+    model = copy.deepcopy(float64_adapted("lorafa"))
+    if checkpointing == "gradient_checkpointing":
+        model.gradient_checkpointing_enable({"use_reentrant": True})  # the whole layer replays, in a nested backward
+        model.enable_input_require_grads()
+    else:
+        model = apply_activation_savers(model, **SAVERS["block_recompute"])
+    draws.clear()  # the savers' own probes
+    torch.manual_seed(7)
+    ids, labels = batch()
+    model(input_ids=ids, labels=labels).loss.backward()
+    adapters = [name for name, module in model.named_modules() if isinstance(module, layers.AdapterLayer)]
+    per_seed = collections.Counter(draws)
+    assert len(per_seed) == len(adapters)  # one seed per adapter call
+    assert sorted(per_seed.values()) == [2] * len(adapters)  # forward, then the replay's or the backward's own draw
+    assert not layers._REPLAYED_MASKS.masks  # every replayed mask was taken
 
 
 def test_savers_survive_transformers_kernelization(tmp_path):

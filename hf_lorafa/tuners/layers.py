@@ -95,6 +95,33 @@ def dropout_mask(
     return keep_mask(shape, p, seed, device, dtype, generator).to(dtype).mul_(1.0 / (1.0 - p))
 
 
+class _ReplayedMasks:
+    """Keep decisions drawn by a forward that runs inside a backward (a checkpoint's replay), for the backward of the
+    same adapter call that follows it, which would otherwise draw them a third time.
+
+    Keyed by seed; an entry is taken by the first backward that asks for its seed. Entries of an earlier backward
+    that never reached them (an error, or an adapter whose backward needs no mask) are dropped when another backward
+    stores one, so at most one backward's worth is ever held.
+    """
+
+    def __init__(self) -> None:
+        self.task, self.masks = -1, {}
+
+    def keep(self, seed: int, mask: torch.Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        if task == -1:  # a forward outside any backward: its own backward regenerates the mask
+            return
+        if task != self.task:
+            self.task, self.masks = task, {}
+        self.masks[seed] = mask
+
+    def take(self, seed: int) -> torch.Tensor | None:
+        return self.masks.pop(seed, None)
+
+
+_REPLAYED_MASKS = _ReplayedMasks()
+
+
 def _common_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """The widest dtype among the adapter's tensors: the one its products run in outside autocast.
 
@@ -146,7 +173,9 @@ class FrozenAAdapterFunction(torch.autograd.Function):
         if p > 0.0 and training:
             # Drawn from the global generator: reproducible under torch.manual_seed and replayed by checkpointing.
             seed = int(torch.randint(0, 2**62, (1,)).item())
-            h = torch.where(keep_mask(h.shape, p, seed, h.device, h.dtype), h, 0.0)
+            keep = keep_mask(h.shape, p, seed, h.device, h.dtype)
+            _REPLAYED_MASKS.keep(seed, keep)
+            h = torch.where(keep, h, 0.0)
         z = h @ _dropout_scaled(lora_A.to(dtype), p if seed is not None else 0.0).t()
         u = z if lora_S is None else z @ lora_S.to(dtype).t()
         # The scaling goes on the (d_out × r) factors, not on the d_out-wide product, which is added to the base's
@@ -162,6 +191,7 @@ class FrozenAAdapterFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         z, lora_A, lora_B, lora_S, b_grad_transform, offset = ctx.saved_tensors
+        keep = None if ctx.seed is None else _REPLAYED_MASKS.take(ctx.seed)
         # Under autocast the forward's products ran in half precision (z is bf16/fp16, and is kept so: half the
         # bytes); the parameter gradients are computed in the adapter's own dtype, as autograd does for LoRA.
         dtype = _common_dtype(lora_A, lora_B, lora_S)
@@ -186,7 +216,9 @@ class FrozenAAdapterFunction(torch.autograd.Function):
                 gz = gz - ctx.scaling * (g @ offset)
             gh = gz @ _dropout_scaled(lora_A, ctx.p if ctx.seed is not None else 0.0)
             if ctx.seed is not None:
-                gh = torch.where(keep_mask(gh.shape, ctx.p, ctx.seed, gh.device, gh.dtype), gh, 0.0)
+                if keep is None:
+                    keep = keep_mask(gh.shape, ctx.p, ctx.seed, gh.device, gh.dtype)
+                gh = torch.where(keep, gh, 0.0)
             # dx = Wᵀg + the adapter's part: the base's product is accumulated into the adapter's in place.
             weight = base_weight(ctx.base_layer).to(grad_out.dtype)
             grad_x = _add_products(gh.to(grad_out.dtype), [(grad_out, weight)])
