@@ -303,7 +303,7 @@ def main() -> int:
         "",
     ]
     if mainjob := load("mainjob.json"):
-        extra = load("mainjob-mmap.json"), load("mainjob-frugal.json")
+        extra = load("mainjob-mmap.json"), load("mainjob-frugal.json"), load("mainjob-speed.json")
         lines += mainjob_section(mainjob, *extra, save_figure, goal)
         if breakdown := load("mainjob-breakdown.json"):
             lines += breakdown_section(breakdown)
