@@ -105,6 +105,11 @@ def _most_frugal(*reports: dict | None) -> float | None:
     return max(found, default=None)
 
 
+def _ratios_json(report: dict) -> list[str]:
+    """A run's ratios as a JSON-looking block, one `"question": value` per line."""
+    return ["```json", *[f'"{k}": {v}' for k, v in report["ratios"].items()], "```"]
+
+
 def _goals(report: dict, mmap: dict | None, frugal: dict | None, speed: dict | None, goal) -> list[str]:
     """The targets the main job's default is held to, against the runs' ratios (the step ratio from the speed
     pass where there is one)."""
@@ -175,9 +180,7 @@ def mainjob_section(
         "",
         "Ratios (from the JSON):",
         "",
-        "```json",
-        *[f'"{k}": {v}' for k, v in report["ratios"].items()],
-        "```",
+        *_ratios_json(report),
     ]
     if speed:
         out += [
@@ -190,9 +193,7 @@ def mainjob_section(
             "",
             *_table(speed),
             "",
-            "```json",
-            *[f'"{k}": {v}' for k, v in speed["ratios"].items()],
-            "```",
+            *_ratios_json(speed),
         ]
     if mmap:
         out += [
@@ -203,9 +204,7 @@ def mainjob_section(
             "",
             *_table(mmap),
             "",
-            "```json",
-            *[f'"{k}": {v}' for k, v in mmap["ratios"].items()],
-            "```",
+            *_ratios_json(mmap),
         ]
     if frugal:
         out += [
@@ -215,9 +214,7 @@ def mainjob_section(
             "",
             *_table(frugal),
             "",
-            "```json",
-            *[f'"{k}": {v}' for k, v in frugal["ratios"].items()],
-            "```",
+            *_ratios_json(frugal),
         ]
     return out + [""]
 
@@ -342,7 +339,6 @@ def gpu_section(report: dict | None) -> list[str]:
             "",
         ]
     settings, device = report["settings"], report.get("device", {})
-    ratios = "\n".join(f'"{k}": {v}' for k, v in report["ratios"].items())
     return [
         "### On a GPU",
         "",
@@ -355,8 +351,6 @@ def gpu_section(report: dict | None) -> list[str]:
         "",
         *_table(report),
         "",
-        "```json",
-        ratios,
-        "```",
+        *_ratios_json(report),
         "",
     ]
