@@ -107,7 +107,7 @@ class _ReplayedMasks:
     def __init__(self) -> None:
         self.task, self.masks = -1, {}
 
-    def keep(self, seed: int, mask: torch.Tensor) -> None:
+    def store(self, seed: int, mask: torch.Tensor) -> None:
         task = torch._C._current_graph_task_id()
         if task == -1:  # a forward outside any backward: its own backward regenerates the mask
             return
@@ -174,7 +174,7 @@ class FrozenAAdapterFunction(torch.autograd.Function):
             # Drawn from the global generator: reproducible under torch.manual_seed and replayed by checkpointing.
             seed = int(torch.randint(0, 2**62, (1,)).item())
             keep = keep_mask(h.shape, p, seed, h.device, h.dtype)
-            _REPLAYED_MASKS.keep(seed, keep)
+            _REPLAYED_MASKS.store(seed, keep)
             h = torch.where(keep, h, 0.0)
         z = h @ _dropout_scaled(lora_A.to(dtype), p if seed is not None else 0.0).t()
         u = z if lora_S is None else z @ lora_S.to(dtype).t()
