@@ -218,7 +218,8 @@ class FrozenAAdapterFunction(torch.autograd.Function):
             if ctx.seed is not None:
                 if keep is None:
                     keep = keep_mask(gh.shape, ctx.p, ctx.seed, gh.device, gh.dtype)
-                gh = torch.where(keep, gh, 0.0)
+                # In place: gh is this call's own product (a second d_in-wide block would be one more allocation).
+                gh = torch.where(keep, gh, gh.new_zeros(()), out=gh)
             # dx = Wᵀg + the adapter's part: the base's product is accumulated into the adapter's in place.
             weight = base_weight(ctx.base_layer).to(grad_out.dtype)
             grad_x = _add_products(gh.to(grad_out.dtype), [(grad_out, weight)])
