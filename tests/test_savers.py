@@ -259,3 +259,25 @@ def test_savers_survive_transformers_kernelization(tmp_path):
     assert saved.hf_lorafa_savers == ALL and retained(saved, ids) == before
     assert "forward" in saved.model.layers[0].input_layernorm.__dict__
     assert_same_training(stock, saved, ids, labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_block_recompute_setting_trains_bit_identically(dtype):
+    """Replayed MLP blocks run their class's forward (the SwiGLU saver's replay in backward would repeat the block's)
+    and fp32 norms the stock ops (no fp32 copy to save): whichever blocks are replayed, the loss and every adapter
+    gradient are the same bit for bit."""
+    stock = adapted(tiny_llama(hidden=64, layers=2, vocab=256, dtype=dtype))
+    results = {}
+    for setting in ("none", "attention", "all"):
+        model = apply_activation_savers(copy.deepcopy(stock), loss_chunk_tokens=5, block_recompute=setting)
+        assert model.hf_lorafa_savers == (ALL if setting != "none" else ALL[:3])
+        out, grads = loss_and_grads(model, *batch())
+        results[setting] = out.loss, grads
+    (loss, grads), others = results["none"], [results["attention"], results["all"]]
+    assert grads and all(torch.equal(loss, other) for other, _ in others)
+    assert all(torch.equal(grads[name], other[name]) for _, other in others for name in grads)
+    mlp, norm = model.model.layers[0].mlp, model.model.norm  # the "all" model
+    assert mlp.__dict__["hf_lorafa_block_forward"].__func__ is type(mlp).forward
+    x = torch.randn(2, 64, dtype=dtype, requires_grad=True)
+    replayed = {torch.float32: "MulBackward0", torch.bfloat16: "_RMSNormFunctionBackward"}[dtype]
+    assert type(norm(x).grad_fn).__name__ == replayed

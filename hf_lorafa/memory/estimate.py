@@ -327,8 +327,8 @@ def estimate_memory(
         swiglu = 2 * I * b * (L > Ls)
         per_token += (not replay_attention) * L * attention + (not replay_mlp) * (L - Ls) * 2 * I * b
         transient = min(N, max(1, LOSS_CHUNK_ELEMENTS // V)) * V * (b + 4)
-        if recompute:  # one block replayed: its norm's input, attention or gate and up, its adapters' z
-            replay = H * b + max(attention * replay_attention, swiglu * replay_mlp) + 3 * r * 4
+        if recompute:  # one block replayed: its norm's input, attention or gate, up and act, its adapters' z
+            replay = H * b + max(attention * replay_attention, swiglu * 3 // 2 * replay_mlp) + 3 * r * 4
             transient = max(transient, N * replay)
     per_step = 2 * seq * s["hd"] * b  # cos and sin, shared by every layer and sequence
     adapted = sum(n * len(linears) for n, linears in kept)

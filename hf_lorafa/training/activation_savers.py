@@ -8,8 +8,9 @@ and each RMSNorm's fp32 input copy. Four exact savers remove most of it:
   cross-entropy run over chunks of tokens with each chunk's gradient computed in forward, so only `tokens × hidden`
   is kept instead of the `(tokens × vocab)` logits.
 - **swiglu_recompute**: `act(gate) * up` keeps gate and up only; `act(gate)` is recomputed in backward.
-- **rmsnorm_recompute**: an RMSNorm keeps only its input, in the model dtype (no fp32 copy, not even `rstd`); the
-  normalisation is replayed in backward.
+- **rmsnorm_recompute**: an RMSNorm over a half-precision input keeps only that input (no fp32 copy, not even
+  `rstd`); the normalisation is replayed in backward. Over an fp32 input the stock ops already keep only the input
+  and `rstd`, and run as they are.
 - **block_recompute** (module `block_recompute`): each attention and MLP block keeps only its input; backward replays
   it up to its output projection, which LoRA-FA needs no input for.
 
@@ -83,11 +84,18 @@ class _GatedActFunction(torch.autograd.Function):
 
 
 def _rmsnorm_forward(self, hidden_states):
+    if hidden_states.dtype in (torch.float32, torch.float64):
+        # No fp32 copy to avoid: the stock ops keep the input and one value per token, and backward needs no replay.
+        return _rmsnorm(hidden_states, self.weight, self.hf_lorafa_eps, self.hf_lorafa_unit_offset)
     return _RMSNormFunction.apply(hidden_states, self.weight, self.hf_lorafa_eps, self.hf_lorafa_unit_offset)
 
 
 def _swiglu_forward(self, x):
     return self.down_proj(_GatedActFunction.apply(self.gate_proj(x), self.up_proj(x), self.act_fn))
+
+
+# Under block recompute the MLP replays its class's forward instead (module `block_recompute`).
+_swiglu_forward.hf_lorafa_replay_stock = True
 
 
 def _matches(module: nn.Module, forward, probe: torch.Tensor) -> bool:
@@ -154,7 +162,7 @@ def apply_activation_savers(
             With `labels` and gradients on, compute the LM head and cross-entropy per chunk of tokens
             (`outputs.logits` is then `None`).
         recompute (`bool`, *optional*, defaults to `True`):
-            Recompute SwiGLU's activation and RMSNorm's normalisation in backward.
+            Recompute SwiGLU's activation and (over half-precision inputs) RMSNorm's normalisation in backward.
         loss_chunk_tokens (`int`, *optional*):
             Tokens per loss chunk; defaults to about 8M logits (`LOSS_CHUNK_ELEMENTS // vocab_size`).
         block_recompute (`bool` or `str`, *optional*, defaults to `True`):

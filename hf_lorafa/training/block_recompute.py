@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import types
 from collections.abc import Callable
 
 import torch
@@ -122,12 +123,21 @@ def _identity(self, hidden_states):
     return hidden_states
 
 
+def _replayed_forward(module: nn.Module):
+    """The forward a block runs under its checkpoint: its own, or its class's where an activation saver marked
+    `hf_lorafa_replay_stock` replaced it (the SwiGLU saver's replay of its activation in backward would only repeat
+    the block's replay, whose saved tensors live until the block's backward anyway)."""
+    if getattr(module.forward, "hf_lorafa_replay_stock", False):
+        return types.MethodType(type(module).forward, module)
+    return module.forward
+
+
 def _install(norm: nn.Module, block: nn.Module, projection: str, layer: nn.Module) -> None:
     # Kept in the instances' __dict__ (not as submodules): state dicts are unchanged and deepcopy follows them.
-    norm.__dict__["hf_lorafa_block_forward"] = norm.forward
+    norm.__dict__.update(hf_lorafa_block_forward=norm.forward, hf_lorafa_forward_before=norm.forward)
     block.__dict__.update(
-        hf_lorafa_block_forward=block.forward, hf_lorafa_norm=norm, hf_lorafa_layer=layer,
-        hf_lorafa_projection=projection,
+        hf_lorafa_block_forward=_replayed_forward(block), hf_lorafa_forward_before=block.forward,
+        hf_lorafa_norm=norm, hf_lorafa_layer=layer, hf_lorafa_projection=projection,
     )  # fmt: skip
     replace_forward(block, _block_forward)
     replace_forward(norm, _identity)
@@ -135,7 +145,8 @@ def _install(norm: nn.Module, block: nn.Module, projection: str, layer: nn.Modul
 
 def _uninstall(norm: nn.Module, block: nn.Module) -> None:
     for module in (norm, block):
-        forward = module.__dict__.pop("hf_lorafa_block_forward")
+        del module.__dict__["hf_lorafa_block_forward"]
+        forward = module.__dict__.pop("hf_lorafa_forward_before")
         if forward.__func__ is getattr(type(module), "forward", None):
             del module.forward  # the class's own
         else:
