@@ -140,7 +140,7 @@ def _goals(report: dict, mmap: dict | None, frugal: dict | None, speed: dict | N
             "{:.0f}",
         ),  # fmt: skip
         goal(
-            "held-out loss difference with and without padding removal (dropout masks follow the layout)",
+            "held-out loss difference with and without padding removal (the same dropout masks)",
             r.get("default: held-out loss |difference| with and without padding removal"),
             1e-4,
             False,
@@ -173,8 +173,9 @@ def mainjob_section(
         "TRL's variants train in bf16 autocast (SFTConfig's default; on CPU TRL asks for `use_cpu`) on the chat "
         "template of the same pairs, so their losses are not comparable with the others'; PEFT's and ours read the "
         "same tokenized rows (loss on the answer). Block recompute (`attention`, `none` against the default's `all`) "
-        "changes no loss, bit for bit (goal table); without padding the dropout masks are drawn for the flattened "
-        "layout, so those runs see other masks and their losses differ slightly.",
+        "changes no loss, bit for bit (goal table); padded batches (`remove_padding=False`) draw the dropout masks "
+        "of their padding-free form token for token, so those runs differ only by the matrix products' rounding "
+        "over the other layout.",
         "",
         frontier_plot(report, save_figure),
         "",

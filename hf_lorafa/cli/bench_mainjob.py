@@ -404,7 +404,7 @@ def ratios(rows: list[dict]) -> dict:
                     all(other["eval_loss"] == ours["eval_loss"] for other in others)
                 )
         padded = got.get("ours without padding removal")
-        if ours and padded:  # dropout masks are drawn for the flattened layout: close, not bit for bit
+        if ours and padded:  # the same dropout masks, but products over another layout: close, not bit for bit
             out[f"{allocator}: held-out loss |difference| with and without padding removal"] = abs(
                 ours["eval_loss"] - padded["eval_loss"]
             )

@@ -44,6 +44,18 @@ def flatten_batch(inputs: dict) -> dict | None:
     (tensor([[5, 6, 7, 8, 9]]), tensor([[0, 1, 2, 0, 1]]), tensor([[-100,    6,    7, -100,    9]]))
     ```
     """
+    real = _real_tokens(inputs)
+    if real is None:
+        return None
+    ids, labels = inputs["input_ids"], inputs["labels"].clone()
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    labels[:, 0] = IGNORE_INDEX
+    flat = {name: t[real][None] for name, t in (("input_ids", ids), ("position_ids", positions), ("labels", labels))}
+    return {**flat, "use_cache": False}
+
+
+def _real_tokens(inputs: dict) -> torch.Tensor | None:
+    """The bool `(batch, length)` mask of a batch `flatten_batch` flattens (its conditions there), else None."""
     if set(inputs) != PADDED_KEYS:
         return None
     ids, mask, labels = (inputs[k] for k in ("input_ids", "attention_mask", "labels"))
@@ -54,10 +66,14 @@ def flatten_batch(inputs: dict) -> dict | None:
     right_padded = torch.equal(mask, real.to(mask.dtype)) and bool(real[:, 0].all()) and not real.all()
     if not right_padded or (labels[~real] != IGNORE_INDEX).any():
         return None
-    labels = labels.clone()
-    labels[:, 0] = IGNORE_INDEX
-    flat = {name: t[real][None] for name, t in (("input_ids", ids), ("position_ids", positions), ("labels", labels))}
-    return {**flat, "use_cache": False}
+    return real
+
+
+def token_layout(inputs: dict, config) -> torch.Tensor | None:
+    """The real tokens (bool, `(batch, length)`) of a padded batch that `flatten_batch` would flatten, for a
+    decoder-only model; else None. Training it padded under `tuners.layers.dropout_follows_tokens(...)` draws the
+    dropout masks of its flattened form."""
+    return None if getattr(config, "is_encoder_decoder", False) else _real_tokens(inputs)
 
 
 def flattening_pays(config, lengths: list[int], width: int) -> bool:

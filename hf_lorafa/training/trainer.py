@@ -31,6 +31,7 @@ from ..compat import forget_accelerate_prepared
 from ..tuners.calibration import init_frozen_a_from_data
 from ..tuners.config import is_adapter_tensor
 from ..tuners.injection import adapter_layers, count_parameters
+from ..tuners.layers import dropout_follows_tokens
 from .arguments import LoRAFAArguments, LoRAFATrainingArguments
 from .callbacks import LaMDAScheduleCallback, MemoryCallback, WarmupCheckCallback
 from .checkpoints import TRAINING_STATE_FILE, check_same_adapter, check_writable, complete_checkpoints, resolve_resume
@@ -39,7 +40,7 @@ from .cpu_memory import TrimCallback, malloc_trim, set_mmap_threshold
 from .memory_logging import MemoryTracker
 from .model_setup import prepare_model
 from .packed_attention import use_packed_attention
-from .padding_free import padding_free_refusal, without_padding
+from .padding_free import padding_free_refusal, token_layout, without_padding
 from .param_groups import lorafa_param_groups, lr_ratios
 from .preemption import preemptible
 from .run_facts import run_facts
@@ -172,8 +173,12 @@ class LoRAFATrainerMixin:
         logger.info("hf-lorafa: frozen A set from the %s of %d training batches%s", kind, count, peak)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """`Trainer.training_step`, stopping at the first non-finite loss instead of training on garbage."""
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        """`Trainer.training_step`, stopping at the first non-finite loss instead of training on garbage. A batch that
+        keeps its padding draws the dropout masks its padding-free form would (`dropout_follows_tokens`), so training
+        with and without `remove_padding` sees the same masks."""
+        real = token_layout(inputs, self.accelerator.unwrap_model(model).config)
+        with dropout_follows_tokens(None if real is None else real.to(self.args.device)):
+            loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             good = complete_checkpoints(self.args.output_dir)
             raise TrainingDivergedError(

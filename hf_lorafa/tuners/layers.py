@@ -9,6 +9,7 @@ Fine-tuning", arXiv:2308.03303, §3) freezes the projection-down A, so the gradi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -122,6 +123,58 @@ class _ReplayedMasks:
 _REPLAYED_MASKS = _ReplayedMasks()
 
 
+class _TokenLayout:
+    """The real tokens of the padded batch in training now (`dropout_follows_tokens`): a bool `(batch, length)` mask
+    and its count, or None."""
+
+    def __init__(self) -> None:
+        self.real, self.count = None, 0
+
+    def of(self, x: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+        """`(mask, count)` where `x` is one `d_in`-wide vector per position of that batch; else None."""
+        return (self.real, self.count) if self.real is not None and x.shape[:-1] == self.real.shape else None
+
+
+_TOKEN_LAYOUT = _TokenLayout()
+
+
+@contextlib.contextmanager
+def dropout_follows_tokens(real: torch.Tensor | None):
+    """Inside it, an adapter call over a padded batch draws dropout for its real tokens only, as one row of them.
+
+    `real` is the batch's `(batch, length)` mask of real tokens (its `attention_mask`, as bool). An adapter input of
+    shape `(batch, length, d_in)` then gets, for the tokens where `real` is True in row-major order, the mask a
+    `(1, tokens, d_in)` input draws for the same seed, and every padding position is dropped whole (its output is
+    attended by no real token and its label is ignored). A padded batch thus sees the masks of its padding-free form
+    (module `training.padding_free`), token for token. None leaves every draw as it is. LoRA-FA and LaMDA adapters
+    read it (`FrozenAAdapterFunction`); `LoRAFATrainer` sets it around each training step of a padded batch.
+    """
+    saved = _TOKEN_LAYOUT.real, _TOKEN_LAYOUT.count
+    _TOKEN_LAYOUT.real = None if real is None else real.bool()
+    _TOKEN_LAYOUT.count = 0 if real is None else int(_TOKEN_LAYOUT.real.sum())
+    try:
+        yield
+    finally:
+        _TOKEN_LAYOUT.real, _TOKEN_LAYOUT.count = saved
+
+
+def _keep_for(
+    shape: torch.Size,
+    p: float,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    layout: tuple[torch.Tensor, int] | None,
+) -> torch.Tensor:
+    """`keep_mask`, or with a token layout (`dropout_follows_tokens`) the real tokens' draws and padding dropped."""
+    if layout is None:
+        return keep_mask(shape, p, seed, device, dtype)
+    real, count = layout
+    keep = torch.zeros(shape, dtype=torch.bool, device=device)
+    keep[real] = keep_mask(torch.Size((count, shape[-1])), p, seed, device, dtype)
+    return keep
+
+
 def _common_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """The widest dtype among the adapter's tensors: the one its products run in outside autocast.
 
@@ -159,8 +212,9 @@ class FrozenAAdapterFunction(torch.autograd.Function):
     (dense or quantized) is left as it is.
 
     Backward: `dB = s·gᵀ(Sz)`, `dS = s·(gB)ᵀz`, `dx = Wᵀg + dropout'(Aᵀ Sᵀ s Bᵀg)` with W from `base_weight` and the
-    dropout mask regenerated from a seed drawn in forward (an int on `ctx`, not a tensor). Everything saved goes
-    through `ctx.save_for_backward`: z (r values per token) plus the adapter's own parameters and buffers.
+    dropout mask regenerated from a seed drawn in forward (an int on `ctx`, not a tensor; over a padded batch, with
+    the batch's `(batch, length)` token mask, `dropout_follows_tokens`). Every other tensor saved goes through
+    `ctx.save_for_backward`: z (r values per token) plus the adapter's own parameters and buffers.
     """
 
     @staticmethod
@@ -173,7 +227,8 @@ class FrozenAAdapterFunction(torch.autograd.Function):
         if p > 0.0 and training:
             # Drawn from the global generator: reproducible under torch.manual_seed and replayed by checkpointing.
             seed = int(torch.randint(0, 2**62, (1,)).item())
-            keep = keep_mask(h.shape, p, seed, h.device, h.dtype)
+            ctx.layout = _TOKEN_LAYOUT.of(h)
+            keep = _keep_for(h.shape, p, seed, h.device, h.dtype, ctx.layout)
             _REPLAYED_MASKS.store(seed, keep)
             h = torch.where(keep, h, 0.0)
         z = h @ _dropout_scaled(lora_A.to(dtype), p if seed is not None else 0.0).t()
@@ -217,7 +272,7 @@ class FrozenAAdapterFunction(torch.autograd.Function):
             gh = gz @ _dropout_scaled(lora_A, ctx.p if ctx.seed is not None else 0.0)
             if ctx.seed is not None:
                 if keep is None:
-                    keep = keep_mask(gh.shape, ctx.p, ctx.seed, gh.device, gh.dtype)
+                    keep = _keep_for(gh.shape, ctx.p, ctx.seed, gh.device, gh.dtype, ctx.layout)
                 # In place: gh is this call's own product (a second d_in-wide block would be one more allocation).
                 gh = torch.where(keep, gh, gh.new_zeros(()), out=gh)
             # dx = Wᵀg + the adapter's part: the base's product is accumulated into the adapter's in place.
