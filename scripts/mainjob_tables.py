@@ -274,7 +274,8 @@ def breakdown_section(report: dict) -> list[str]:
         "",
         f"After that step's forward autograd held (MiB): {kept or 'nothing'}. The most a block's replay held at a "
         f"reading in backward (MiB): {replays or 'none seen'}; a replay's whole set (attention's q, k, v and output, "
-        "SwiGLU's gate and up) is alive only between two readings, since no module runs after its last saved tensor.",
+        "SwiGLU's gate, up and activation) is alive only between two readings, since no module runs after its last "
+        "saved tensor.",
         *[f"Note: {note}" for note in report["notes"]],
         "",
     ]
