@@ -4,7 +4,8 @@ Python's default SIGTERM ends the process at once, losing every step since the l
 [`LoRAFATrainer.train`] runs, SIGTERM instead lets the current optimizer step finish, saves a full `checkpoint-N`
 (adapter, optimizer, scheduler, RNG and trainer state, `trainer_state.json` last, so a save cut short by a later
 SIGKILL is never taken for a complete one) and raises [`TrainingPreempted`], a `SystemExit` with status 143
-(128 + SIGTERM): the process ends without a traceback, and a scheduler sees that the run did not finish.
+(128 + SIGTERM): the process ends without a traceback, and a scheduler sees that the run did not finish. In a
+distributed run every rank stops at the same step and the process group is destroyed before the exit.
 `train(resume_from_checkpoint=True)` (`--resume_from_checkpoint last`) continues exactly where it stopped.
 """
 
@@ -93,4 +94,16 @@ def _raise_preempted(trainer: Any) -> None:
             f"{trainer.state.max_steps}; saved {saved[-1]}. Resume with --resume_from_checkpoint last "
             "(train(resume_from_checkpoint=True)).\n".encode(),
         )
+    _leave_process_group()
     raise TrainingPreempted(PREEMPTED_EXIT_STATUS)
+
+
+def _leave_process_group() -> None:
+    """In a distributed run, wait for every rank's save and destroy the process group before the exit: left to the
+    interpreter's shutdown, its communication threads can abort the process (`terminate called without an active
+    exception`, status -6 instead of 143)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
