@@ -236,9 +236,9 @@ def test_trainer_trains_on_flattened_batches_with_the_padded_losses(savers, drop
     assert len(losses) == 3 and losses == pytest.approx(flat_losses, rel=1e-5)
     assert flat_eval == pytest.approx(eval_loss, rel=1e-5)
     for name, value in adapter.items():  # Adam's first steps move each weight by about lr whatever its gradient's
-        # size, so a gradient near zero that rounds differently (here lr = 1e-2) moves its weight by up to about 1e-5
-        # per step (3 steps)
-        torch.testing.assert_close(flat_adapter[name], value, rtol=1e-4, atol=3e-5)
+        # size, so a gradient near zero that rounds differently (here lr = 1e-2) moves its weight by up to about 1e-5;
+        # with dropout such gradients are more common, and over 3 steps one weight moved by up to about 2e-5
+        torch.testing.assert_close(flat_adapter[name], value, rtol=1e-4, atol=3e-5 if dropout else 1e-5)
     assert not any(flat for _, _, flat in seen)
     trained = [shape for training, shape, flat in flat_seen if training and flat]
     assert len(trained) == 3 and all(shape[0] == 1 for shape in trained)  # every step on one row of tokens
